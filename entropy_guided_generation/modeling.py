@@ -1,0 +1,130 @@
+"""Calling a causal LM for logits, whatever its flavour.
+
+The core asks one question of a model: the logits ``[b, s, v]`` for tokens ``[b, s]``, optionally
+with padding. Three flavours are accepted without wrappers:
+
+- torchtune ``TransformerDecoder`` (keyword ``mask`` ``[b, s, s_kv]`` and ``input_pos``; chunked
+  outputs are concatenated);
+- Hugging Face ``PreTrainedModel`` (``attention_mask`` + ``position_ids``; ``.logits``);
+- any module ``tokens -> logits`` (called as ``model(tokens)`` when there is no padding).
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+
+
+def is_torchtune_decoder(model: Any) -> bool:
+    """True for torchtune-style decoders (they take ``mask=`` / ``input_pos=`` and own KV caches)."""
+    return hasattr(model, "caches_are_enabled") and hasattr(model, "tok_embeddings")
+
+
+def is_hf_model(model: Any) -> bool:
+    """True for Hugging Face transformers models (they take ``attention_mask`` / ``position_ids``)."""
+    return any(cls.__name__ == "PreTrainedModel" for cls in type(model).__mro__)
+
+
+def causal_mask_from_padding(padding_mask: torch.Tensor) -> torch.Tensor:
+    """Boolean attention mask ``[b, s, s]``: query i sees key j iff j <= i and j is not padding.
+
+    A padding query still sees itself, so no softmax row is empty (its output is never used).
+
+    Args:
+        padding_mask: ``[b, s]`` True for real tokens.
+    """
+    s = padding_mask.shape[1]
+    causal = torch.ones(s, s, dtype=torch.bool, device=padding_mask.device).tril()
+    mask = causal.unsqueeze(0) & padding_mask.unsqueeze(1)
+    return mask | torch.eye(s, dtype=torch.bool, device=padding_mask.device).unsqueeze(0)
+
+
+def positions_from_padding(padding_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids ``[b, s]``: 0 at each row's first real token, counting real tokens only."""
+    return (padding_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def _as_logits(output: Any) -> torch.Tensor:
+    if isinstance(output, torch.Tensor):
+        return output
+    if hasattr(output, "logits"):
+        return output.logits
+    if isinstance(output, (list, tuple)):
+        # torchtune returns a list of chunks when num_output_chunks > 0.
+        return torch.cat(list(output), dim=1)
+    raise TypeError(f"cannot read logits from a model output of type {type(output).__name__}")
+
+
+def logits_of(
+    model: Any,
+    tokens: torch.Tensor,
+    *,
+    padding_mask: Optional[torch.Tensor] = None,
+    mask: Optional[torch.Tensor] = None,
+    input_pos: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Float32 logits ``[b, s, v]`` of ``model`` on ``tokens`` ``[b, s]``.
+
+    Args:
+        padding_mask: ``[b, s]`` True for real tokens; builds the causal+padding mask and position
+            ids (use it for left padding; right padding needs nothing).
+        mask, input_pos: torchtune-style explicit mask ``[b, s, s_kv]`` and positions ``[b, s]``
+            (override ``padding_mask``; needed with KV caches).
+    """
+    if padding_mask is not None:
+        mask = causal_mask_from_padding(padding_mask) if mask is None else mask
+        input_pos = positions_from_padding(padding_mask) if input_pos is None else input_pos
+    if is_hf_model(model):
+        attention_mask = padding_mask.long() if padding_mask is not None else None
+        out = model(input_ids=tokens, attention_mask=attention_mask, position_ids=input_pos, use_cache=False)
+    elif mask is None and input_pos is None:
+        out = model(tokens)
+    else:
+        out = model(tokens, mask=mask, input_pos=input_pos)
+    return _as_logits(out).float()
+
+
+def last_logits_of(
+    model: Any,
+    tokens: torch.Tensor,
+    *,
+    mask: Optional[torch.Tensor] = None,
+    input_pos: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Float32 logits ``[b, v]`` at the last position only.
+
+    For torchtune decoders the output projection runs on the last position alone (a decode step
+    that feeds ``[x_t, c_t]`` needs logits only after ``c_t``); the model's state is not touched.
+    """
+    if is_torchtune_decoder(model) and not getattr(model, "output_hidden_states", None):
+        h = model.tok_embeddings(tokens)
+        for layer in model.layers:
+            h = layer(h, mask=mask, input_pos=input_pos)
+        h_last = model.norm(h[:, -1:])
+        return model.output(h_last).float()[:, -1]
+    return logits_of(model, tokens, mask=mask, input_pos=input_pos)[:, -1]
+
+
+def vocab_size_of(model: Any) -> Optional[int]:
+    """Number of output logits of a torchtune or HF model, when it can be read off the weights."""
+    if is_hf_model(model):
+        return int(model.get_output_embeddings().weight.shape[0])
+    output = getattr(model, "output", None)
+    weight = getattr(output, "weight", None)
+    if weight is None and hasattr(output, "tied_module"):
+        weight = output.tied_module.weight
+    if weight is None:
+        emb = getattr(model, "tok_embeddings", None)
+        weight = getattr(emb, "weight", None)
+    return int(weight.shape[0]) if weight is not None else None
+
+
+__all__ = [
+    "causal_mask_from_padding",
+    "is_hf_model",
+    "is_torchtune_decoder",
+    "last_logits_of",
+    "logits_of",
+    "positions_from_padding",
+    "vocab_size_of",
+]
