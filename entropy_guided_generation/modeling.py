@@ -105,6 +105,29 @@ def last_logits_of(
     return logits_of(model, tokens, mask=mask, input_pos=input_pos)[:, -1]
 
 
+def logits_at(
+    model: Any,
+    tokens: torch.Tensor,
+    index: torch.Tensor,
+    *,
+    mask: Optional[torch.Tensor] = None,
+    input_pos: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Float32 logits ``[b, v]`` at column ``index[b]`` of each row of ``tokens`` ``[b, s]``.
+
+    For torchtune decoders the output projection runs on those positions alone (a decode step
+    that feeds ``[x_t, c_t]`` needs logits at one column per row); the model's state is untouched.
+    """
+    rows = torch.arange(tokens.shape[0], device=tokens.device)
+    if is_torchtune_decoder(model) and not getattr(model, "output_hidden_states", None):
+        h = model.tok_embeddings(tokens)
+        for layer in model.layers:
+            h = layer(h, mask=mask, input_pos=input_pos)
+        h_used = model.norm(h[rows, index].unsqueeze(1))
+        return model.output(h_used).float()[:, 0]
+    return logits_of(model, tokens, mask=mask, input_pos=input_pos)[rows, index]
+
+
 def vocab_size_of(model: Any) -> Optional[int]:
     """Number of output logits of a torchtune or HF model, when it can be read off the weights."""
     if is_hf_model(model):
@@ -124,6 +147,7 @@ __all__ = [
     "is_hf_model",
     "is_torchtune_decoder",
     "last_logits_of",
+    "logits_at",
     "logits_of",
     "positions_from_padding",
     "vocab_size_of",

@@ -74,7 +74,8 @@ def log_probs(
     return torch.log_softmax(z, dim=-1)
 
 
-def _entropy_from_log_probs(lp: torch.Tensor) -> torch.Tensor:
+def entropy_from_log_probs(lp: torch.Tensor) -> torch.Tensor:
+    """Entropy (nats) ``[...]`` from log-probabilities ``[..., v]`` that may hold -inf (excluded ids)."""
     p = lp.exp()
     # Excluded tokens have p = 0 and log p = -inf; their term is 0, not NaN.
     return -torch.where(p > 0, p * lp, torch.zeros_like(lp)).sum(-1)
@@ -92,7 +93,7 @@ def entropy(
     Returns:
         ``[...]`` entropies (``logits`` without its last dimension), dtype ``dtype``.
     """
-    return _entropy_from_log_probs(log_probs(logits, temperature=temperature, exclude_ids=exclude_ids, dtype=dtype))
+    return entropy_from_log_probs(log_probs(logits, temperature=temperature, exclude_ids=exclude_ids, dtype=dtype))
 
 
 def max_prob(
@@ -116,7 +117,7 @@ def varentropy(
     """Variance of the surprisal -log p under p: sum p (log p + H)^2, in nats^2."""
     lp = log_probs(logits, temperature=temperature, exclude_ids=exclude_ids, dtype=dtype)
     p = lp.exp()
-    h = _entropy_from_log_probs(lp)
+    h = entropy_from_log_probs(lp)
     sq = (lp + h.unsqueeze(-1)) ** 2
     return torch.where(p > 0, p * sq, torch.zeros_like(sq)).sum(-1)
 
@@ -131,7 +132,7 @@ def entropy_and_varentropy(
     """Entropy (nats) and varentropy (nats^2) from one softmax."""
     lp = log_probs(logits, temperature=temperature, exclude_ids=exclude_ids, dtype=dtype)
     p = lp.exp()
-    h = _entropy_from_log_probs(lp)
+    h = entropy_from_log_probs(lp)
     sq = (lp + h.unsqueeze(-1)) ** 2
     return h, torch.where(p > 0, p * sq, torch.zeros_like(sq)).sum(-1)
 
@@ -141,6 +142,7 @@ __all__ = [
     "assert_finite",
     "entropy",
     "entropy_and_varentropy",
+    "entropy_from_log_probs",
     "log_probs",
     "max_prob",
     "varentropy",

@@ -1,0 +1,56 @@
+"""Decoders for every interleaving mode, and the registry that maps ``interleaving.mode`` to one.
+
+>>> from entropy_guided_generation.generation import get_decoder
+>>> decoder = get_decoder("answer")   # generate_answer_interleaved
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict
+
+from entropy_guided_generation.generation.answer_intl import generate_answer_interleaved
+from entropy_guided_generation.generation.common import DecodeResult, KVSession, decode, kv_session
+from entropy_guided_generation.generation.full_intl import generate_full_interleaved
+from entropy_guided_generation.generation.marker_intl import generate_answer_interleaved_marker
+from entropy_guided_generation.generation.plain import generate_plain
+from entropy_guided_generation.generation.sampling import filter_top_k, filter_top_p, sample_next_token
+from entropy_guided_generation.layout import MODES
+
+DECODERS: Dict[str, Callable[..., DecodeResult]] = {
+    "none": generate_plain,
+    "full": generate_full_interleaved,
+    "answer": generate_answer_interleaved,
+    "marker": generate_answer_interleaved_marker,
+}
+
+
+def register_decoder(name: str, decoder: Callable[..., DecodeResult]) -> None:
+    """Make ``decoder`` selectable as ``get_decoder(name)`` (e.g. a sampler for mode none)."""
+    if name in DECODERS and DECODERS[name] is not decoder:
+        raise ValueError(f"a decoder named {name!r} is already registered")
+    DECODERS[name] = decoder
+
+
+def get_decoder(mode: str) -> Callable[..., DecodeResult]:
+    """The decoder for ``interleaving.mode`` (or another registered name)."""
+    if mode not in DECODERS:
+        raise ValueError(f"unknown interleaving.mode {mode!r}; expected one of {', '.join(DECODERS)}")
+    return DECODERS[mode]
+
+
+__all__ = [
+    "DECODERS",
+    "MODES",
+    "DecodeResult",
+    "KVSession",
+    "decode",
+    "filter_top_k",
+    "filter_top_p",
+    "generate_answer_interleaved",
+    "generate_answer_interleaved_marker",
+    "generate_full_interleaved",
+    "generate_plain",
+    "get_decoder",
+    "kv_session",
+    "register_decoder",
+    "sample_next_token",
+]

@@ -1,0 +1,169 @@
+"""Decoders: decoding produces exactly the training layout; batching, torchtune parity, sampling."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from entropy_guided_generation import signals
+from entropy_guided_generation.confidence import ConfidenceCodec, fit_quantile_edges
+from entropy_guided_generation.generation import (
+    filter_top_k,
+    filter_top_p,
+    generate_answer_interleaved,
+    generate_answer_interleaved_marker,
+    generate_full_interleaved,
+    generate_plain,
+    get_decoder,
+    sample_next_token,
+)
+from entropy_guided_generation.layout import compute_bins, confidence_slots
+from entropy_guided_generation.modeling import logits_of
+
+from helpers import tiny_decoder
+
+VOCAB = 64
+CONF_IDS = list(range(VOCAB - 11, VOCAB))
+EOS, PAD = 1, 0
+PROMPTS = [[5, 9, 12, 7], [22, 3], [14, 15, 16, 17, 18, 19]]
+
+
+def left_pad(rows: list[list[int]]) -> torch.Tensor:
+    width = max(map(len, rows))
+    return torch.tensor([[PAD] * (width - len(r)) + r for r in rows])
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_decoder(VOCAB, seed=5, weight_scale=3.0)
+
+
+@pytest.fixture(scope="module")
+def codec(model):
+    """Edges at the quantiles of the model's own signals, so bins vary from token to token."""
+    tokens = torch.randint(2, VOCAB - 11, (4, 24), generator=torch.Generator().manual_seed(0))
+    h = signals.entropy(logits_of(model, tokens), exclude_ids=CONF_IDS)
+    return ConfidenceCodec(signal="entropy", edges=fit_quantile_edges(h, 11), token_ids=torch.tensor(CONF_IDS))
+
+
+def decode_mode(mode, model, codec, prompt, marker=None, **kw):
+    kwargs = dict(max_generated_tokens=12, pad_id=PAD, temperature=0.0, stop_tokens=[EOS])
+    kwargs.update(kw)
+    if mode == "none":
+        return generate_plain(model, prompt, **kwargs)
+    if mode == "marker":
+        return generate_answer_interleaved_marker(model, prompt, codec=codec, marker=marker, **kwargs)
+    return get_decoder(mode)(model, prompt, codec=codec, **kwargs)
+
+
+def training_layout(model, codec, mode, prompt_row, content_row, marker, stop_ids):
+    """The training layout of prompt + decoded content, with exact fixed-point bins."""
+    tokens = torch.tensor([prompt_row + content_row])
+    response = torch.zeros_like(tokens, dtype=torch.bool)
+    response[0, len(prompt_row) :] = True
+    slots = confidence_slots(tokens, mode=mode, response_mask=response, stop_ids=stop_ids, marker_ids=marker)
+    fixed = compute_bins(model, tokens, codec=codec, slots=slots, max_passes=tokens.shape[1] + 1)
+    assert fixed.converged
+    return fixed.interleaved.tokens[0], fixed.bins[0, len(prompt_row) :]
+
+
+@pytest.mark.parametrize("mode", ["none", "full", "answer", "marker"])
+def test_decoded_interleaved_sequence_equals_training_layout(mode, model, codec):
+    prompt = left_pad(PROMPTS)
+    marker = None
+    if mode == "marker":
+        # Up to and including the marker, marker mode decodes exactly as answer mode: pick a marker
+        # that row 0 really generates there.
+        answer = generate_answer_interleaved(model, prompt, codec=codec, max_generated_tokens=12, temperature=0.0)
+        marker = answer.content[0, 3:5].tolist()
+    stop_ids = [] if mode == "marker" else [EOS]
+    result = decode_mode(mode, model, codec, prompt, marker=marker, stop_tokens=stop_ids)
+    for row, prompt_row in enumerate(PROMPTS):
+        n = int(result.generated_lengths[row])
+        content = result.content[row, :n].tolist()
+        expected_seq, expected_bins = training_layout(model, codec, mode, prompt_row, content, marker, stop_ids)
+        seen = result.interleaved[row][result.interleaved_valid[row]]
+        assert seen.tolist() == expected_seq.tolist(), f"mode {mode} row {row}"
+        assert result.bins[row, :n].tolist() == expected_bins.tolist()
+    if mode == "marker":
+        # row 0 switched to plain decoding after the first occurrence of its marker.
+        ends = [t + 1 for t in range(1, 12) if result.content[0, t - 1 : t + 1].tolist() == marker]
+        assert ends and ends[0] <= 5
+        assert (result.bins[0, ends[0] :] == -1).all() and (result.bins[0, : ends[0]] >= 0).all()
+    if mode in ("full", "answer"):
+        generated = torch.arange(result.content.shape[1]) < result.generated_lengths.unsqueeze(1)
+        assert (result.bins[generated & (result.content != EOS)] >= 0).all()
+        assert (result.bins[~generated | (result.content == EOS)] == -1).all()
+
+
+@pytest.mark.parametrize("mode", ["none", "full", "answer", "marker"])
+def test_batch_of_mixed_length_prompts_equals_one_by_one(mode, model, codec):
+    marker = [7, 9]
+    batch = decode_mode(mode, model, codec, left_pad(PROMPTS), marker=marker)
+    for row, prompt_row in enumerate(PROMPTS):
+        alone = decode_mode(mode, model, codec, torch.tensor([prompt_row]), marker=marker)
+        n = int(alone.generated_lengths[0])
+        assert int(batch.generated_lengths[row]) == n
+        assert torch.equal(batch.content[row, :n], alone.content[0, :n])
+        assert torch.equal(batch.bins[row, :n], alone.bins[0, :n])
+        assert torch.equal(
+            batch.interleaved[row][batch.interleaved_valid[row]], alone.interleaved[0][alone.interleaved_valid[0]]
+        )
+        assert torch.allclose(batch.entropies[row, :n], alone.entropies[0, :n], atol=1e-4)
+
+
+def test_mode_none_greedy_equals_torchtune_generate(model):
+    from torchtune.generation import generate
+
+    prompt = left_pad(PROMPTS)
+    ours = generate_plain(model, prompt, max_generated_tokens=10, pad_id=PAD, temperature=0.0, stop_tokens=[EOS])
+    theirs, _ = generate(model, prompt, max_generated_tokens=10, pad_id=PAD, temperature=1e-6, top_k=1, stop_tokens=[EOS])
+    width = min(theirs.shape[1], ours.tokens.shape[1])
+    assert torch.equal(ours.tokens[:, :width], theirs[:, :width])
+
+
+def test_sampling_with_fixed_rng_is_reproducible_and_never_emits_confidence_ids(model, codec):
+    prompt = left_pad(PROMPTS)
+    runs = [
+        generate_answer_interleaved(
+            model, prompt, codec=codec, max_generated_tokens=20, pad_id=PAD, temperature=5.0,
+            rng=torch.Generator().manual_seed(7),
+        )
+        for _ in range(2)
+    ]
+    assert torch.equal(runs[0].interleaved, runs[1].interleaved)
+    content = runs[0].content
+    assert not torch.isin(content, torch.tensor(CONF_IDS)).any()
+    # at temperature 5 over 64 ids, unmasked sampling would emit confidence ids (11/64 of the mass).
+    assert torch.unique(content).numel() > 10
+
+
+def test_top_k_and_top_p_never_sample_outside_the_allowed_set():
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.5, 0.0, -1.0]]).repeat(500, 1)
+    g = torch.Generator().manual_seed(0)
+    k = sample_next_token(logits, temperature=1.0, top_k=3, rng=g)
+    assert set(k.tolist()) <= {0, 1, 2} and len(set(k.tolist())) == 3
+    probs = logits[0].softmax(-1)  # 0.61, 0.22, 0.08, ... -> nucleus 0.8 keeps 3 tokens (0.61 + 0.22 < 0.9)
+    p = sample_next_token(logits, temperature=1.0, top_p=0.8, rng=g)
+    assert set(p.tolist()) == {0, 1}, probs
+    assert torch.isinf(filter_top_p(logits[:1], 0.5)).sum() == 5
+    assert torch.isinf(filter_top_k(logits[:1], 2)).sum() == 4
+
+
+def test_stopped_rows_stop_growing(model, codec):
+    prompt = left_pad(PROMPTS)
+    first = generate_answer_interleaved(model, prompt, codec=codec, max_generated_tokens=6, pad_id=PAD, temperature=0.0)
+    stop = int(first.content[0, 2])
+    result = generate_answer_interleaved(
+        model, prompt, codec=codec, max_generated_tokens=6, pad_id=PAD, temperature=0.0, stop_tokens=[stop]
+    )
+    n = int(result.generated_lengths[0])
+    assert n <= 3 and result.content[0, n - 1] == stop and (result.content[0, n:] == PAD).all()
+    assert result.bins[0, n - 1] == -1  # the stop token gets no confidence token
+
+
+def test_bad_decoder_inputs():
+    with pytest.raises(ValueError, match="unknown interleaving.mode 'answr'; expected one of none, full, answer, marker"):
+        get_decoder("answr")
+    model = tiny_decoder(VOCAB)
+    with pytest.raises(ValueError, match="needs a confidence codec"):
+        get_decoder("answer")(model, torch.tensor([[3, 4]]), max_generated_tokens=2, codec=None)
