@@ -22,8 +22,10 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(VPY) -m entropy_guided_generation.demo $(ARGS)
 
+# pytest exits 5 when it collects no test: that is a failure here, not a pass.
 test: $(STAMP)
-	$(VPY) -m pytest -q -p no:cacheprovider -n 2 --timeout 900 tests $(ARGS)
+	$(VPY) -m pytest -q -p no:cacheprovider -n 2 --timeout 900 tests $(ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "no tests were collected" >&2; exit 1; fi; exit $$rc
 
 bench: $(STAMP)
 	for b in bench/*.py; do $(VPY) $$b || exit 1; done

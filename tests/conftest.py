@@ -5,7 +5,9 @@ started by tests inherit them too.
 """
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -15,6 +17,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 
 _SESSION_TMP = Path(tempfile.mkdtemp(prefix="egg-tests-"))
+atexit.register(shutil.rmtree, _SESSION_TMP, ignore_errors=True)
 for _name, _sub in (
     ("HF_HOME", "hf_home"),
     ("HF_DATASETS_CACHE", "hf_datasets"),
