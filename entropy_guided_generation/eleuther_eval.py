@@ -1,0 +1,389 @@
+"""The lm-eval (EleutherAI eval harness) recipe: a torchtune checkpoint evaluated in the
+interleaving mode its YAML names, with per-sample confidence traces and calibration.
+
+Run it as ``PYTHONPATH=. tune run recipes/eleuther_eval.py --config configs/entropy_intl/gsm8k_eval.yaml``,
+``python -m entropy_guided_generation.eleuther_eval --config ...``, or from Python::
+
+    cfg = config.load_yaml("configs/entropy_intl/gsm8k_eval.yaml")
+    recipe = EleutherEvalRecipeDirect(cfg); recipe.setup(cfg); results = recipe.evaluate()
+
+Config keys are torchtune's eval recipe's (``model``, ``checkpointer``, ``tokenizer``, ``tasks``,
+``limit``, ``num_fewshot``, ``batch_size``, ``max_seq_length``, ``enable_kv_cache``, ``device``,
+``dtype``, ``seed``, ``include_path``) plus ``interleaving`` (``mode``, ``marker``, ``max_passes``),
+an optional ``confidence`` codec section, an optional ``sampler`` (mode none: ``{name: <registered
+decoder, e.g. entropix>, ...its settings}``), ``output_dir``, ``max_gen_toks``, ``gen_kwargs`` and
+``bootstrap_iters``. ``tasks`` entries are task names (from ``include_path`` or lm-eval's catalogue)
+or inline task configs (see :mod:`entropy_guided_generation.eval.tasks`). ``confidence.json`` beside
+the checkpoint decides the mode and codec; a config that contradicts it fails before any model work.
+
+Outputs in ``output_dir``: lm-eval's ``results_<date>.json`` (with a ``confidence_calibration``
+entry) and ``samples_<task>_<date>.jsonl``, ``confidence_traces_<task>_<date>.jsonl``, and
+``eval_summary.json`` (what :meth:`EleutherEvalRecipeDirect.evaluate` returns, less lm-eval's samples).
+"""
+from __future__ import annotations
+
+import copy
+import sys
+import time
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torchtune import config, training, utils
+
+from entropy_guided_generation.confidence import (
+    ConfidenceCodec,
+    ConfidenceMetadata,
+    check_config_matches,
+    find_confidence_json,
+    read_confidence_json,
+)
+from entropy_guided_generation.layout import check_mode
+from entropy_guided_generation.modeling import vocab_size_of
+
+log = utils.get_logger("INFO")
+
+RECIPE_KEYS = (
+    "output_dir", "model", "checkpointer", "tokenizer", "interleaving", "confidence", "tasks", "include_path",
+    "limit", "num_fewshot", "batch_size", "max_seq_length", "max_gen_toks", "gen_kwargs", "enable_kv_cache",
+    "device", "dtype", "seed", "bootstrap_iters", "log_level", "sampler",
+)
+INTERLEAVING_KEYS = ("mode", "marker", "max_passes")
+SUMMARY_FILENAME = "eval_summary.json"
+DEFAULT_SEED = 1234  # lm-eval's and torchtune's eval default
+
+
+@dataclass(frozen=True)
+class EvalInterleaving:
+    """The ``interleaving`` section, reconciled with the checkpoint's ``confidence.json``.
+
+    Attributes:
+        mode: none | full | answer | marker (from the config, else from confidence.json, else none).
+        marker: the marker string (mode marker).
+        max_passes: cap on fixed-point passes when scoring (None: exact).
+    """
+
+    mode: str
+    marker: Optional[str] = None
+    max_passes: Optional[int] = None
+
+
+def _plain(node: Any) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+
+
+def check_recipe_keys(cfg: DictConfig) -> None:
+    """Raise on a top-level key this recipe does not read (a typo would otherwise be ignored)."""
+    unknown = sorted(set(cfg.keys()) - set(RECIPE_KEYS))
+    if unknown:
+        raise ValueError(f"unknown eval config keys {unknown}; expected some of {', '.join(RECIPE_KEYS)}")
+
+
+def checkpoint_metadata(cfg: DictConfig) -> tuple[Optional[ConfidenceMetadata], Optional[Path]]:
+    """``confidence.json`` beside the checkpoint (in ``checkpointer.checkpoint_dir`` or its parent), if any."""
+    path = find_confidence_json(cfg.checkpointer.checkpoint_dir)
+    return (read_confidence_json(path), path) if path is not None else (None, None)
+
+
+def eval_interleaving(cfg: DictConfig, metadata: Optional[ConfidenceMetadata], source: str = "confidence.json") -> EvalInterleaving:
+    """Read ``cfg.interleaving`` and check it against the checkpoint's metadata.
+
+    Raises:
+        ValueError: on an unknown key or mode, or a mode/marker that contradicts ``confidence.json``
+            (``config interleaving.mode is 'full' but <path> says 'answer'``).
+    """
+    section = _plain(cfg.get("interleaving", None)) or {}
+    unknown = sorted(set(section) - set(INTERLEAVING_KEYS))
+    if unknown:
+        raise ValueError(f"unknown interleaving keys {unknown}; expected some of {', '.join(INTERLEAVING_KEYS)}")
+    mode, marker = section.get("mode"), section.get("marker")
+    if mode is not None:
+        check_mode(mode)
+    if metadata is not None:
+        check_config_matches(metadata, mode=mode, marker=marker, source=source)
+        mode = mode if mode is not None else metadata.mode
+        marker = marker if marker is not None else metadata.marker
+    mode = mode if mode is not None else "none"
+    max_passes = section.get("max_passes")
+    if max_passes is not None and (not isinstance(max_passes, int) or isinstance(max_passes, bool) or max_passes < 1):
+        raise ValueError(f"interleaving.max_passes must be an int >= 1 or null, got {max_passes!r}")
+    return EvalInterleaving(
+        mode=mode,
+        marker=marker if mode == "marker" else None,
+        max_passes=max_passes,
+    )
+
+
+def eval_codec(
+    cfg: DictConfig, metadata: Optional[ConfidenceMetadata], tokenizer: Any, mode: str, source: str = "confidence.json"
+) -> Optional[ConfidenceCodec]:
+    """The codec: confidence.json's (a ``confidence`` section, if given, must agree with it), else the
+    config's ``confidence`` section; None in mode none.
+
+    Raises:
+        ValueError: on a contradicting section, or an interleaved mode with no codec anywhere.
+    """
+    if mode == "none":
+        return None
+    section = cfg.get("confidence", None)
+    configured = ConfidenceCodec.from_config(section, tokenizer) if section is not None else None
+    if metadata is not None:
+        if configured is not None:
+            check_config_matches(metadata, codec=configured, source=source)
+        return metadata.to_codec()
+    if configured is None:
+        raise ValueError(
+            f"interleaving.mode {mode!r} needs a confidence codec: no confidence.json beside checkpoint "
+            f"{cfg.checkpointer.checkpoint_dir} and no `confidence` section in the config"
+        )
+    return configured
+
+
+def load_model(cfg: DictConfig, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """``cfg.model`` with the weights of ``cfg.checkpointer`` loaded (strict), in eval mode.
+
+    A small function the finetune recipes can share: instantiate the checkpointer, build the model
+    under the target dtype and device, load the state dict.
+    """
+    checkpointer = config.instantiate(cfg.checkpointer)
+    state_dict = checkpointer.load_checkpoint()[training.MODEL_KEY]
+    with training.set_default_dtype(dtype), device:
+        model = config.instantiate(cfg.model)
+    model.load_state_dict(state_dict)
+    return model.eval()
+
+
+def resolve_kit_paths(cfg: DictConfig) -> DictConfig:
+    """``cfg`` with ``kit:`` references replaced by the paths the offline kit builds."""
+    from entropy_guided_generation.training.kit_paths import resolve_kit_references
+
+    return resolve_kit_references(cfg)
+
+
+def build_lm(cfg: DictConfig, device: torch.device, dtype: torch.dtype):
+    """The lm-eval model a (kit-resolved) eval config describes, and its interleaving.
+
+    Order: confidence.json and the config are reconciled, then the tokenizer and codec are built,
+    and only then the model is loaded, so a contradicting config fails before any model work.
+    """
+    from entropy_guided_generation.eval.lm import TorchtuneLM
+
+    metadata, source = checkpoint_metadata(cfg)
+    interleaving = eval_interleaving(cfg, metadata, str(source))
+    sampler = _plain(cfg.get("sampler", None))
+    if sampler and interleaving.mode != "none":
+        raise ValueError(f"sampler {sampler!r} selects a decoder for mode none; interleaving.mode is {interleaving.mode!r}")
+    tokenizer = config.instantiate(cfg.tokenizer)
+    codec = eval_codec(cfg, metadata, tokenizer, interleaving.mode, str(source))
+    model = load_model(cfg, device, dtype)
+    if codec is not None:
+        codec.check_vocab(vocab_size_of(model))
+    lm = TorchtuneLM(
+        model,
+        tokenizer,
+        mode=interleaving.mode,
+        codec=codec,
+        marker=interleaving.marker,
+        sampler=sampler,
+        batch_size=int(cfg.get("batch_size", 8)),
+        max_seq_length=int(cfg.get("max_seq_length", 4096)),
+        max_gen_toks=int(cfg.get("max_gen_toks", 256)),
+        enable_kv_cache=bool(cfg.get("enable_kv_cache", True)),
+        max_passes=interleaving.max_passes,
+        seed=int(cfg.get("seed", None) or DEFAULT_SEED),
+    )
+    return lm, interleaving, metadata
+
+
+def load_yaml(path: str | Path) -> DictConfig:
+    """An eval config file as a ``DictConfig`` (torchtune 0.6.1 has no ``config.load_yaml``)."""
+    return OmegaConf.load(path)
+
+
+def lm_from_config_file(path: str, overrides: Optional[Mapping[str, Any]] = None):
+    """The lm-eval model of an eval recipe YAML (``--model egg_torchtune --model_args config=...``);
+    ``overrides`` are top-level keys (e.g. ``batch_size``) that replace the file's."""
+    cfg = OmegaConf.merge(load_yaml(path), dict(overrides or {}))
+    check_recipe_keys(cfg)
+    cfg = resolve_kit_paths(cfg)
+    device = utils.get_device(device=cfg.get("device", "cpu"))
+    lm, _, _ = build_lm(cfg, device, training.get_dtype(dtype=cfg.get("dtype", "fp32"), device=device))
+    return lm
+
+
+def _json_number(value: Optional[float]) -> Optional[float]:
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
+
+
+def run_summary(results: dict, rows: list, interleaving: EvalInterleaving, lm: Any, eval_seconds: float) -> dict:
+    """The numbers of one eval run, JSON-friendly (NaN -> None).
+
+    Headline ``accuracy``, ``ece``, ``auroc``, ``mean_confidence`` and ``num_samples`` are those of
+    the first calibration row (first calibrated task in lm-eval's order, its first filter, its first
+    0/1 metric, e.g. gsm8k's strict-match exact_match); None when no task yields per-sample
+    correctness. ``calibration`` holds every row; ``lm_eval_results`` is lm-eval's ``results``
+    (aggregated metrics per task).
+    """
+    headline = rows[0].to_dict() if rows else {}
+    stats = lm.decode_stats
+    return {
+        "mode": interleaving.mode,
+        "marker": interleaving.marker,
+        "decoder": lm.decoder_name,
+        "task": headline.get("task"),
+        "filter": headline.get("filter"),
+        "metric": headline.get("metric"),
+        "accuracy": headline.get("accuracy"),
+        "ece": headline.get("ece"),
+        "auroc": headline.get("auroc"),
+        "mean_confidence": headline.get("mean_confidence"),
+        "num_samples": headline.get("num_samples"),
+        "decode_tokens": stats.tokens,
+        "decode_seconds": stats.seconds,
+        "decode_tokens_per_s": _json_number(stats.tokens_per_second),
+        "eval_seconds": eval_seconds,
+        "calibration": [row.to_dict() for row in rows],
+        "lm_eval_results": results["results"],
+    }
+
+
+class EleutherEvalRecipeDirect:
+    """Evaluate a torchtune checkpoint with lm-eval in the configured interleaving mode.
+
+    ``__init__`` reads the run settings, ``setup`` builds tokenizer, codec, model and the lm-eval
+    model, ``evaluate`` runs lm-eval's evaluator, writes results, samples, traces and the run summary,
+    prints lm-eval's table and the calibration table, and returns the summary (see :func:`run_summary`)
+    with lm-eval's whole results dict (samples included) under ``"lm_eval"``.
+    """
+
+    def __init__(self, cfg: DictConfig) -> None:
+        check_recipe_keys(cfg)
+        self.device = utils.get_device(device=cfg.get("device", "cpu"))
+        self.dtype = training.get_dtype(dtype=cfg.get("dtype", "fp32"), device=self.device)
+        self.seed = training.set_seed(seed=cfg.get("seed", None) if cfg.get("seed", None) is not None else DEFAULT_SEED)
+        self.tasks = list(_plain(cfg.tasks))
+        if not self.tasks:
+            raise ValueError("tasks is empty; name at least one lm-eval task")
+        self.limit = cfg.get("limit", None)
+        self.num_fewshot = cfg.get("num_fewshot", None)
+        self.gen_kwargs = _plain(cfg.get("gen_kwargs", None))
+        self.bootstrap_iters = int(cfg.get("bootstrap_iters", 100000))
+        output_dir = cfg.get("output_dir", None)
+        self.output_dir = Path(output_dir) if output_dir else None
+        self.lm = None
+
+    def setup(self, cfg: DictConfig) -> None:
+        """Resolve ``kit:`` paths, reconcile the config with ``confidence.json``, build the model."""
+        cfg = resolve_kit_paths(cfg)
+        self.include_path = _plain(cfg.get("include_path", None))
+        self.checkpoint_dir = str(cfg.checkpointer.checkpoint_dir)
+        self.lm, self.interleaving, self.metadata = build_lm(cfg, self.device, self.dtype)
+        log.info(f"lm-eval model {type(self.lm).__name__} in interleaving mode {self.interleaving.mode!r}, decoder {self.lm.decoder_name!r}")
+
+    def evaluate(self) -> dict:
+        """Run lm-eval on the tasks; write and print results, samples, traces, calibration and summary.
+
+        Returns:
+            :func:`run_summary`'s dict plus ``"lm_eval"``: lm-eval's ``simple_evaluate`` results
+            (``results``, ``configs``, ``samples``, ..., and our ``confidence_calibration`` and
+            ``interleaving`` entries).
+        """
+        from lm_eval.evaluator import simple_evaluate
+        from lm_eval.loggers import EvaluationTracker
+
+        from entropy_guided_generation.eval.lm import MODEL_NAME, DecodeStats
+        from entropy_guided_generation.eval.report import calibration_rows
+        from entropy_guided_generation.eval.tasks import expand_task_spec, task_manager_for
+
+        if self.lm is None:
+            raise RuntimeError("call setup(cfg) before evaluate()")
+        specs = [expand_task_spec(spec) for spec in self.tasks]
+        manager = task_manager_for(specs, self.include_path)
+        tracker = EvaluationTracker(output_path=str(self.output_dir / "results.json")) if self.output_dir else None
+        self.lm.traces.clear()
+        self.lm.decode_stats = DecodeStats()
+        started = time.perf_counter()
+        results = simple_evaluate(
+            model=self.lm,
+            model_args={"model": MODEL_NAME, "checkpoint_dir": self.checkpoint_dir, "mode": self.interleaving.mode},
+            tasks=specs,
+            num_fewshot=self.num_fewshot,
+            limit=self.limit,
+            log_samples=True,
+            evaluation_tracker=tracker,
+            gen_kwargs=self.gen_kwargs,
+            task_manager=manager,
+            bootstrap_iters=self.bootstrap_iters,
+            random_seed=self.seed,
+            numpy_random_seed=self.seed,
+            torch_random_seed=self.seed,
+            fewshot_random_seed=self.seed,
+        )
+        eval_seconds = time.perf_counter() - started
+        log.info(f"Eval completed in {eval_seconds:.02f} seconds.")
+        output_types = {task: cfg.get("output_type") for task, cfg in results["configs"].items()}
+        rows = calibration_rows(results["samples"], output_types, self.lm.traces)
+        results["confidence_calibration"] = [row.to_dict() for row in rows]
+        results["interleaving"] = {
+            "mode": self.interleaving.mode,
+            "marker": self.interleaving.marker,
+            "decoder": self.lm.decoder_name,
+            "confidence_json": self.metadata.__dict__ if self.metadata is not None else None,
+        }
+        summary = run_summary(results, rows, self.interleaving, self.lm, eval_seconds)
+        if tracker is not None:
+            self._write_outputs(tracker, results, summary)
+        self._print_tables(results, rows, summary)
+        return {**summary, "lm_eval": results}
+
+    def _write_outputs(self, tracker: Any, results: dict, summary: dict) -> None:
+        """lm-eval's results and samples files (through its tracker), then our traces and summary beside them."""
+        from lm_eval.utils import handle_non_serializable
+
+        from entropy_guided_generation.eval.traces import write_traces_jsonl
+
+        samples = results["samples"]
+        tracker.save_results_aggregated(results={k: v for k, v in results.items() if k != "samples"}, samples=samples)
+        results_file = self.output_dir / f"results_{tracker.date_id}.json"
+        if not results_file.is_file():
+            raise RuntimeError(f"lm-eval did not write {results_file}; see its warning above")
+        for task in results["configs"]:
+            tracker.save_results_samples(task_name=task, samples=copy.deepcopy(samples.get(task, [])))
+            traces = [t for t in self.lm.traces if t.task == task]
+            write_traces_jsonl(self.output_dir / f"confidence_traces_{task}_{tracker.date_id}.jsonl", traces)
+        (self.output_dir / SUMMARY_FILENAME).write_text(json.dumps(summary, indent=2, default=handle_non_serializable))
+        log.info(f"Results, samples, confidence traces and {SUMMARY_FILENAME} written to {self.output_dir}")
+
+    @staticmethod
+    def _print_tables(results: dict, rows: list, summary: dict) -> None:
+        from lm_eval.utils import make_table
+
+        from entropy_guided_generation.eval.report import calibration_table
+
+        tables = [make_table(results)]
+        if "groups" in results:
+            tables.append(make_table(results, "groups"))
+        tables.append(calibration_table(rows) if rows else "No task with per-sample correctness: no calibration.")
+        speed = summary["decode_tokens_per_s"]
+        tables.append(
+            f"Decoder {summary['decoder']!r}: {summary['decode_tokens']} content tokens in {summary['decode_seconds']:.2f} s"
+            + (f" ({speed:.1f} tokens/s)" if speed is not None else "")
+        )
+        log.info("\n\n" + "\n\n".join(tables) + "\n")
+
+
+@config.parse
+def recipe_main(cfg: DictConfig) -> None:
+    """Entry point: ``tune run recipes/eleuther_eval.py --config X.yaml [key=value ...]``."""
+    config.log_config(recipe_name="EleutherEvalRecipeDirect", cfg=cfg)
+    recipe = EleutherEvalRecipeDirect(cfg)
+    recipe.setup(cfg)
+    recipe.evaluate()
+
+
+if __name__ == "__main__":
+    sys.exit(recipe_main())

@@ -1,0 +1,183 @@
+"""Log-likelihood of a continuation under interleaved teacher forcing.
+
+The plain sequence is context + continuation; the continuation plays the response. Slots come
+from :func:`~entropy_guided_generation.layout.confidence_slots` (mode full interleaves the
+context too), exact bins from :func:`~entropy_guided_generation.layout.compute_bins` run to its
+fixed point, and one more forward on the interleaved sequence gives the logits that produced each
+content token. Only content tokens of the continuation are scored; confidence tokens never are.
+
+In the interleaved modes a content token's log-probability is taken under the distribution a
+decoder samples content from at temperature 1: the logits with every confidence id masked out.
+That makes ``loglikelihood`` the log-probability that our decoder emits the continuation, and
+``is_greedy`` what greedy decoding would produce. Mode ``none`` scores with the plain softmax,
+exactly as lm-eval's ``hf`` model and torchtune's eval recipe do.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Iterator, Optional, Sequence
+
+import torch
+
+from entropy_guided_generation import signals
+from entropy_guided_generation.confidence import ConfidenceCodec
+from entropy_guided_generation.layout import Interleaved, check_mode, compute_bins, confidence_slots, interleave
+from entropy_guided_generation.modeling import is_torchtune_decoder, logits_of
+
+
+@dataclass
+class ContinuationScores:
+    """Scores of a right-padded batch ``[b, n]`` of context + continuation rows.
+
+    Attributes:
+        logprob: ``[b]`` sum over the continuation's content tokens of log p(token) (nats).
+        is_greedy: ``[b]`` True where every continuation token is the argmax of its distribution.
+        token_logprobs: ``[b, n]`` log p of each plain token under the confidence distribution
+            (confidence ids masked, logits / tau_H; plain softmax without a codec); NaN off the continuation.
+        entropies: ``[b, n]`` entropy (nats) of that distribution; NaN off the continuation.
+        bins: ``[b, n]`` bin of the confidence token after plain token t (-1 where none).
+        signal: ``[b, n]`` the confidence signal behind each bin (NaN where none).
+        passes: fixed-point forwards run (0 when nothing is interleaved).
+        converged: True when the bins are exactly those sequential decoding would produce.
+    """
+
+    logprob: torch.Tensor
+    is_greedy: torch.Tensor
+    token_logprobs: torch.Tensor
+    entropies: torch.Tensor
+    bins: torch.Tensor
+    signal: torch.Tensor
+    passes: int
+    converged: bool
+
+
+def _has_kv_caches(model: Any) -> bool:
+    return is_torchtune_decoder(model) and model.caches_are_setup()
+
+
+@contextlib.contextmanager
+def full_sequence_forwards(model: Any) -> Iterator[Any]:
+    """Yield a ``tokens -> logits`` callable for whole right-padded sequences.
+
+    A torchtune decoder whose KV caches are set up (static caches for decoding) gets them disabled
+    and an explicit causal mask: called without a mask, such a decoder attends bidirectionally.
+    """
+    if not _has_kv_caches(model):
+        yield model
+        return
+    from torchtune.modules.common_utils import disable_kv_cache
+
+    def causal(tokens: torch.Tensor) -> torch.Tensor:
+        return logits_of(model, tokens, padding_mask=torch.ones_like(tokens, dtype=torch.bool))
+
+    with disable_kv_cache(model):
+        yield causal
+
+
+def _check_no_confidence_content(tokens: torch.Tensor, scored: torch.Tensor, codec: ConfidenceCodec) -> None:
+    clash = codec.is_confidence_token(tokens) & scored
+    if bool(clash.any()):
+        row, pos = clash.nonzero()[0].tolist()
+        raise ValueError(
+            f"continuation row {row} holds confidence token id {int(tokens[row, pos])} at position {pos}; a "
+            "confidence token cannot be content in an interleaved mode (the decoder never emits it as content)"
+        )
+
+
+def _interleaved_layout(
+    model: Any,
+    tokens: torch.Tensor,
+    slots: torch.Tensor,
+    valid_mask: torch.Tensor,
+    *,
+    codec: Optional[ConfidenceCodec],
+    pad_id: int,
+    max_passes: Optional[int],
+) -> tuple[Interleaved, torch.Tensor, torch.Tensor, int, bool]:
+    """``(layout, bins, signal, passes, converged)``: the batch interleaved with fixed-point bins
+    (the plain batch, unchanged, when no position is a slot)."""
+    if not bool(slots.any()):
+        layout = interleave(tokens, slots, torch.full_like(tokens, pad_id), pad_id=pad_id, valid_mask=valid_mask)
+        nan = torch.full(tokens.shape, float("nan"), device=tokens.device)
+        return layout, torch.full_like(tokens, -1), nan, 0, True
+    # n_slots + 1 passes always reach the fixed point: after k passes the first k slots are exact.
+    passes = max_passes if max_passes is not None else int(slots.sum(1).max()) + 1
+    fixed = compute_bins(model, tokens, codec=codec, slots=slots, valid_mask=valid_mask, pad_id=pad_id, max_passes=passes)
+    return fixed.interleaved, fixed.bins, fixed.signal, fixed.passes, fixed.converged
+
+
+@torch.no_grad()
+def score_continuations(
+    model: Any,
+    tokens: torch.Tensor,
+    continuation_mask: torch.Tensor,
+    *,
+    mode: str,
+    codec: Optional[ConfidenceCodec] = None,
+    valid_mask: Optional[torch.Tensor] = None,
+    pad_id: int = 0,
+    stop_ids: Sequence[int] = (),
+    marker_ids: Optional[Sequence[int]] = None,
+    max_passes: Optional[int] = None,
+) -> ContinuationScores:
+    """Teacher-forced log-likelihood of each row's continuation in ``mode``.
+
+    Args:
+        model: a causal LM (torchtune decoder with or without KV caches set up, or HF model).
+        tokens: ``[b, n]`` plain context + continuation ids, right-padded with ``pad_id``.
+        continuation_mask: ``[b, n]`` True on continuation tokens (the response).
+        mode: none | full | answer | marker.
+        codec: the confidence codec (required unless mode is none).
+        valid_mask: ``[b, n]`` True on real tokens (default: all).
+        stop_ids: ids that never get a confidence token (EOS), as in training and decoding.
+        marker_ids: the marker's ids (mode marker).
+        max_passes: cap on fixed-point forwards (default: enough to be exact).
+
+    Raises:
+        ValueError: on an unknown mode, a missing codec, or a confidence id inside a continuation.
+    """
+    check_mode(mode)
+    if mode != "none" and codec is None:
+        raise ValueError(f"interleaving.mode {mode!r} needs a confidence codec to score continuations")
+    if valid_mask is None:
+        valid_mask = torch.ones_like(tokens, dtype=torch.bool)
+    scored = continuation_mask.bool() & valid_mask
+    content_codec = codec if mode != "none" else None
+    if content_codec is not None:
+        _check_no_confidence_content(tokens, scored, content_codec)
+    slots = confidence_slots(
+        tokens, mode=mode, response_mask=scored, valid_mask=valid_mask, stop_ids=stop_ids, marker_ids=marker_ids
+    )
+    with full_sequence_forwards(model) as forward:
+        layout, bins, signal, passes, converged = _interleaved_layout(
+            forward, tokens, slots, valid_mask, codec=content_codec, pad_id=pad_id, max_passes=max_passes
+        )
+        # The last column's logits predict nothing that is scored: feed one column less.
+        logits = logits_of(forward, layout.tokens[:, :-1])
+    # Plain token t sits at plain_index[:, t]; the logits that produced it one position earlier.
+    producing = (layout.plain_index - 1).clamp(min=0)
+    rows = torch.arange(tokens.shape[0], device=tokens.device).unsqueeze(1)
+    picked = logits[rows, producing]  # [b, n, v]
+    if content_codec is not None:
+        picked = content_codec.mask_confidence_logits(picked)
+    score_lp = torch.log_softmax(picked, dim=-1)
+    token_lp = score_lp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    greedy = picked.argmax(-1) == tokens
+
+    tau = content_codec.temperature if content_codec is not None else 1.0
+    trace_lp = score_lp if tau == 1.0 else signals.log_probs(picked, temperature=tau)
+    nan = torch.full_like(token_lp, float("nan"))
+    return ContinuationScores(
+        logprob=torch.where(scored, token_lp, torch.zeros_like(token_lp)).sum(1),
+        is_greedy=(greedy | ~scored).all(1),
+        token_logprobs=torch.where(scored, trace_lp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1), nan),
+        entropies=torch.where(scored, signals.entropy_from_log_probs(trace_lp), nan),
+        bins=bins,
+        signal=signal,
+        passes=passes,
+        converged=converged,
+    )
+
+
+__all__ = ["ContinuationScores", "full_sequence_forwards", "score_continuations"]

@@ -1,0 +1,105 @@
+"""The offline kit: a tokenizer, tiny models, a trained base model, data and lm-eval tasks, all built
+locally with the real libraries (``tokenizers``, ``transformers``, torchtune, lm-eval), deterministic
+and cached under ``kit_cache_dir()``. Nothing is downloaded.
+
+Prompt format of the kit's task (what the trained base learned, what the lm-eval tasks send)::
+
+    prompt   = question + "\\n"                   # prompt_of(question)
+    response = answer + <|im_end|>                # answer: step lines, then "#### n"
+
+e.g. ``"Ann has 3 bags with 4 shells each. She finds 5 more. How many shells does she have now?\\n"``
+-> ``"3 * 4 = 12\\n12 + 5 = 17\\n#### 17<|im_end|>"``. No BOS, no chat template; prompt and response
+are tokenized separately and concatenated. ``<|im_end|>`` is torchtune's ``tokenizer.eos_id``;
+``<|endoftext|>`` is ``pad_id``.
+
+API (see each function's docstring):
+
+- tokens: ``CONFIDENCE_TOKENS`` (``<|conf_0|>`` .. ``<|conf_10|>``), ``MASK_TOKEN`` (``<|mask|>``),
+  ``THINK_START`` / ``THINK_END`` (``<think>`` / ``</think>``, single ids), ``EOS_TOKEN``, ``PAD_TOKEN``
+- ``kit_cache_dir()``; ``build_tokenizer()``, ``load_tokenizer(max_seq_len=None)``, ``tokenizer_kwargs()``
+- ``build_tiny_checkpoint(arch="qwen2"|"llama", seed=0, **sizes)``, ``load_torchtune_model(ckpt_dir)``,
+  ``torchtune_model_config(ckpt_dir)``, ``checkpointer_config(ckpt_dir, output_dir)``,
+  ``decoder_from_hf_config(checkpoint_dir)`` (a YAML ``_component_``)
+- ``trained_base()``, ``base_card()``, ``heldout_accuracy(ckpt_dir)``
+- ``prompt_of``, ``gsm8k_examples``, ``write_gsm8k_jsonl(path, n, seed)``,
+  ``bigbench_mistake_examples``, ``write_bigbench_mistake_jsonl(path, n, seed)``, ``final_answer``
+- ``tasks_dir(data=None, fewshot_data=None)`` with tasks ``TASK_NAMES``;
+  ``bigbench_mistake_tasks_dir(data)`` with task ``BIGBENCH_MISTAKE_TASK``
+"""
+from entropy_guided_generation.kit.cache import kit_cache_dir
+from entropy_guided_generation.kit.data import (
+    bigbench_mistake_examples,
+    final_answer,
+    gsm8k_examples,
+    prompt_of,
+    read_jsonl,
+    split_of,
+    word_problems,
+    write_bigbench_mistake_jsonl,
+    write_gsm8k_jsonl,
+)
+from entropy_guided_generation.kit.lm_eval_tasks import (
+    BIGBENCH_MISTAKE_TASK,
+    TASK_NAMES,
+    answer_choices,
+    bigbench_mistake_tasks_dir,
+    tasks_dir,
+)
+from entropy_guided_generation.kit.models import (
+    build_tiny_checkpoint,
+    checkpointer_config,
+    decoder_from_hf_config,
+    load_torchtune_model,
+    torchtune_model_config,
+    torchtune_model_type,
+)
+from entropy_guided_generation.kit.tokenizer import (
+    CONFIDENCE_TOKENS,
+    EOS_TOKEN,
+    MASK_TOKEN,
+    PAD_TOKEN,
+    THINK_END,
+    THINK_START,
+    build_tokenizer,
+    load_tokenizer,
+    tokenizer_kwargs,
+    vocab_size_of,
+)
+from entropy_guided_generation.kit.train_base import base_card, heldout_accuracy, trained_base
+
+__all__ = [
+    "CONFIDENCE_TOKENS",
+    "EOS_TOKEN",
+    "MASK_TOKEN",
+    "PAD_TOKEN",
+    "TASK_NAMES",
+    "THINK_END",
+    "THINK_START",
+    "BIGBENCH_MISTAKE_TASK",
+    "answer_choices",
+    "bigbench_mistake_tasks_dir",
+    "base_card",
+    "bigbench_mistake_examples",
+    "build_tiny_checkpoint",
+    "build_tokenizer",
+    "checkpointer_config",
+    "decoder_from_hf_config",
+    "final_answer",
+    "gsm8k_examples",
+    "heldout_accuracy",
+    "kit_cache_dir",
+    "load_tokenizer",
+    "load_torchtune_model",
+    "prompt_of",
+    "read_jsonl",
+    "split_of",
+    "tasks_dir",
+    "tokenizer_kwargs",
+    "torchtune_model_config",
+    "torchtune_model_type",
+    "trained_base",
+    "vocab_size_of",
+    "word_problems",
+    "write_bigbench_mistake_jsonl",
+    "write_gsm8k_jsonl",
+]

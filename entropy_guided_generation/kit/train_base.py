@@ -1,0 +1,274 @@
+"""Train the kit's tiny base model on its arithmetic word problems, deterministically on CPU.
+
+The result is a Hugging Face ``Qwen2ForCausalLM`` checkpoint (fp32 safetensors + the kit tokenizer's
+files) that solves a measurable share of held-out problems with greedy decoding. A copy ships in
+``entropy_guided_generation/kit/assets/``; this module rebuilds it::
+
+    python -m entropy_guided_generation.kit.train_base            # writes kit/assets/, ~3 min on 2 cores
+    python -m entropy_guided_generation.kit.train_base --out DIR  # anywhere else
+
+Training sequence: ``prompt_of(question)`` tokens (no loss) then ``answer`` tokens + eos
+(``<|im_end|>``), cross-entropy on the response only; right padding with ``<|endoftext|>``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import torch
+
+from entropy_guided_generation.kit import data
+from entropy_guided_generation.kit import tokenizer as kit_tokenizer
+from entropy_guided_generation.kit.models import hf_config
+
+ASSETS_DIR = Path(__file__).resolve().parent / "assets"
+CARD_FILENAME = "base_card.json"
+IGNORE_INDEX = -100
+PathLike = Union[str, Path]
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Everything that determines the trained weights (with the torch version and thread count)."""
+
+    seed: int = 0
+    steps: int = 1500
+    batch_size: int = 64
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 100
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    num_problems: int = 40_000
+    sizes: dict[str, Any] = field(
+        default_factory=lambda: {
+            "num_layers": 3,
+            "hidden_size": 128,
+            "num_heads": 4,
+            "num_kv_heads": 4,
+            "intermediate_size": 384,
+            "max_seq_len": 256,
+            "tie_word_embeddings": True,
+        }
+    )
+
+
+def encode_example(tokenizer, question: str, answer: str) -> tuple[list[int], list[int]]:
+    """Token ids of prompt + response + eos, and labels (``IGNORE_INDEX`` on the prompt).
+
+    Prompt and response are encoded separately, as torchtune's dataset transforms do, so the
+    boundary tokens equal those a user's prompt encodes to at inference.
+    """
+    prompt = tokenizer.encode(data.prompt_of(question), add_bos=False, add_eos=False)
+    response = tokenizer.encode(answer, add_bos=False, add_eos=False) + [tokenizer.eos_id]
+    return prompt + response, [IGNORE_INDEX] * len(prompt) + response
+
+
+def pad_right(rows: Sequence[Sequence[int]], value: int) -> torch.Tensor:
+    """``[b, max_len]`` long tensor of ``rows`` right-padded with ``value``."""
+    width = max(len(r) for r in rows)
+    out = torch.full((len(rows), width), value, dtype=torch.long)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+    return out
+
+
+def learning_rate(step: int, settings: TrainSettings) -> float:
+    """Linear warmup to ``lr`` over ``warmup_steps``, then cosine decay to ``min_lr_ratio * lr``."""
+    if step < settings.warmup_steps:
+        return settings.lr * (step + 1) / settings.warmup_steps
+    progress = (step - settings.warmup_steps) / max(1, settings.steps - settings.warmup_steps)
+    floor = settings.min_lr_ratio
+    return settings.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def _new_model(settings: TrainSettings, tokenizer, vocab_size: int):
+    from transformers import Qwen2ForCausalLM
+
+    config = hf_config("qwen2", vocab_size, tokenizer.eos_id, tokenizer.pad_id, **settings.sizes)
+    torch.manual_seed(settings.seed)
+    model = Qwen2ForCausalLM(config).to(torch.float32)
+    model.generation_config.eos_token_id = [tokenizer.eos_id, tokenizer.pad_id]
+    model.generation_config.pad_token_id = tokenizer.pad_id
+    return model
+
+
+def train(settings: TrainSettings, log_every: int = 100):
+    """Train a fresh base model; returns ``(model, tokenizer, seconds)``.
+
+    Batches are drawn by a ``random.Random(seed)`` shuffle of the encoded training problems (one
+    epoch after another), so the run is a pure function of ``settings`` on a given thread count.
+    """
+    tokenizer = kit_tokenizer.load_tokenizer()
+    model = _new_model(settings, tokenizer, kit_tokenizer.vocab_size_of())
+    examples = [encode_example(tokenizer, p.question, p.answer) for p in data.word_problems(settings.num_problems, settings.seed, "train")]
+    order_rng = random.Random(settings.seed)
+    order: list[int] = []
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=settings.lr,
+        betas=(0.9, 0.98),
+    )
+    model.train()
+    start = time.perf_counter()
+    for step in range(settings.steps):
+        if len(order) < settings.batch_size:
+            epoch = list(range(len(examples)))
+            order_rng.shuffle(epoch)
+            order.extend(epoch)
+        chosen = [examples[i] for i in order[: settings.batch_size]]
+        del order[: settings.batch_size]
+        tokens = pad_right([t for t, _ in chosen], tokenizer.pad_id)
+        labels = pad_right([l for _, l in chosen], IGNORE_INDEX)
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, settings)
+        # Right padding under a causal mask: real tokens never see pads, pad labels are ignored.
+        loss = model(input_ids=tokens, labels=labels).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
+        optimizer.step()
+        if log_every and (step % log_every == 0 or step == settings.steps - 1):
+            print(f"step {step:5d}  loss {loss.item():.4f}  lr {learning_rate(step, settings):.2e}  {time.perf_counter() - start:.0f}s", flush=True)
+    return model.eval(), tokenizer, time.perf_counter() - start
+
+
+def save_base(model, out_dir: PathLike, card: dict[str, Any]) -> Path:
+    """Save ``model`` (fp32 safetensors), the kit tokenizer files and ``base_card.json`` into ``out_dir``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    kit_tokenizer.copy_tokenizer_files(kit_tokenizer.build_tokenizer(), out_dir)
+    (out_dir / CARD_FILENAME).write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
+    return out_dir
+
+
+# ---------------------------------------------------------------- held-out accuracy
+
+
+@torch.no_grad()
+def greedy_responses(model, tokenizer, questions: Sequence[str], max_new_tokens: int = 32, batch_size: int = 64) -> list[str]:
+    """Greedy continuations (HF ``generate``, left-padded batches) of ``prompt_of(q)`` for each question,
+    decoded up to the first eos / pad (excluded)."""
+    stops = {tokenizer.eos_id, tokenizer.pad_id}
+    responses = []
+    for begin in range(0, len(questions), batch_size):
+        prompts = [tokenizer.encode(data.prompt_of(q), add_bos=False, add_eos=False) for q in questions[begin : begin + batch_size]]
+        width = max(len(p) for p in prompts)
+        tokens = torch.full((len(prompts), width), tokenizer.pad_id, dtype=torch.long)
+        attention = torch.zeros_like(tokens)
+        for i, p in enumerate(prompts):
+            tokens[i, width - len(p) :] = torch.tensor(p)
+            attention[i, width - len(p) :] = 1
+        out = model.generate(
+            input_ids=tokens, attention_mask=attention, max_new_tokens=max_new_tokens, do_sample=False,
+            eos_token_id=sorted(stops), pad_token_id=tokenizer.pad_id,
+        )
+        for row in out[:, width:].tolist():
+            cut = next((i for i, t in enumerate(row) if t in stops), len(row))
+            responses.append(tokenizer.decode(row[:cut]))
+    return responses
+
+
+def answer_or_none(response: str) -> Optional[int]:
+    """The ``#### n`` answer of a generated response, or None when it has none."""
+    try:
+        return data.final_answer(response)
+    except ValueError:
+        return None
+
+
+def heldout_accuracy(checkpoint_dir: PathLike, n: int = 200, seed: int = 1) -> float:
+    """Share of ``n`` held-out (test-split) kit problems whose greedy ``#### n`` answer is right.
+
+    Args:
+        checkpoint_dir: HF checkpoint folder with the kit tokenizer files (e.g. ``trained_base()``).
+        n: number of test problems.
+        seed: which test problems.
+    """
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(checkpoint_dir), dtype=torch.float32).eval()
+    tokenizer = kit_tokenizer.load_tokenizer(folder=Path(checkpoint_dir))
+    problems = data.word_problems(n, seed, "test")
+    responses = greedy_responses(model, tokenizer, [p.question for p in problems])
+    return sum(answer_or_none(r) == p.result for r, p in zip(responses, problems)) / n
+
+
+# ---------------------------------------------------------------- the shipped base
+
+
+def trained_base() -> Path:
+    """The HF checkpoint folder of the kit's trained base model (``kit/assets/``, shipped).
+
+    The folder is read-only by contract: write finetunes elsewhere. Rebuild it with
+    ``python -m entropy_guided_generation.kit.train_base``.
+
+    Raises:
+        FileNotFoundError: if the shipped files are missing (rebuild them with the command above).
+    """
+    required = ("config.json", "model.safetensors", CARD_FILENAME, *kit_tokenizer.TOKENIZER_FILES)
+    missing = [name for name in required if not (ASSETS_DIR / name).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"the trained base in {ASSETS_DIR} lacks {', '.join(missing)}; "
+            "rebuild it with `python -m entropy_guided_generation.kit.train_base`"
+        )
+    return ASSETS_DIR
+
+
+def base_card(checkpoint_dir: Optional[PathLike] = None) -> dict[str, Any]:
+    """The training record of a base checkpoint (settings, seconds, held-out accuracy)."""
+    return json.loads((Path(checkpoint_dir or trained_base()) / CARD_FILENAME).read_text())
+
+
+def build_base(out_dir: PathLike, settings: TrainSettings, threads: int, eval_n: int = 200, log_every: int = 100) -> dict[str, Any]:
+    """Train, measure held-out accuracy and write the checkpoint into ``out_dir`` (replaced as a whole)."""
+    torch.set_num_threads(threads)
+    model, tokenizer, seconds = train(settings, log_every)
+    out_dir = Path(out_dir)
+    with tempfile.TemporaryDirectory(prefix="egg-base-") as scratch:
+        staged = save_base(model, Path(scratch) / "base", {})
+        accuracy = heldout_accuracy(staged, n=eval_n)
+        card = {
+            "settings": asdict(settings),
+            "train_seconds": round(seconds, 1),
+            "threads": threads,
+            "torch": torch.__version__,
+            "heldout_accuracy": accuracy,
+            "heldout_problems": eval_n,
+            "prompt_format": "prompt_of(question) = question + '\\n'; response = answer + <|im_end|>",
+        }
+        (staged / CARD_FILENAME).write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        shutil.copytree(staged, out_dir)
+    return card
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=ASSETS_DIR, help="output folder (default: the shipped kit/assets/)")
+    parser.add_argument("--seed", type=int, default=TrainSettings.seed)
+    parser.add_argument("--steps", type=int, default=TrainSettings.steps)
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (results are reproducible per thread count)")
+    parser.add_argument("--eval-n", type=int, default=200, help="held-out problems for the accuracy")
+    args = parser.parse_args(argv)
+    card = build_base(args.out, TrainSettings(seed=args.seed, steps=args.steps), args.threads, args.eval_n)
+    print(f"trained in {card['train_seconds']:.0f}s; held-out accuracy {card['heldout_accuracy']:.3f} on {args.eval_n} problems -> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
