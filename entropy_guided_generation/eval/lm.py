@@ -14,6 +14,8 @@ truncation, prefix token, scoring and greedy decoding).
 """
 from __future__ import annotations
 
+import inspect
+
 import importlib.util
 import logging
 import time
@@ -119,6 +121,11 @@ def _row_of(scores: ContinuationScores, row: int, keep: torch.Tensor, tokens: to
     )
 
 
+def _accepts_keyword(fn: Any, name: str) -> bool:
+    params = inspect.signature(fn).parameters.values()
+    return any(p.name == name or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+
+
 @register_model(MODEL_NAME)
 class TorchtuneLM(TemplateLM):
     """lm-eval model over a torchtune ``TransformerDecoder`` and tokenizer.
@@ -183,6 +190,9 @@ class TorchtuneLM(TemplateLM):
         if sampler:
             self.decoder_name, self._decoder, sampler_config = sampler_decoder(sampler)
             self._decoder_kwargs = {"sampler_config": sampler_config}
+            if _accepts_keyword(self._decoder, "tokenizer"):
+                # e.g. entropix resolves its clarifying token string through the tokenizer
+                self._decoder_kwargs["tokenizer"] = tokenizer
         else:
             self.decoder_name, self._decoder, self._decoder_kwargs = mode, get_decoder(mode), {}
         self._batch_size = batch_size
@@ -342,6 +352,10 @@ class TorchtuneLM(TemplateLM):
     # ------------------------------------------------------------------ generation
     def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
         """Greedy or sampled continuations of each context, cut before the first ``until`` string."""
+        from entropy_guided_generation.sampling.budget_forcing import budget_forcing_requested, generate_until_torchtune
+
+        if any(budget_forcing_requested(request.args[1]) for request in requests):
+            return generate_until_torchtune(self, requests, disable_tqdm)  # serves the rest through this method
         items = [(request.args[0], request.args[1], position) for position, request in enumerate(requests)]
         collator = Collator(
             items,

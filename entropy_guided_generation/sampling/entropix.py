@@ -1,0 +1,480 @@
+"""Entropix-style adaptive sampling: the regimes, one vectorized sampling step, and the torchtune
+decoder ``generate_entropix`` (registered as decoder ``"entropix"``).
+
+A step reads the next-token logits and the last layer's attention of the current query
+(:mod:`entropix_metrics`), picks a regime per row (see :class:`EntropixConfig`), sets that row's
+temperature / top-k / top-p / min-p, and draws the token. The transformers front-end
+(:class:`HookBasedEntropySampler`) runs the same :func:`entropix_step`.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+from dataclasses import dataclass
+from typing import Any, Iterator, Mapping, Optional, Sequence, Union
+
+import torch
+
+from entropy_guided_generation.confidence import ConfidenceCodec, encode_single_token
+from entropy_guided_generation.generation import register_decoder
+from entropy_guided_generation.generation.common import DecodeResult, decode
+from entropy_guided_generation.sampling.entropix_config import EntropixConfig
+from entropy_guided_generation.sampling.entropix_metrics import METRIC_NAMES, EntropixMetrics, entropix_metrics
+
+REGIMES = ("argmax", "clarify", "careful", "explore", "resample", "adaptive")
+"""Regime codes (index = code): low/low argmax; high entropy/low varentropy emits the clarifying
+token (``clarify``) or, right after one, samples at a raised temperature (``careful``); low/high
+``explore``; high/high ``resample``; otherwise ``adaptive``. -1 marks a row that had stopped."""
+ARGMAX, CLARIFY, CAREFUL, EXPLORE, RESAMPLE, ADAPTIVE = range(len(REGIMES))
+_MIN_TEMPERATURE = 1e-4  # floor for user coefficients that would drive a temperature to <= 0
+
+
+@dataclass
+class SamplingParams:
+    """Per-row sampling parameters, each ``[b]``: temperature, top_k (long), top_p, min_p."""
+
+    temperature: torch.Tensor
+    top_k: torch.Tensor
+    top_p: torch.Tensor
+    min_p: torch.Tensor
+
+
+@dataclass
+class EntropixDecision:
+    """One step's outcome, each ``[b]``: the token, the regime code and the parameters used."""
+
+    token: torch.Tensor
+    regime: torch.Tensor
+    params: SamplingParams
+
+
+def choose_regime(
+    metrics: EntropixMetrics, config: EntropixConfig, prev_token: torch.Tensor, clarifying_id: Optional[int]
+) -> torch.Tensor:
+    """Regime codes ``[b]`` (indices into :data:`REGIMES`) by entropix's rules.
+
+    Entropy is binned by ``low/med/high_ent_thresh`` and varentropy by ``low/high_vent_thresh``
+    (``torch.bucketize``; a value exactly at a threshold counts as above it), and a table maps
+    each (entropy bin, varentropy bin) to the regime entropix's if/elif chain picks there.
+
+    Args:
+        metrics: the step's metrics (entropy bits, varentropy bits^2).
+        prev_token: ``[b]`` each row's previous token (the clarifying token is never emitted twice
+            in a row).
+        clarifying_id: the clarifying token's id, or None (then high entropy/low varentropy is ``careful``).
+    """
+    tables = _tables(config, metrics.entropy.device)
+    h_bin = torch.bucketize(metrics.entropy, tables.ent_edges, right=True)
+    v_bin = torch.bucketize(metrics.varentropy, tables.vent_edges, right=True)
+    regime = tables.regime_of_bins[h_bin * 3 + v_bin]
+    if clarifying_id is None:
+        return regime.masked_fill(regime == CLARIFY, CAREFUL)
+    return regime.masked_fill((regime == CLARIFY) & (prev_token == clarifying_id), CAREFUL)
+
+
+def regime_parameters(regime: torch.Tensor, metrics: EntropixMetrics, config: EntropixConfig) -> SamplingParams:
+    """Each row's temperature, top-k, top-p and min-p for its regime (entropix's formulas, see
+    :func:`_parameter_formulas`), as one matmul of the metrics with the config's coefficients."""
+    params, _ = _linear_outputs(regime, metrics, config)
+    return params
+
+
+def _parameter_formulas(c: EntropixConfig) -> dict[str, dict[int, tuple[dict[str, float], float, float]]]:
+    """Entropix's per-regime formulas, each linear in the metrics before its clamp:
+    ``{parameter: {regime: ({metric or "1": coefficient}, low, high)}}``; regimes not listed use the
+    base value. ``top_k`` is floored after the clamp (``+0.5`` in ``adaptive``: entropix rounds there)."""
+    inf = float("inf")
+    t, k, p, mp = c.temp, float(c.top_k), c.top_p, c.min_p
+    return {
+        "temperature": {
+            CAREFUL: ({"1": t * c.helv_attn_ent_offset, "attn_entropy": t * c.helv_attn_ent_coef},
+                      _MIN_TEMPERATURE, c.helv_max_temp),
+            EXPLORE: ({"1": t * c.lehv_interaction_strength_offset, "interaction_strength": t * c.lehv_interaction_strength_coef},
+                      _MIN_TEMPERATURE, c.lehv_max_temp),
+            RESAMPLE: ({"1": t * c.hehv_attn_vent_offset, "attn_varentropy": t * c.hehv_attn_vent_coef}, c.hehv_min_temp, inf),
+            # temp * (1 + a_l (H + V) + a_a (H_attn + V_attn) - a_g agreement)
+            ADAPTIVE: ({"1": t, "entropy": t * c.ada_temp_logits, "varentropy": t * c.ada_temp_logits,
+                        "attn_entropy": t * c.ada_temp_attn, "attn_varentropy": t * c.ada_temp_attn,
+                        "agreement": -t * c.ada_temp_agree}, _MIN_TEMPERATURE, inf),
+        },
+        "top_k": {
+            # top_k * (1 + coef * (1 - agreement)), floored, at least lehv_min_top_k
+            EXPLORE: ({"1": k * (1 + c.lehv_agreement_coef), "agreement": -k * c.lehv_agreement_coef}, c.lehv_min_top_k, inf),
+            ADAPTIVE: ({"1": k + 0.5, "interaction_strength": k * c.ada_top_k_int, "agreement": -k * c.ada_top_k_agree},
+                       c.ada_top_k_min, c.ada_top_k_max + 0.5),
+        },
+        "top_p": {
+            RESAMPLE: ({"1": p, "attn_entropy": -c.hehv_attn_ent_coef}, c.hehv_min_top_p, inf),
+            ADAPTIVE: ({"1": p, "attn_varentropy": p * c.ada_top_p}, c.ada_top_p_min, c.ada_top_p_max),
+        },
+        "min_p": {
+            ADAPTIVE: ({"1": mp, "entropy": -mp * c.ada_min_p, "varentropy": -mp * c.ada_min_p}, c.ada_min_p_min, c.ada_min_p_max),
+        },
+    }
+
+
+def _confidence_formula(c: EntropixConfig) -> dict[str, float]:
+    """Entropix's adaptive candidate confidence, expanded: (1 - H) w_H + (1 - H_attn) w_Ha
+    + (1 - V) w_V + (1 - V_attn) w_Va + agreement w_g + interaction w_i."""
+    return {
+        "1": c.ada_score_logits_ent + c.ada_score_attn_ent + c.ada_score_logits_vent + c.ada_score_attn_vent,
+        "entropy": -c.ada_score_logits_ent, "attn_entropy": -c.ada_score_attn_ent,
+        "varentropy": -c.ada_score_logits_vent, "attn_varentropy": -c.ada_score_attn_vent,
+        "agreement": c.ada_score_agree, "interaction_strength": c.ada_score_int,
+    }
+
+
+PARAMETERS = ("temperature", "top_k", "top_p", "min_p")
+_ROWS = METRIC_NAMES + ("1",)
+
+
+@dataclass(frozen=True)
+class _Tables:
+    """A config as tensors: bin edges, the regime table, and the affine map ``metrics @ weights +
+    bias`` (``weights`` ``[6, 4 * R + 1]``: the six metrics -> each parameter under each regime, then
+    the adaptive confidence) with clamps ``bounds`` ``[R, 2, 4]`` (low, high)."""
+
+    ent_edges: torch.Tensor
+    vent_edges: torch.Tensor
+    regime_of_bins: torch.Tensor
+    weights: torch.Tensor
+    bias: torch.Tensor
+    bounds: torch.Tensor
+
+
+@functools.lru_cache(maxsize=32)
+def _tables(config: EntropixConfig, device: torch.device) -> _Tables:
+    """Build (once per config and device) the tensors of :class:`_Tables`."""
+    c, n_regimes = config, len(REGIMES)
+    base = {"temperature": c.temp, "top_k": float(c.top_k), "top_p": c.top_p, "min_p": c.min_p}
+    weights = torch.zeros(len(_ROWS), len(PARAMETERS), n_regimes, dtype=torch.float64)
+    low = torch.full((n_regimes, len(PARAMETERS)), float("-inf"), dtype=torch.float64)
+    high = torch.full((n_regimes, len(PARAMETERS)), float("inf"), dtype=torch.float64)
+    weights[_ROWS.index("1")] = torch.tensor([base[name] for name in PARAMETERS], dtype=torch.float64).unsqueeze(-1)
+    for j, (name, per_regime) in enumerate(_parameter_formulas(c).items()):
+        for regime, (coefs, lo, hi) in per_regime.items():
+            weights[:, j, regime] = 0.0
+            for metric, value in coefs.items():
+                weights[_ROWS.index(metric), j, regime] = value
+            low[regime, j], high[regime, j] = lo, hi
+    confidence = torch.tensor([_confidence_formula(c).get(metric, 0.0) for metric in _ROWS], dtype=torch.float64)
+    h, v = len(_ENT_BIN_ROWS), 3
+    regime_of_bins = torch.tensor(_ENT_BIN_ROWS, dtype=torch.long).reshape(h * v)
+    f32 = dict(dtype=torch.float32, device=device)
+    affine = torch.cat([weights.reshape(len(_ROWS), -1), confidence.unsqueeze(-1)], dim=1).to(**f32)
+    return _Tables(
+        ent_edges=torch.tensor([c.low_ent_thresh, c.med_ent_thresh, c.high_ent_thresh], **f32),
+        vent_edges=torch.tensor([c.low_vent_thresh, c.high_vent_thresh], **f32),
+        regime_of_bins=regime_of_bins.to(device),
+        weights=affine[:-1].contiguous(), bias=affine[-1].contiguous(),
+        bounds=torch.stack([low, high], dim=1).to(**f32),
+    )
+
+
+# Regime by (entropy bin, varentropy bin): rows H < low | < med | < high | >= high,
+# columns V < low | < high | >= high; entropix's if/elif chain evaluated on each cell.
+_ENT_BIN_ROWS = (
+    (ARGMAX, ADAPTIVE, EXPLORE),
+    (ADAPTIVE, ADAPTIVE, EXPLORE),
+    (ADAPTIVE, ADAPTIVE, EXPLORE),
+    (CLARIFY, ADAPTIVE, RESAMPLE),
+)
+
+
+def _linear_outputs(regime: torch.Tensor, metrics: EntropixMetrics, config: EntropixConfig) -> tuple[SamplingParams, torch.Tensor]:
+    """Sampling parameters of each row's regime and the adaptive confidence ``[b]``."""
+    tables = _tables(config, metrics.entropy.device)
+    m = metrics.as_dict()
+    features = torch.stack([m[name] for name in METRIC_NAMES], dim=-1)  # [b, 6]
+    out = torch.addmm(tables.bias, features, tables.weights)  # [b, 4 * R + 1]
+    per_regime = out[:, :-1].view(-1, len(PARAMETERS), len(REGIMES))
+    chosen = per_regime.gather(2, regime.view(-1, 1, 1).expand(-1, len(PARAMETERS), 1)).squeeze(2)  # [b, 4]
+    bounds = tables.bounds[regime]  # [b, 2, 4]
+    chosen = torch.clamp(chosen, min=bounds[:, 0], max=bounds[:, 1])
+    params = SamplingParams(
+        temperature=chosen[:, 0], top_k=chosen[:, 1].floor().long(), top_p=chosen[:, 2], min_p=chosen[:, 3]
+    )
+    return params, out[:, -1]
+
+
+def filtered_probs(logits: torch.Tensor, params: SamplingParams, k_cap: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sampling distribution of each row, restricted to its ``k_cap`` largest logits.
+
+    Order as entropix's ``_sample``: softmax(logits / temperature); min-p (drop tokens with
+    p < min_p * p_max); top-k; top-p on the mass of the full distribution (keep a token while
+    the mass before it, in descending order, is < top_p). The most likely token is always kept.
+    (Entropix's torch ``_sample`` computes the min-p filter on a tensor it then ignores and sums
+    top-p mass in ascending order; we apply both as intended.)
+
+    Args:
+        logits: ``[b, v]``.
+        params: per-row parameters ``[b]``.
+        k_cap: columns kept (default: the largest ``top_k``); a temperature > 0 keeps the order.
+
+    Returns:
+        ``weights`` ``[b, k]`` (unnormalised kept probabilities, 0 where dropped) and ``ids`` ``[b, k]``
+        (the vocabulary ids of those columns, most likely first), k = min(v, k_cap).
+    """
+    k = min(k_cap if k_cap is not None else int(params.top_k.max()), logits.shape[-1])
+    z = logits.float()
+    inv_t = params.temperature.reciprocal().unsqueeze(-1)
+    top, ids = torch.topk(z, k, dim=-1)
+    probs = (top * inv_t - torch.logsumexp(z * inv_t, dim=-1, keepdim=True)).exp()
+    # Column 0 always passes all three tests (min_p < 1, top_k >= 1, top_p > 0 are validated).
+    keep = probs >= params.min_p.unsqueeze(-1) * probs[:, :1]
+    keep &= torch.arange(k, device=z.device) < params.top_k.unsqueeze(-1)
+    keep &= (probs.cumsum(-1) - probs) < params.top_p.unsqueeze(-1)
+    return probs * keep, ids
+
+
+def sample_candidates(
+    logits: torch.Tensor, params: SamplingParams, num_samples: int, rng: Optional[torch.Generator] = None,
+    k_cap: Optional[int] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``num_samples`` independent draws per row in one batched call.
+
+    Uses the exponential race (argmax of w / q, q ~ Exp(1)) as :func:`sample_next_token` does.
+    ``k_cap``: columns considered (default: the largest ``top_k`` of the batch).
+
+    Returns:
+        ``candidates`` ``[b, num_samples]`` ids, and ``columns`` ``[b, num_samples]``, their
+        positions among the row's ``k_cap`` largest logits (0 = the argmax).
+    """
+    weights, ids = filtered_probs(logits, params, k_cap)
+    # q = -log U ~ Exp(1); several times faster on CPU than Tensor.exponential_
+    q = torch.rand(weights.shape[0], num_samples, weights.shape[1], device=weights.device, generator=rng).log_().neg_()
+    columns = (weights.unsqueeze(1) / q).argmax(-1)
+    return ids.gather(-1, columns), columns
+
+
+def adaptive_confidence(metrics: EntropixMetrics, config: EntropixConfig) -> torch.Tensor:
+    """Entropix's weighted confidence ``[b]`` added to each adaptive candidate's log-prob.
+
+    It depends on the step's metrics only, so within a row it shifts every candidate equally:
+    the pick is the most likely candidate, and the score it reports is log p + confidence."""
+    regime = torch.zeros_like(metrics.entropy, dtype=torch.long)
+    return _linear_outputs(regime, metrics, config)[1]
+
+
+def entropix_step(
+    logits: torch.Tensor,
+    metrics: EntropixMetrics,
+    config: EntropixConfig,
+    prev_token: torch.Tensor,
+    clarifying_id: Optional[int] = None,
+    rng: Optional[torch.Generator] = None,
+) -> EntropixDecision:
+    """Pick each row's next token from ``logits`` ``[b, v]`` by its regime.
+
+    All rows draw ``n_adaptive_samples`` candidates in one call; rows in ``adaptive`` keep the
+    candidate with the highest log p + weighted confidence, other sampling regimes keep the first.
+
+    Args:
+        logits: ``[b, v]`` next-token logits (any token that must never be sampled at -inf).
+        metrics: the step's :class:`EntropixMetrics`.
+        prev_token: ``[b]`` each row's previous token.
+        clarifying_id: id emitted by the ``clarify`` regime (None: never emitted).
+        rng: generator for reproducible draws.
+    """
+    if clarifying_id is not None and not 0 <= clarifying_id < logits.shape[-1]:
+        raise ValueError(f"clarifying token id {clarifying_id} lies outside the vocabulary [0, {logits.shape[-1]})")
+    regime = choose_regime(metrics, config, prev_token, clarifying_id)
+    params, confidence = _linear_outputs(regime, metrics, config)
+    candidates, _ = sample_candidates(logits, params, config.n_adaptive_samples, rng)  # [b, n]
+    # log p of a candidate = its logit - logsumexp(logits); the row constant cannot change the pick
+    cand_logits = logits.float().gather(-1, candidates)
+    best = (cand_logits + confidence.unsqueeze(-1)).argmax(-1, keepdim=True)
+    token = torch.where(regime == ADAPTIVE, candidates.gather(-1, best).squeeze(-1), candidates[:, 0])
+    token = torch.where(regime == ARGMAX, logits.argmax(-1), token)
+    if clarifying_id is not None:
+        token = token.masked_fill(regime == CLARIFY, clarifying_id)
+    return EntropixDecision(token=token, regime=regime, params=params)
+
+
+def resolve_clarifying_token(text: Optional[str], tokenizer: Any) -> Optional[int]:
+    """The one id of the clarifying-token string under ``tokenizer`` (None when none is configured).
+
+    Raises:
+        ValueError: a string without a tokenizer, or a string that is not exactly one token.
+    """
+    if text is None:
+        return None
+    if tokenizer is None:
+        raise ValueError(f"clarifying_token {text!r} is a string; pass tokenizer=... to resolve it to a token id")
+    try:
+        return encode_single_token(text, tokenizer)
+    except ValueError as err:
+        raise ValueError(f"unknown clarifying_token {text!r}: it is not a single token of the tokenizer ({err})") from err
+
+
+# ------------------------------------------------------------------ torchtune attention observer
+class LastQueryAttention:
+    """Observes a torchtune decoder's last attention layer: after each forward, ``scores``
+    ``[b, h, L]`` (q . k / sqrt(d)) of each row's **last** input column against the layer's keys,
+    and ``visible`` ``[b, L]`` (the mask row of that column).
+
+    The query is recomputed from the layer's input for that one column (one ``q_proj`` of a single
+    token); keys come from the layer's KV cache (or, without a cache, from ``k_proj`` of the input),
+    so the cost is O(L) per step and no L x L map is built.
+    """
+
+    def __init__(self, model: Any):
+        layers = getattr(model, "layers", None)
+        attn = getattr(layers[-1], "attn", None) if layers is not None and len(layers) else None
+        needed = ("q_proj", "k_proj", "num_heads", "num_kv_heads", "head_dim", "pos_embeddings", "kv_cache")
+        if attn is None or not all(hasattr(attn, name) for name in needed):
+            raise TypeError(
+                f"cannot observe attention of {type(model).__name__}: expected a torchtune TransformerDecoder whose "
+                "last layer has a MultiHeadAttention at .attn"
+            )
+        self.attn = attn
+        self.scores: Optional[torch.Tensor] = None
+        self.visible: Optional[torch.Tensor] = None
+
+    @contextlib.contextmanager
+    def attached(self) -> Iterator["LastQueryAttention"]:
+        handle = self.attn.register_forward_hook(self._hook, with_kwargs=True)
+        try:
+            yield self
+        finally:
+            handle.remove()
+
+    def _hook(self, module: Any, args: tuple, kwargs: dict, output: Any) -> None:
+        x = args[0] if args else kwargs["x"]
+        y = args[1] if len(args) > 1 else kwargs.get("y")
+        mask, input_pos = kwargs.get("mask"), kwargs.get("input_pos")
+        b, s = x.shape[:2]
+        last_pos = input_pos[:, -1:] if input_pos is not None else torch.full((b, 1), s - 1, device=x.device)
+        q = self._rotate(module, module.q_proj(x[:, -1:]), last_pos).transpose(1, 2)  # [b, h, 1, d]
+        if getattr(module, "q_norm", None) is not None:
+            q = module.q_norm(q)
+        if module.kv_cache is not None and getattr(module, "cache_enabled", True):
+            keys = module.kv_cache.k_cache  # [b, n_kv, L, d], this forward's keys already written
+        else:
+            positions = input_pos if input_pos is not None else torch.arange(y.shape[1], device=x.device).expand(b, -1)
+            keys = self._rotate(module, module.k_proj(y), positions).transpose(1, 2)
+            if getattr(module, "k_norm", None) is not None:
+                keys = module.k_norm(keys)
+        n_kv, length, d = keys.shape[1], keys.shape[2], keys.shape[3]
+        group = module.num_heads // n_kv
+        q = q.reshape(b, n_kv, group, d).float() * d**-0.5  # head i uses kv head i // group, as torchtune expands k
+        self.scores = torch.matmul(q, keys.float().transpose(2, 3)).reshape(b, module.num_heads, length)
+        self.visible = self._visible(module, mask, b, s, length, x.device)
+
+    @staticmethod
+    def _rotate(module: Any, t: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        t = t.view(t.shape[0], t.shape[1], -1, module.head_dim)
+        return module.pos_embeddings(t, input_pos=positions) if module.pos_embeddings is not None else t
+
+    @staticmethod
+    def _visible(module: Any, mask: Any, b: int, s: int, length: int, device: torch.device) -> torch.Tensor:
+        if mask is None:
+            filled = int(module.kv_cache.size) if module.kv_cache is not None and getattr(module, "cache_enabled", True) else length
+            return (torch.arange(length, device=device) < filled).expand(b, -1)
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+            raise TypeError(f"entropix needs a boolean attention mask [b, s, L], got {type(mask).__name__}")
+        return mask[:, -1, :length]
+
+
+# ------------------------------------------------------------------ the torchtune decoder
+class _EntropixLoop:
+    """The per-step hook of :func:`decode`: metrics, regime, token; records every step."""
+
+    def __init__(self, observer: LastQueryAttention, config: EntropixConfig, prompt: torch.Tensor,
+                 clarifying_id: Optional[int], rng: Optional[torch.Generator]):
+        self.observer, self.config, self.clarifying_id, self.rng = observer, config, clarifying_id, rng
+        self.prev = prompt[:, -1].clone()  # left padding: the last column is each row's last real token
+        self.records: list[dict[str, torch.Tensor]] = []
+
+    def __call__(self, *, logits: torch.Tensor, step: int) -> torch.Tensor:
+        metrics = entropix_metrics(logits, self.observer.scores, self.observer.visible)
+        decision = entropix_step(logits, metrics, self.config, self.prev, self.clarifying_id, self.rng)
+        p = decision.params
+        self.records.append({**metrics.as_dict(), "temperature": p.temperature, "top_p": p.top_p, "min_p": p.min_p,
+                             "top_k": p.top_k, "regime": decision.regime})
+        self.prev = decision.token
+        return decision.token
+
+    def extras(self, generated_lengths: torch.Tensor) -> dict[str, Any]:
+        """Records as ``[b, T]`` tensors; NaN (floats) or -1 (ints) at steps after a row's stop
+        token (``generated_lengths`` ``[b]``, stop token included, as the decode loop counts)."""
+        stacked = {name: torch.stack([r[name] for r in self.records], dim=1) for name in self.records[0]}
+        steps = torch.arange(len(self.records), device=generated_lengths.device)
+        active = steps.unsqueeze(0) < generated_lengths.unsqueeze(1)
+        for name, value in stacked.items():
+            stacked[name] = value.masked_fill(~active, -1 if not value.is_floating_point() else float("nan"))
+        return {**stacked, "regime_names": REGIMES, "sampler_config": self.config.to_dict()}
+
+
+def generate_entropix(
+    model: Any,
+    prompt: torch.Tensor,
+    *,
+    max_generated_tokens: int,
+    pad_id: int = 0,
+    temperature: float = 1.0,
+    top_k: Optional[int] = None,
+    top_p: Optional[float] = None,
+    stop_tokens: Optional[Sequence[int]] = None,
+    rng: Optional[torch.Generator] = None,
+    codec: Optional[ConfidenceCodec] = None,
+    sampler_config: Union[EntropixConfig, Mapping[str, Any], None] = None,
+    tokenizer: Any = None,
+    progress: bool = False,
+) -> DecodeResult:
+    """Generate with the Entropix-style sampler (mode ``none``) on a torchtune decoder.
+
+    Args:
+        model: a torchtune ``TransformerDecoder`` (KV caches reused as :func:`generate_plain` does).
+        prompt: ``[b, p]`` or ``[p]`` prompt ids, left-padded with ``pad_id``.
+        max_generated_tokens, pad_id, stop_tokens, rng, codec, progress: as :func:`generate_plain`.
+        temperature, top_k, top_p: accepted so the decoder is a drop-in for the common decoder
+            call; not used: the sampler sets each step's temperature, top-k and top-p from
+            ``sampler_config``.
+        sampler_config: :class:`EntropixConfig` or a mapping of its fields (None: the defaults).
+        tokenizer: resolves ``sampler_config.clarifying_token`` (needed only when that is set).
+
+    Returns:
+        :class:`DecodeResult`; ``extras`` holds ``[b, T]`` tensors ``entropy``, ``varentropy``,
+        ``attn_entropy``, ``attn_varentropy``, ``agreement``, ``interaction_strength`` (NaN once a
+        row stopped), ``temperature``, ``top_p``, ``min_p``, ``top_k`` and ``regime`` (codes into
+        ``extras["regime_names"]``, -1 once stopped), and ``sampler_config``.
+    """
+    config = EntropixConfig.coerce(sampler_config)
+    clarifying_id = resolve_clarifying_token(config.clarifying_token, tokenizer)
+    if prompt.dim() == 1:
+        prompt = prompt.unsqueeze(0)
+    observer = LastQueryAttention(model)
+    loop = _EntropixLoop(observer, config, prompt, clarifying_id, rng)
+    with observer.attached():
+        result = decode(
+            model, prompt, mode="none", max_generated_tokens=max_generated_tokens, pad_id=pad_id,
+            stop_tokens=stop_tokens, rng=rng, codec=codec, progress=progress, step_hook=loop,
+        )
+    result.extras.update(loop.extras(result.generated_lengths))
+    return result
+
+
+register_decoder("entropix", generate_entropix)
+
+__all__ = [
+    "ADAPTIVE",
+    "ARGMAX",
+    "CAREFUL",
+    "CLARIFY",
+    "EXPLORE",
+    "METRIC_NAMES",
+    "REGIMES",
+    "RESAMPLE",
+    "EntropixDecision",
+    "LastQueryAttention",
+    "SamplingParams",
+    "adaptive_confidence",
+    "choose_regime",
+    "entropix_step",
+    "filtered_probs",
+    "generate_entropix",
+    "regime_parameters",
+    "resolve_clarifying_token",
+    "sample_candidates",
+]

@@ -1,0 +1,105 @@
+"""Entropix's per-step metrics: the next-token distribution's entropy and varentropy (bits), and
+the last layer's attention of the current query over the keys it may see.
+
+Attention metrics take the current query's pre-softmax scores ``[b, h, L]`` (q . k / sqrt(d), one
+query, L keys) and a visibility mask ``[b, L]``: masked keys (future cache slots, left padding)
+get probability 0 and contribute nothing to any metric, so no padding pattern yields NaN and no
+mass lands on future positions (entropix itself averages over the whole key length).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from entropy_guided_generation.signals import LN2, entropy_and_varentropy
+
+
+@dataclass
+class EntropixMetrics:
+    """One step's metrics, each ``[b]`` float32.
+
+    Attributes:
+        entropy: bits, of softmax(logits).
+        varentropy: bits^2, variance of the surprisal -log2 p under p.
+        attn_entropy: bits, mean over heads of each head's attention entropy.
+        attn_varentropy: bits^2, variance (unbiased) across heads of the heads' attention entropies;
+            0 for a single head.
+        agreement: mean over heads and visible keys of |p_head - mean over heads of p|.
+        interaction_strength: mean over heads and visible keys of |score|.
+        attn_entropy_per_head: ``[b, h]`` bits (not part of :meth:`as_dict`).
+    """
+
+    entropy: torch.Tensor
+    varentropy: torch.Tensor
+    attn_entropy: torch.Tensor
+    attn_varentropy: torch.Tensor
+    agreement: torch.Tensor
+    interaction_strength: torch.Tensor
+    attn_entropy_per_head: Optional[torch.Tensor] = None
+
+    NAMES = ("entropy", "varentropy", "attn_entropy", "attn_varentropy", "agreement", "interaction_strength")
+
+    def as_dict(self) -> dict[str, torch.Tensor]:
+        """The six ``[b]`` metrics by name."""
+        return {name: getattr(self, name) for name in self.NAMES}
+
+
+def logit_metrics(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Entropy (bits) and varentropy (bits^2) of softmax(logits) ``[..., v]``, float32, shape ``[...]``."""
+    h_nats, v_nats = entropy_and_varentropy(logits)
+    return h_nats / LN2, v_nats / (LN2 * LN2)
+
+
+def attention_metrics(scores: torch.Tensor, visible: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Attention metrics of one query per row.
+
+    Args:
+        scores: ``[b, h, L]`` pre-softmax attention scores of the current query (any float dtype).
+        visible: ``[b, L]`` bool, True on the keys the query may attend to.
+
+    Returns:
+        ``attn_entropy``, ``attn_varentropy``, ``agreement``, ``interaction_strength`` (each ``[b]``)
+        and ``attn_entropy_per_head`` ``[b, h]``; float32.
+
+    Raises:
+        ValueError: a row with no visible key, or mismatched shapes.
+    """
+    if scores.dim() != 3 or visible.shape != (scores.shape[0], scores.shape[2]):
+        raise ValueError(
+            f"expected scores [b, h, L] and visible [b, L]; got {tuple(scores.shape)} and {tuple(visible.shape)}"
+        )
+    n_visible = visible.sum(-1)
+    if not bool((n_visible > 0).all()):
+        rows = (n_visible == 0).nonzero().flatten().tolist()
+        raise ValueError(f"rows {rows} have no visible key; the current query always sees at least itself")
+    keep = visible.unsqueeze(1)  # [b, 1, L]
+    s = scores.float()
+    p = torch.softmax(s.masked_fill(~keep, float("-inf")), dim=-1)  # exactly 0 on masked keys
+    per_head = torch.special.entr(p).sum(-1) / LN2  # entr(0) = 0: masked keys add nothing; [b, h]
+    heads = per_head.shape[1]
+    attn_varentropy = per_head.var(dim=1) if heads > 1 else torch.zeros_like(per_head[:, 0])
+    inv_n = n_visible.to(s.dtype).reciprocal().unsqueeze(1)  # [b, 1]
+    # masked keys have p = 0 in every head, so their |p - mean p| is 0 already
+    agreement = ((p - p.mean(dim=1, keepdim=True)).abs().sum(-1) * inv_n).mean(1)
+    interaction = (torch.where(keep, s.abs(), 0.0).sum(-1) * inv_n).mean(1)
+    return {
+        "attn_entropy": per_head.mean(1),
+        "attn_varentropy": attn_varentropy,
+        "agreement": agreement,
+        "interaction_strength": interaction,
+        "attn_entropy_per_head": per_head,
+    }
+
+
+def entropix_metrics(logits: torch.Tensor, scores: torch.Tensor, visible: torch.Tensor) -> EntropixMetrics:
+    """All of one step's metrics from its logits ``[b, v]`` and the current query's attention
+    scores ``[b, h, L]`` over ``visible`` keys ``[b, L]``."""
+    entropy, varentropy = logit_metrics(logits)
+    return EntropixMetrics(entropy=entropy, varentropy=varentropy, **attention_metrics(scores, visible))
+
+
+METRIC_NAMES = EntropixMetrics.NAMES
+
+__all__ = ["METRIC_NAMES", "EntropixMetrics", "attention_metrics", "entropix_metrics", "logit_metrics"]
