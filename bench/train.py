@@ -1,0 +1,216 @@
+"""Training step time of the recipe core, side by side in one run, on a kit model and the kit's data.
+
+Two tables:
+
+1. Mode ``none`` vs torchtune's stock ``full_finetune_single_device`` recipe on the same config
+   (model, data, batch, optimizer, loss): the median wall time between consecutive optimizer
+   steps inside each recipe's own ``train()`` loop (data loading, forward, backward, optimizer,
+   logging), the faster of alternating repeats. Target: ratio ~1.0.
+2. Each mode's ``_train_step`` (bins by fixed-point iteration, layout, forward, backward,
+   optimizer) vs its compute bound on the same windows: the no-grad forwards the fixed point
+   needed (pass 0 on the plain batch, the later ones on the interleaved batch) plus forward +
+   backward on the interleaved batch and the optimizer step, run bare; the two alternate window by
+   window, each window's cost is its fastest repeat, and the ratio is the median of the per-window
+   ratios. Target: ratio <= ~1.1.
+
+    .venv/bin/python bench/train.py [--steps 10] [--repeats 3] [--stock-repeats 4] [--sizes tiny small]
+
+``tiny`` is the kit's ``tiny_qwen2`` (the tiny configs' model: hidden 64, 2 layers); ``small`` is a
+kit Qwen2 of hidden 256, 4 layers, so that compute rather than Python overhead dominates a step.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import io
+import logging
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Dict, List
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from entropy_guided_generation import kit
+from entropy_guided_generation.training.kit_paths import resolve_kit_references
+from entropy_guided_generation.training.loss_step import summed_token_loss
+from entropy_guided_generation.training.options import interleaving_options
+from entropy_guided_generation.training.parallelism import parallelism_from_config
+from entropy_guided_generation.training.recipe import CaCFinetuneRecipe
+
+REPO = Path(__file__).resolve().parents[1]
+MODES = ("none", "full", "answer", "marker")
+SIZES = {
+    "tiny": {},
+    "small": {"num_layers": 4, "hidden_size": 256, "num_heads": 8, "num_kv_heads": 4, "intermediate_size": 512},
+}
+
+
+def bench_config(mode: str, checkpoint_dir: Path, out: Path, steps: int) -> DictConfig:
+    """The tiny single-device config of ``mode`` on ``checkpoint_dir``: ``steps`` steps of batch 8,
+    no validation, no lr warm-up, one epoch."""
+    cfg = OmegaConf.load(REPO / "configs" / "tiny" / f"{mode}_single_device.yaml")
+    overrides = {
+        "output_dir": str(out),
+        "metric_logger": {"log_dir": str(out / "logs")},
+        "checkpointer": {"checkpoint_dir": str(checkpoint_dir)},
+        "epochs": 1,
+        "max_steps_per_epoch": steps,
+        "batch_size": 8,
+        "lr_scheduler": None,
+    }
+    cfg = OmegaConf.merge(cfg, overrides)
+    cfg.pop("dataset_val", None)
+    return resolve_kit_references(cfg)
+
+
+def timed_optimizer_steps(optimizer: torch.optim.Optimizer) -> List[float]:
+    """Record the time of every ``optimizer.step()`` call (wraps the bound method)."""
+    stamps: List[float] = []
+    step = optimizer.step
+
+    def stamped(*args, **kwargs):
+        out = step(*args, **kwargs)
+        stamps.append(time.perf_counter())
+        return out
+
+    optimizer.step = stamped
+    return stamps
+
+
+def median_interval(stamps: List[float], skip: int = 2) -> float:
+    """Median seconds between consecutive stamps, after ``skip`` warm-up steps."""
+    gaps = [b - a for a, b in zip(stamps, stamps[1:])][skip:]
+    return statistics.median(gaps)
+
+
+def stock_recipe_class():
+    """torchtune's ``FullFinetuneRecipeSingleDevice`` (loaded by file: our ``recipes`` package
+    shadows torchtune's)."""
+    import torchtune
+
+    path = Path(torchtune.__file__).resolve().parents[1] / "recipes" / "full_finetune_single_device.py"
+    spec = importlib.util.spec_from_file_location("torchtune_stock_full_finetune_single_device", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.FullFinetuneRecipeSingleDevice
+
+
+def our_recipe(cfg: DictConfig) -> CaCFinetuneRecipe:
+    recipe = CaCFinetuneRecipe(cfg, parallel=parallelism_from_config(cfg, False), interleaving=interleaving_options(cfg))
+    recipe.setup(cfg)
+    return recipe
+
+
+def none_vs_stock(checkpoint_dir: Path, work: Path, steps: int, repeats: int) -> Dict[str, float]:
+    """Step time inside each recipe's own ``train()`` loop (mode none, same config), the two
+    recipes run alternately ``repeats`` times; the fastest repeat of each counts."""
+    ours_s, stock_s = [], []
+    for rep in range(repeats):
+        ours = our_recipe(bench_config("none", checkpoint_dir, work / f"ours{rep}", steps))
+        stamps = timed_optimizer_steps(ours._optimizer)
+        ours.train()
+        ours.cleanup()
+        ours_s.append(median_interval(stamps))
+        cfg = bench_config("none", checkpoint_dir, work / f"stock{rep}", steps)
+        stock = stock_recipe_class()(cfg=cfg)
+        stock.setup(cfg=cfg)
+        stamps = timed_optimizer_steps(stock._optimizer)
+        stock.train()
+        stock.cleanup()
+        stock_s.append(median_interval(stamps))
+    return {"ours": min(ours_s), "stock": min(stock_s)}
+
+
+def seconds(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def step_vs_bound(mode: str, checkpoint_dir: Path, work: Path, steps: int, repeats: int) -> Dict[str, float]:
+    """``_train_step`` time and compute-bound time on the same windows, measured alternately
+    (bound, step, bound, step, ...) so that a busy machine slows both alike."""
+    recipe = our_recipe(bench_config(mode, checkpoint_dir, work / f"bound_{mode}", steps))
+    windows = [[recipe._to_device(b) for b in w] for w in recipe._accumulation_windows(0)]
+    model, loss_step = recipe._model, recipe._loss_step
+    # What the fixed point needs per micro-batch (bins from the starting weights; the recipe's
+    # step may need a pass more or less as the weights move).
+    built = [[loss_step.model_batch(model, b) for b in w] for w in windows]
+    if loss_step.stats is not None:
+        loss_step.stats.reset()
+
+    def bound(window, model_batches) -> None:
+        for batch, mb in zip(window, model_batches):
+            with torch.no_grad():
+                if mb.bins is not None:
+                    model(batch["tokens"])
+                    for _ in range(mb.bins.passes - 1):
+                        model(mb.tokens)
+            summed_token_loss(model, recipe._loss_fn, mb, loss_step.ignore_index).loss.backward()
+        recipe._optimizer.step()
+        recipe._optimizer.zero_grad(set_to_none=True)
+
+    # times[w] = per-repeat seconds of window w; the fastest repeat of a window is its cost (a busy
+    # machine only ever adds time), and the ratio is the median over windows.
+    step_s: List[List[float]] = [[] for _ in windows]
+    bound_s: List[List[float]] = [[] for _ in windows]
+    for rep in range(repeats + 1):  # repeat 0 warms up
+        for w, (window, model_batches) in enumerate(zip(windows, built)):
+            b = seconds(lambda: bound(window, model_batches))
+            s = seconds(lambda: recipe._train_step(window))
+            if rep:
+                bound_s[w].append(b)
+                step_s[w].append(s)
+    recipe.cleanup()
+    step_best, bound_best = [min(t) for t in step_s], [min(t) for t in bound_s]
+    passes = [mb.bins.passes for w in built for mb in w if mb.bins is not None]
+    return {
+        "step": statistics.median(step_best),
+        "bound": statistics.median(bound_best),
+        "ratio": statistics.median(a / b for a, b in zip(step_best, bound_best)),
+        "passes": statistics.mean(passes) if passes else 0.0,
+        "plain_len": statistics.mean(int(b["tokens"].shape[1]) for w in windows for b in w),
+        "model_len": statistics.mean(int(mb.tokens.shape[1]) for w in built for mb in w),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=10, help="optimizer steps per measurement")
+    parser.add_argument("--repeats", type=int, default=3, help="alternating repeats of each step-vs-bound measurement")
+    parser.add_argument("--stock-repeats", type=int, default=4, help="alternating runs of each recipe for table 1")
+    parser.add_argument("--sizes", nargs="+", default=["tiny", "small"], choices=sorted(SIZES))
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    logging.disable(logging.INFO)  # the recipes' own set-up logs
+    rows_stock, rows_modes = [], []
+    with tempfile.TemporaryDirectory(prefix="egg-bench-train-") as tmp:
+        for size in tqdm(args.sizes, desc="model sizes"):
+            work = Path(tmp) / size
+            checkpoint_dir = kit.build_tiny_checkpoint("qwen2", **SIZES[size])
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                versus = none_vs_stock(checkpoint_dir, work, args.steps, args.stock_repeats)
+                modes = [(mode, step_vs_bound(mode, checkpoint_dir, work, args.steps, args.repeats)) for mode in MODES]
+            rows_stock.append((size, versus["ours"], versus["stock"]))
+            rows_modes += [(size, mode, r) for mode, r in modes]
+    print(f"\ntorch threads 1, fp32 CPU, batch 8, {args.steps} steps per run; medians over steps")
+    print(f"\n1) mode none: our recipe vs torchtune's full_finetune_single_device (step time inside train(), best of {args.stock_repeats} alternating runs)")
+    print(f"{'model':<6} {'ours ms':>9} {'stock ms':>9} {'ours/stock':>11}")
+    for size, ours, stock in rows_stock:
+        print(f"{size:<6} {ours * 1e3:9.1f} {stock * 1e3:9.1f} {ours / stock:11.3f}")
+    print(f"\n2) each mode's step vs its compute bound (no-grad fixed-point forwards + fwd/bwd + optimizer; fastest of {args.repeats} alternating repeats per window, median over windows)")
+    print(f"{'model':<6} {'mode':<7} {'plain len':>9} {'model len':>9} {'passes':>6} {'step ms':>8} {'bound ms':>8} {'step/bound':>10}")
+    for size, mode, r in rows_modes:
+        print(
+            f"{size:<6} {mode:<7} {r['plain_len']:9.1f} {r['model_len']:9.1f} {r['passes']:6.2f} "
+            f"{r['step'] * 1e3:8.1f} {r['bound'] * 1e3:8.1f} {r['ratio']:10.3f}"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,12 @@
+"""Full finetune with answer-only interleaving (prompt untouched), distributed with FSDP2.
+
+Run: ``tune run --nproc_per_node N recipes/full_finetune_distributed_ans_intl.py --config X.yaml`` (FSDP2).
+"""
+import sys
+
+from entropy_guided_generation.training import make_recipe_main
+
+recipe_main = make_recipe_main(mode="answer", distributed=True)
+
+if __name__ == "__main__":
+    sys.exit(recipe_main())

@@ -1,0 +1,253 @@
+"""One training (or validation) step's loss on the interleaved batch.
+
+A plain batch (``tokens``, ``labels``, ``response_mask``, ``valid_mask``, right-padded) becomes the
+sequence the model trains on in four moves, all from :mod:`entropy_guided_generation.layout`:
+
+1. slots: which content tokens get a confidence token (by mode);
+2. bins: ``compute_bins`` by fixed-point iteration, without grad, from the model being trained
+   or a frozen reference, so that the bins equal what sequential decoding would produce;
+3. interleave: confidence tokens inserted, their labels set to the ignore index;
+4. loss: next-token cross-entropy (torchtune's loss module, chunked or not), summed over targets.
+
+Mode ``none`` skips 1-3. Confidence tokens are never targets.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, ContextManager, Dict, Optional, Sequence
+
+import torch
+from torch import nn
+
+from entropy_guided_generation.confidence import ConfidenceCodec
+from entropy_guided_generation.layout import (
+    IGNORE_INDEX,
+    FixedPointBins,
+    compute_bins,
+    confidence_slots,
+    marker_end_positions,
+)
+from entropy_guided_generation.training.metrics import ConfidenceStats
+
+
+@dataclass
+class ModelBatch:
+    """What the model is trained on.
+
+    Attributes:
+        tokens: ``[b, L]`` input ids (interleaved, or plain in mode none), right-padded.
+        labels: ``[b, L]`` unshifted labels: ``labels[i]`` is the target of the logits that read
+            tokens up to ``i - 1``; the ignore index on prompt, padding and confidence tokens.
+        is_confidence: ``[b, L]`` True on confidence tokens.
+        bins: the fixed-point result (None in mode none).
+        slots: ``[b, n]`` plain positions followed by a confidence token (None in mode none).
+    """
+
+    tokens: torch.Tensor
+    labels: torch.Tensor
+    is_confidence: torch.Tensor
+    bins: Optional[FixedPointBins] = None
+    slots: Optional[torch.Tensor] = None
+
+
+def shifted_labels(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """``[b, L]`` targets of the logits at each position: ``labels[:, 1:]`` then one ignore column."""
+    pad = torch.full_like(labels[:, :1], ignore_index)
+    return torch.cat([labels[:, 1:], pad], dim=1)
+
+
+def check_no_confidence_ids(tokens: torch.Tensor, valid_mask: torch.Tensor, codec: ConfidenceCodec) -> None:
+    """Raise if the plain data already holds a confidence token (it would become a target).
+
+    Raises:
+        ValueError: naming the first row, position and id.
+    """
+    found = codec.is_confidence_token(tokens) & valid_mask
+    if bool(found.any()):
+        row, pos = found.nonzero()[0].tolist()
+        raise ValueError(
+            f"training data row {row} holds confidence token id {int(tokens[row, pos])} at position {pos}; "
+            "confidence tokens are inserted by the recipe and must not occur in the text"
+        )
+
+
+class ConfidenceLayout:
+    """Builds the interleaved batch of one mode (everything but the loss).
+
+    Args:
+        mode: full | answer | marker.
+        codec: the confidence codec.
+        pad_id: padding id of the plain batch.
+        stop_ids: ids that never get a confidence token (EOS, end of turn).
+        marker_ids: the marker's ids (mode marker).
+        max_passes: fixed-point pass cap (>= 1).
+        ignore_index: label of untrained positions.
+    """
+
+    def __init__(
+        self,
+        mode: str,
+        codec: ConfidenceCodec,
+        *,
+        pad_id: int,
+        stop_ids: Sequence[int],
+        marker_ids: Optional[Sequence[int]] = None,
+        max_passes: int = 4,
+        ignore_index: int = IGNORE_INDEX,
+    ):
+        if mode == "none":
+            raise ValueError("mode 'none' has no confidence layout")
+        if mode == "marker" and not marker_ids:
+            raise ValueError("mode 'marker' needs the marker's token ids")
+        self.mode = mode
+        self.codec = codec
+        self.pad_id = pad_id
+        self.stop_ids = list(stop_ids)
+        self.marker_ids = list(marker_ids) if marker_ids else None
+        self.max_passes = max_passes
+        self.ignore_index = ignore_index
+
+    def slots(self, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """``[b, n]`` bool: plain positions followed by their confidence token."""
+        return confidence_slots(
+            batch["tokens"],
+            mode=self.mode,
+            response_mask=batch["response_mask"],
+            valid_mask=batch["valid_mask"],
+            stop_ids=self.stop_ids,
+            marker_ids=self.marker_ids,
+        )
+
+    def marker_found(self, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """``[b]`` bool: the marker occurs inside the row's response (mode marker)."""
+        allowed = batch["response_mask"] & batch["valid_mask"]
+        return marker_end_positions(batch["tokens"], self.marker_ids, allowed) >= 0
+
+    @torch.no_grad()
+    def build(self, bin_model: nn.Module, batch: Dict[str, torch.Tensor], parallel: Any) -> ModelBatch:
+        """The interleaved batch, with bins from ``bin_model`` (no grad).
+
+        Args:
+            bin_model: the model whose entropies give the bins (being trained, or a reference).
+            batch: collated plain batch (see ``padded_collate_with_response_mask``).
+            parallel: the parallelism object; keeps collective forwards in step across ranks.
+        """
+        tokens, valid = batch["tokens"], batch["valid_mask"]
+        check_no_confidence_ids(tokens, valid, self.codec)
+        slots = self.slots(batch)
+        result = compute_bins(
+            bin_model,
+            tokens,
+            codec=self.codec,
+            slots=slots,
+            labels=batch["labels"],
+            valid_mask=valid,
+            pad_id=self.pad_id,
+            max_passes=self.max_passes,
+        )
+        parallel.align_forward_count(bin_model, result.passes, tokens)
+        layout = result.interleaved
+        return ModelBatch(layout.tokens, layout.labels, layout.is_confidence, result, slots)
+
+
+def plain_model_batch(batch: Dict[str, torch.Tensor]) -> ModelBatch:
+    """Mode none: the plain batch as is."""
+    return ModelBatch(batch["tokens"], batch["labels"], torch.zeros_like(batch["valid_mask"]))
+
+
+@dataclass
+class StepLoss:
+    """``loss``: summed token cross-entropy (nats) of the micro-batch, with grad when trained;
+    ``num_tokens``: its number of targets (long scalar)."""
+
+    loss: torch.Tensor
+    num_tokens: torch.Tensor
+
+
+def summed_token_loss(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    batch: ModelBatch,
+    ignore_index: int = IGNORE_INDEX,
+    forward_ctx: Optional[ContextManager] = None,
+) -> StepLoss:
+    """Cross-entropy of next-token prediction summed over targets.
+
+    torchtune's losses average over targets; multiplying by the count gives the sum, so a
+    gradient-accumulation window can be normalized by its total token count afterwards.
+
+    Args:
+        forward_ctx: context around the forward only (activation offloading).
+    """
+    targets = shifted_labels(batch.labels, ignore_index)
+    num_tokens = (targets != ignore_index).sum()
+    with forward_ctx or contextlib.nullcontext():
+        logits = model(batch.tokens)
+    if int(num_tokens) == 0:
+        # Nothing to learn here, but every parameter must still join the backward pass (FSDP).
+        chunks = logits if isinstance(logits, list) else [logits]
+        return StepLoss(sum(c.sum() for c in chunks) * 0.0, num_tokens)
+    if not isinstance(logits, list):
+        logits = logits.reshape(-1, logits.size(-1))
+        targets = targets.reshape(-1)
+    return StepLoss(loss_fn(logits, targets) * num_tokens, num_tokens)
+
+
+class LossStep:
+    """Plain batch -> model batch -> summed loss, with confidence statistics.
+
+    Args:
+        layout: the mode's layout builder (None in mode none).
+        loss_fn: a cross-entropy module averaging over non-ignored targets (torchtune's
+            ``CEWithChunkedOutputLoss``, or ``torch.nn.CrossEntropyLoss``).
+        parallel: the parallelism object.
+        reference: frozen model giving the bins (None: the model being trained).
+        activations_ctx: context around the loss forward (activation offloading).
+        stats: accumulator for the ``conf/*`` metrics.
+    """
+
+    def __init__(
+        self,
+        layout: Optional[ConfidenceLayout],
+        loss_fn: nn.Module,
+        parallel: Any,
+        *,
+        reference: Optional[nn.Module] = None,
+        activations_ctx: Optional[ContextManager] = None,
+        stats: Optional[ConfidenceStats] = None,
+    ):
+        self.layout = layout
+        self.loss_fn = loss_fn
+        self.parallel = parallel
+        self.reference = reference
+        self.activations_ctx = activations_ctx
+        self.stats = stats
+        self.ignore_index = getattr(loss_fn, "ignore_index", IGNORE_INDEX)
+
+    def model_batch(self, model: nn.Module, batch: Dict[str, torch.Tensor]) -> ModelBatch:
+        """The batch the model trains on (interleaved unless mode none); records statistics."""
+        if self.layout is None:
+            return plain_model_batch(batch)
+        built = self.layout.build(self.reference if self.reference is not None else model, batch, self.parallel)
+        if self.stats is not None:
+            self.stats.add_batch(built.bins, built.slots)
+            if self.layout.mode == "marker":
+                self.stats.add_marker_rows(batch["tokens"].shape[0], self.layout.marker_found(batch))
+        return built
+
+    def __call__(self, model: nn.Module, batch: Dict[str, torch.Tensor]) -> StepLoss:
+        model_batch = self.model_batch(model, batch)
+        return summed_token_loss(model, self.loss_fn, model_batch, self.ignore_index, self.activations_ctx)
+
+
+__all__ = [
+    "ConfidenceLayout",
+    "LossStep",
+    "ModelBatch",
+    "StepLoss",
+    "check_no_confidence_ids",
+    "plain_model_batch",
+    "shifted_labels",
+    "summed_token_loss",
+]

@@ -1,0 +1,182 @@
+"""What a finetune config asks for, read and checked once: the interleaving mode (from the entry
+point or ``interleaving.mode``), its options, and the training loop's settings.
+
+Every bad value raises an error naming the key, the value and what was expected.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from omegaconf import DictConfig
+
+from entropy_guided_generation.layout import MODES, check_mode
+
+# Entry-point suffix -> interleaving mode (the public CaC recipe names).
+ENTRY_POINT_MODES = {"full_intl": "full", "ans_intl": "answer", "ans_intl_mistake": "marker"}
+INTERLEAVING_KEYS = ("mode", "marker", "max_passes", "reference_checkpoint")
+DEFAULT_MAX_PASSES = 4
+
+
+@dataclass(frozen=True)
+class InterleavingOptions:
+    """The ``interleaving`` section.
+
+    Attributes:
+        mode: none | full | answer | marker.
+        marker: the string ending the interleaved reasoning (mode marker only).
+        max_passes: cap on fixed-point passes per batch (>= 1); each pass is one no-grad forward.
+        reference_checkpoint: where bins come from: None = the model being trained (no grad);
+            a checkpoint folder (str) or a checkpointer config = a frozen reference model.
+    """
+
+    mode: str
+    marker: Optional[str] = None
+    max_passes: int = DEFAULT_MAX_PASSES
+    reference_checkpoint: Any = None
+
+    @property
+    def interleaved(self) -> bool:
+        return self.mode != "none"
+
+
+def resolve_mode(entry_mode: Optional[str], config_mode: Optional[str]) -> str:
+    """The mode to train: the entry point's, the config's, and an error when they disagree.
+
+    Raises:
+        ValueError: when both are given and differ, when neither is given, or on an unknown mode.
+    """
+    if entry_mode is not None and config_mode is not None and entry_mode != config_mode:
+        raise ValueError(
+            f"this entry point trains interleaving.mode {entry_mode!r} but the config sets interleaving.mode "
+            f"{config_mode!r}; remove interleaving.mode from the config or run the {config_mode!r} entry point"
+        )
+    mode = entry_mode if entry_mode is not None else config_mode
+    if mode is None:
+        raise ValueError(
+            f"no interleaving mode: set interleaving.mode to one of {', '.join(MODES)} or run a mode's entry point"
+        )
+    return check_mode(mode)
+
+
+def interleaving_options(cfg: DictConfig, entry_mode: Optional[str] = None) -> InterleavingOptions:
+    """Read and check ``cfg.interleaving`` (optional when the entry point fixes the mode)."""
+    section = cfg.get("interleaving", None) or {}
+    unknown = sorted(set(section) - set(INTERLEAVING_KEYS))
+    if unknown:
+        raise ValueError(f"unknown interleaving keys {unknown}; expected some of {', '.join(INTERLEAVING_KEYS)}")
+    mode = resolve_mode(entry_mode, section.get("mode", None))
+    marker = section.get("marker", None)
+    if mode == "marker" and not marker:
+        raise ValueError("interleaving.mode 'marker' needs interleaving.marker (e.g. '####'), got none")
+    max_passes = section.get("max_passes", DEFAULT_MAX_PASSES)
+    if not isinstance(max_passes, int) or isinstance(max_passes, bool) or max_passes < 1:
+        raise ValueError(f"interleaving.max_passes must be an int >= 1, got {max_passes!r}")
+    return InterleavingOptions(
+        mode=mode,
+        marker=marker if mode == "marker" else None,
+        max_passes=max_passes,
+        reference_checkpoint=section.get("reference_checkpoint", None),
+    )
+
+
+def _positive_int(cfg: DictConfig, key: str, default: Any, *, allow_none: bool = False) -> Optional[int]:
+    value = cfg.get(key, default)
+    if value is None and allow_none:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        expected = "an int >= 1" + (" or null" if allow_none else "")
+        raise ValueError(f"{key} must be {expected}, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class LoopOptions:
+    """The training loop's settings (torchtune's names and meanings, plus step checkpoints).
+
+    Attributes:
+        save_every_n_steps: write a resumable step checkpoint every n optimizer steps (and always
+            at the end of an epoch); None: only at epoch ends.
+        keep_last_n_checkpoints: step checkpoints kept on disk (older ones are deleted).
+        stop_after_steps: end the run after this global step (a step checkpoint is written), e.g.
+            to fit a job's time limit; the run resumes with ``resume_from_checkpoint=True``.
+        run_val_every_n_steps: validation loss on ``dataset_val`` every n steps; it also runs at
+            every epoch end when ``dataset_val`` is set.
+    """
+
+    epochs: int
+    batch_size: int
+    gradient_accumulation_steps: int
+    max_steps_per_epoch: Optional[int]
+    clip_grad_norm: Optional[float]
+    optimizer_in_bwd: bool
+    compile: bool
+    enable_activation_checkpointing: bool
+    enable_activation_offloading: bool
+    shuffle: bool
+    log_every_n_steps: int
+    log_peak_memory_stats: bool
+    resume_from_checkpoint: bool
+    save_every_n_steps: Optional[int]
+    keep_last_n_checkpoints: int
+    stop_after_steps: Optional[int]
+    run_val_every_n_steps: Optional[int]
+    max_val_batches: Optional[int]
+
+
+def loop_options(cfg: DictConfig) -> LoopOptions:
+    """Read and check the loop settings of ``cfg``.
+
+    Raises:
+        ValueError: on a bad value, on ``optimizer_in_bwd`` with gradient accumulation or clipping
+            (as in torchtune), or on activation offloading without activation checkpointing.
+    """
+    clip = cfg.get("clip_grad_norm", None)
+    if clip is not None:
+        clip = float(clip)
+        if not clip > 0:
+            raise ValueError(f"clip_grad_norm must be > 0 (or 'inf' to only log the norm), got {clip}")
+    options = LoopOptions(
+        epochs=_positive_int(cfg, "epochs", None),
+        batch_size=_positive_int(cfg, "batch_size", None),
+        gradient_accumulation_steps=_positive_int(cfg, "gradient_accumulation_steps", 1),
+        max_steps_per_epoch=_positive_int(cfg, "max_steps_per_epoch", None, allow_none=True),
+        clip_grad_norm=clip,
+        optimizer_in_bwd=bool(cfg.get("optimizer_in_bwd", False)),
+        compile=bool(cfg.get("compile", False)),
+        enable_activation_checkpointing=bool(cfg.get("enable_activation_checkpointing", False)),
+        enable_activation_offloading=bool(cfg.get("enable_activation_offloading", False)),
+        shuffle=bool(cfg.get("shuffle", True)),
+        log_every_n_steps=_positive_int(cfg, "log_every_n_steps", 1),
+        log_peak_memory_stats=bool(cfg.get("log_peak_memory_stats", False)),
+        resume_from_checkpoint=bool(cfg.get("resume_from_checkpoint", False)),
+        save_every_n_steps=_positive_int(cfg, "save_every_n_steps", None, allow_none=True),
+        keep_last_n_checkpoints=_positive_int(cfg, "keep_last_n_checkpoints", 2),
+        stop_after_steps=_positive_int(cfg, "stop_after_steps", None, allow_none=True),
+        run_val_every_n_steps=_positive_int(cfg, "run_val_every_n_steps", None, allow_none=True),
+        max_val_batches=_positive_int(cfg, "max_val_batches", None, allow_none=True),
+    )
+    if options.optimizer_in_bwd and options.gradient_accumulation_steps > 1:
+        raise ValueError(
+            f"optimizer_in_bwd steps the optimizer inside backward, so gradient_accumulation_steps must be 1, "
+            f"got {options.gradient_accumulation_steps}"
+        )
+    if options.optimizer_in_bwd and options.clip_grad_norm is not None:
+        raise ValueError(f"optimizer_in_bwd cannot clip gradients; set clip_grad_norm: null (got {options.clip_grad_norm})")
+    if options.enable_activation_offloading and not options.enable_activation_checkpointing:
+        raise ValueError("enable_activation_offloading needs enable_activation_checkpointing: True")
+    if cfg.get("profiler", None) is not None and cfg.profiler.get("enabled", False):
+        raise ValueError("profiler.enabled is not supported by these recipes; remove the profiler section")
+    return options
+
+
+__all__ = [
+    "DEFAULT_MAX_PASSES",
+    "ENTRY_POINT_MODES",
+    "INTERLEAVING_KEYS",
+    "InterleavingOptions",
+    "LoopOptions",
+    "interleaving_options",
+    "loop_options",
+    "resolve_mode",
+]

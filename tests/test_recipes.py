@@ -1,0 +1,258 @@
+"""The finetune recipes end to end, launched the way users launch them (``tune run``, ``tune run
+--nproc_per_node 2``, ``python -m``, and ``run_recipe`` from Python) on the tiny CPU configs.
+
+Invariants: every mode's loss goes down on repeated data and logs its binning; mode none equals
+torchtune's stock recipe step for step; 2-process FSDP2 (gloo) equals one device; a run stopped
+mid-epoch and resumed equals an uninterrupted one bit for bit; the saved checkpoint loads in
+transformers and in our decoders and carries a ``confidence.json`` that matches the config; an
+entry point and a YAML that disagree on the mode are refused.
+
+Each test shares its subprocess runs across several assertions to keep the file fast.
+"""
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, List
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from safetensors.torch import load_file
+
+from entropy_guided_generation.confidence import ConfidenceCodec, check_config_matches, encode_text, read_confidence_json
+from entropy_guided_generation.training import read_disk_log, run_recipe
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+TUNE = str(Path(sys.executable).parent / "tune")
+# The same 8 examples in one batch at every step: the loss must go down. (The tiny configs warm the
+# lr up from 0 as torchtune's cosine schedule does, so step 1 changes nothing and step 2 repeats its loss.)
+REPEATED_BATCH = ["dataset.split=train[:8]", "epochs=3", "max_steps_per_epoch=1", "max_val_batches=1"]
+KIT_CODEC = {"edges": {"scheme": "entropy_round"}, "tokens": {"preset": "kit"}}
+PROMPT = "Ann has 3 pens. She buys 2 more. How many pens does she have now?\n"
+
+
+def run(command: List[str], env: Dict[str, str], timeout: int = 300) -> str:
+    """Run a recipe from the repository root; fail the test with its output if it fails."""
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    if done.returncode != 0:
+        pytest.fail(f"{' '.join(command)} exited {done.returncode}\n--- stdout\n{done.stdout[-3000:]}\n--- stderr\n{done.stderr[-6000:]}")
+    return done.stdout + done.stderr
+
+
+def config_args(name: str, out: Path, *overrides: str) -> List[str]:
+    return ["--config", f"configs/tiny/{name}.yaml", f"output_dir={out}", f"metric_logger.log_dir={out}/logs", *overrides]
+
+
+def tiny_config(name: str, out: Path, *overrides: str):
+    """The tiny config with the same overrides as :func:`config_args`, for ``run_recipe``."""
+    cfg = OmegaConf.load(REPO / "configs" / "tiny" / f"{name}.yaml")
+    return OmegaConf.merge(cfg, OmegaConf.from_dotlist([f"output_dir={out}", f"metric_logger.log_dir={out}/logs", *overrides]))
+
+
+def losses(out: Path) -> List[float]:
+    logged = read_disk_log(out / "logs")
+    return [logged[step]["loss"] for step in sorted(logged) if "loss" in logged[step]]
+
+
+def weights(folder: Path) -> Dict[str, torch.Tensor]:
+    return load_file(str(next(folder.glob("*.safetensors"))))
+
+
+@pytest.fixture(scope="module")
+def kit_tokenizer(kit_cache):
+    from entropy_guided_generation import kit
+
+    return kit.load_tokenizer()
+
+
+def check_confidence_json(folder: Path, mode: str, tokenizer, marker=None) -> None:
+    """``confidence.json`` says what the tiny config asked for (mode, edges, tokens, marker)."""
+    meta = read_confidence_json(folder)
+    check_config_matches(meta, mode=mode, codec=ConfidenceCodec.from_config(KIT_CODEC, tokenizer), marker=marker)
+    assert (meta.mode, meta.marker, meta.edge_scheme) == (mode, marker, "entropy_round")
+    assert meta.token_strings == [f"<|conf_{k}|>" for k in range(11)]
+
+
+def check_bin_stats(step_metrics: Dict[str, float]) -> None:
+    assert 1.0 <= step_metrics["conf/passes_mean"] <= 4.0 and step_metrics["conf/slots"] > 0
+    assert sum(step_metrics[f"conf/bin_{k:02d}"] for k in range(11)) == pytest.approx(1.0)
+
+
+def check_checkpoint_loads_in_transformers_and_decoders(folder: Path, tokenizer) -> None:
+    """Same logits from transformers and from torchtune's checkpointer; our decoder of the saved
+    mode runs on it with the codec read back from ``confidence.json`` and interleaves as trained."""
+    from transformers import AutoModelForCausalLM
+
+    from entropy_guided_generation import kit
+    from entropy_guided_generation.generation import get_decoder
+
+    prompt = torch.tensor([tokenizer.encode(PROMPT, add_eos=False)])
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    ours = kit.load_torchtune_model(folder)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(prompt), hf(prompt).logits, rtol=1e-4, atol=1e-4)
+    meta = read_confidence_json(folder)
+    codec = meta.to_codec()
+    extra = {"marker": encode_text(meta.marker, tokenizer)} if meta.mode == "marker" else {}
+    result = get_decoder(meta.mode)(
+        ours, prompt, max_generated_tokens=6, pad_id=tokenizer.pad_id, temperature=0.0,
+        stop_tokens=tokenizer.stop_tokens, codec=codec, **extra,
+    )
+    generated = result.interleaved[0, prompt.shape[1] :]
+    # No marker or stop token among 6 random-model tokens is likely, so every content token is
+    # followed by its confidence token; whichever happens, confidence tokens are never content.
+    assert not codec.is_confidence_token(result.tokens).any()
+    assert codec.is_confidence_token(generated).any()
+
+
+def test_full_mode_learns_a_repeated_batch_and_logs_its_bins(tmp_path, subprocess_env, kit_tokenizer):
+    """Also with torchtune's memory savers on: optimizer in backward, activation checkpointing."""
+    out = tmp_path / "full"
+    savers = ["optimizer_in_bwd=True", "clip_grad_norm=null", "enable_activation_checkpointing=True"]
+    run(
+        [TUNE, "run", "recipes/full_finetune_single_device_full_intl.py"]
+        + config_args("full_single_device", out, *REPEATED_BATCH, "batch_size=8", *savers),
+        subprocess_env,
+    )
+    logged = read_disk_log(out / "logs")
+    curve = losses(out)
+    assert len(curve) == 3 and curve[2] < curve[1] - 1e-3 and curve[1] <= curve[0], curve
+    for step in (1, 2, 3):
+        check_bin_stats(logged[step])
+    assert "val_loss" in logged[3]
+    check_confidence_json(out / "epoch_2", "full", kit_tokenizer)
+
+
+def test_marker_two_process_fsdp2_matches_one_device(tmp_path, subprocess_env, kit_tokenizer):
+    """2 ranks x 4 examples == 1 device x 8 examples, on a repeated batch: step 1 loss to 1e-6
+    relative (same weights, same tokens, summed in another order), later steps and validation to
+    1e-5, the same confidence statistics summed over ranks, final weights to 1e-5 absolute. The
+    loss goes down in both, and the FSDP2 checkpoint loads in transformers and the marker decoder."""
+    single, dist = tmp_path / "single", tmp_path / "dist"
+    # The one-device reference runs in this process, through the Python entry the demo uses.
+    run_recipe(tiny_config("marker_single_device", single, *REPEATED_BATCH, "batch_size=8"), mode="marker")
+    run(
+        [TUNE, "run", "--nproc_per_node", "2", "recipes/full_finetune_distributed_ans_intl_mistake.py"]
+        + config_args("marker_distributed", dist, *REPEATED_BATCH, "batch_size=4"),
+        subprocess_env,
+    )
+    one, two = read_disk_log(single / "logs"), read_disk_log(dist / "logs")
+    assert two[1]["loss"] == pytest.approx(one[1]["loss"], rel=1e-6)
+    for step in (2, 3):
+        assert two[step]["loss"] == pytest.approx(one[step]["loss"], rel=1e-5)
+    for step in (1, 2, 3):
+        check_bin_stats(two[step])
+        assert two[step]["conf/slots"] == one[step]["conf/slots"]
+        assert two[step]["conf/passes_mean"] == one[step]["conf/passes_mean"]
+        assert two[step]["conf/marker_found_fraction"] == one[step]["conf/marker_found_fraction"] == 1.0
+    assert two[3]["val_loss"] == pytest.approx(one[3]["val_loss"], rel=1e-5)
+    assert losses(dist)[-1] < losses(dist)[0] and losses(single)[-1] < losses(single)[0]
+    w1, w2 = weights(single / "epoch_2"), weights(dist / "epoch_2")
+    assert w1.keys() == w2.keys()
+    for name in w1:
+        torch.testing.assert_close(w2[name], w1[name], rtol=0, atol=1e-5)
+    check_confidence_json(dist / "epoch_2", "marker", kit_tokenizer, marker="####")
+    check_checkpoint_loads_in_transformers_and_decoders(dist / "epoch_2", kit_tokenizer)
+
+
+def test_marker_on_bigbench_mistake_traces_learns_and_finds_the_marker(tmp_path, kit_tokenizer):
+    """The BIG-Bench-Mistake-format config (from Python, as the demo runs it): every trace's
+    marker is found inside its response, so thoughts are interleaved and the answer is plain."""
+    out = tmp_path / "bbm"
+    run_recipe(tiny_config("marker_bigbench_single_device", out, *REPEATED_BATCH, "batch_size=8"))
+    logged = read_disk_log(out / "logs")
+    curve = losses(out)
+    assert len(curve) == 3 and curve[2] < curve[0] - 1e-3, curve
+    for step in (1, 2, 3):
+        check_bin_stats(logged[step])
+        assert logged[step]["conf/marker_found_fraction"] == 1.0
+    check_confidence_json(out / "epoch_2", "marker", kit_tokenizer, marker="So the answer is:")
+
+
+def test_answer_run_stopped_mid_epoch_and_resumed_equals_uninterrupted_run(tmp_path, subprocess_env, kit_tokenizer):
+    """Same 8 examples each epoch, 2 steps of 2 x 2 (gradient accumulation 2), 3 epochs. Stopped
+    after step 3 (mid-epoch, shuffled data), a crashed half-written save of step 4 left beside it,
+    and resumed in a new process: losses and final weights
+    are bit-identical to the uninterrupted run (here in this process, through ``run_recipe``). The
+    uninterrupted run also shows the loss going down, validation each epoch, and a checkpoint that
+    loads in transformers and our decoder."""
+    full, split = tmp_path / "full", tmp_path / "split"
+    args = ["dataset.split=train[:8]", "batch_size=2", "gradient_accumulation_steps=2", "max_steps_per_epoch=2", "epochs=3", "max_val_batches=1"]
+    run_recipe(tiny_config("answer_single_device", full, *args), mode="answer")
+    # Token-normalized gradient accumulation: 2 micro-batches of 2 == one batch of the same 4 examples.
+    one_batch = tmp_path / "one_batch"
+    run_recipe(tiny_config("answer_single_device", one_batch, *args, "batch_size=4", "gradient_accumulation_steps=1"), mode="answer")
+    run([sys.executable, "-m", "entropy_guided_generation.full_finetune_single_device_ans_intl"] + config_args("answer_single_device", split, *args, "stop_after_steps=3"), subprocess_env)
+    reference = losses(full)
+    assert len(reference) == 6 and sum(reference[4:]) < sum(reference[:2]), reference
+    logged = read_disk_log(full / "logs")
+    assert all("val_loss" in logged[step] for step in (2, 4, 6))
+    for step in range(1, 7):
+        check_bin_stats(logged[step])
+    assert losses(one_batch) == pytest.approx(reference, rel=1e-5)
+    for name, value in weights(one_batch / "epoch_2").items():
+        torch.testing.assert_close(value, weights(full / "epoch_2")[name], rtol=0, atol=1e-5)
+    assert losses(split) == reference[:3]
+    assert (split / "epoch_0").is_dir() and not (split / "epoch_1").exists()
+
+    # A save of step 4 that crashed half-way: resume must ignore it and start from step 3.
+    crashed = split / "step_checkpoints" / "step_00000004.partial"
+    crashed.mkdir()
+    (crashed / "model.pt").write_bytes(b"truncated")
+    run([TUNE, "run", "recipes/full_finetune_single_device_ans_intl.py"] + config_args("answer_single_device", split, *args, "resume_from_checkpoint=True"), subprocess_env)
+    assert not crashed.exists()
+    assert sorted(step for step, m in read_disk_log(split / "logs").items() if "loss" in m) == [1, 2, 3, 4, 5, 6]
+    assert losses(split) == reference
+    final = weights(full / "epoch_2")
+    resumed = weights(split / "epoch_2")
+    for name, value in final.items():
+        assert torch.equal(resumed[name], value), name
+    check_confidence_json(full / "epoch_2", "answer", kit_tokenizer)
+    check_checkpoint_loads_in_transformers_and_decoders(full / "epoch_2", kit_tokenizer)
+
+
+def load_stock_recipe_class():
+    """torchtune's ``FullFinetuneRecipeSingleDevice`` from its recipe file (our ``recipes``
+    package shadows torchtune's on ``sys.path``)."""
+    import torchtune
+
+    path = Path(torchtune.__file__).resolve().parents[1] / "recipes" / "full_finetune_single_device.py"
+    spec = importlib.util.spec_from_file_location("torchtune_stock_full_finetune_single_device", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.FullFinetuneRecipeSingleDevice
+
+
+def test_mode_none_from_python_equals_torchtunes_stock_recipe(tmp_path, kit_cache):
+    """``run_recipe`` (the Python entry the demo uses) in mode none logs the same losses as
+    torchtune's own single-device recipe on the same config, and writes its checkpoint."""
+    from entropy_guided_generation.training.kit_paths import resolve_kit_references
+
+    def tiny_none(out: Path):
+        return tiny_config("none_single_device", out, "max_steps_per_epoch=3", "epochs=1")
+
+    ours, stock = tmp_path / "ours", tmp_path / "stock"
+    assert run_recipe(tiny_none(ours), mode=None) == ours
+    stock_cfg = resolve_kit_references(tiny_none(stock))
+    recipe = load_stock_recipe_class()(cfg=stock_cfg)
+    recipe.setup(cfg=stock_cfg)
+    recipe.train()
+    recipe.cleanup()
+    assert len(losses(ours)) == 3
+    assert losses(ours) == pytest.approx(losses(stock), rel=1e-6)
+    assert (ours / "epoch_0" / "config.json").is_file() and not (ours / "epoch_0" / "confidence.json").exists()
+
+
+def test_entry_point_and_yaml_mode_conflict_is_an_error_naming_both(monkeypatch):
+    """The answer entry point, run as users run it (argv parsed by torchtune), refuses a YAML
+    whose ``interleaving.mode`` is full."""
+    import entropy_guided_generation.full_finetune_single_device_ans_intl as entry
+
+    monkeypatch.setattr(sys, "argv", ["full_finetune_single_device_ans_intl", "--config", str(REPO / "configs/tiny/full_single_device.yaml")])
+    with pytest.raises(ValueError, match=r"entry point trains interleaving.mode 'answer' but the config sets interleaving.mode 'full'"):
+        entry.recipe_main()
