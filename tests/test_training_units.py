@@ -417,3 +417,32 @@ def test_tiny_distributed_configs_differ_from_single_device_only_in_sharding(mod
     assert single.pop("optimizer_in_bwd") is False
     assert (dist.pop("fsdp_cpu_offload"), dist.pop("fsdp_reshard_after_forward")) == (False, True)
     assert dist == single
+
+
+# ------------------------------------------------------------------ confidence embedding init
+def test_mean_init_gives_confidence_rows_the_mean_of_the_other_rows():
+    from entropy_guided_generation.training.embeddings import init_confidence_embeddings
+
+    weight = torch.randn(12, 4)
+    state = {"tok_embeddings.weight": weight.clone(), "norm.scale": torch.ones(4)}
+    ids = torch.tensor([3, 7, 11])
+    init_confidence_embeddings(state, ids, "mean")
+    others = [i for i in range(12) if i not in (3, 7, 11)]
+    expected = weight[others].mean(0)
+    for i in ids.tolist():
+        assert torch.allclose(state["tok_embeddings.weight"][i], expected)
+    assert torch.equal(state["tok_embeddings.weight"][others], weight[others])
+
+
+def test_embedding_init_rejects_bad_schemes_and_ids():
+    from entropy_guided_generation.training.embeddings import init_confidence_embeddings
+
+    state = {"tok_embeddings.weight": torch.randn(5, 2)}
+    with pytest.raises(ValueError, match="unknown confidence embedding init 'zeros'"):
+        init_confidence_embeddings(state, torch.tensor([1]), "zeros")
+    with pytest.raises(ValueError, match=r"must lie in \[0, 5\)"):
+        init_confidence_embeddings(state, torch.tensor([5]), "mean")
+    with pytest.raises(ValueError, match="init_confidence_embeddings 'zero'"):
+        interleaving_options(OmegaConf.create({"interleaving": {"mode": "answer", "init_confidence_embeddings": "zero"}}))
+    options = interleaving_options(OmegaConf.create({"interleaving": {"mode": "answer", "init_confidence_embeddings": "mean"}}))
+    assert options.init_confidence_embeddings == "mean"

@@ -8,13 +8,13 @@
   ("Wait") or stop it under a thinking budget and a registry of scaling functions, on one KV cache,
   for torchtune decoders and (``--model hf-guided``) Hugging Face models.
 """
-# --- entropix (owner: entropix sampler) ---
+# entropix-style adaptive sampling
 from entropy_guided_generation.sampling.entropix import REGIMES, entropix_step, generate_entropix
 from entropy_guided_generation.sampling.entropix_config import EntropixConfig
 from entropy_guided_generation.sampling.entropix_hf import HookBasedEntropySampler
 from entropy_guided_generation.sampling.entropix_metrics import EntropixMetrics, attention_metrics, entropix_metrics, logit_metrics
 
-# --- budget forcing (owner: budget forcing; hf_guided is imported on use: it loads lm-eval) ---
+# budget forcing (hf_guided is imported on use: it loads lm-eval)
 from entropy_guided_generation.sampling.budget_forcing import (
     BudgetForcedOutput,
     BudgetForcingConfig,

@@ -14,7 +14,8 @@ from entropy_guided_generation.layout import MODES, check_mode
 
 # Entry-point suffix -> interleaving mode (the public CaC recipe names).
 ENTRY_POINT_MODES = {"full_intl": "full", "ans_intl": "answer", "ans_intl_mistake": "marker"}
-INTERLEAVING_KEYS = ("mode", "marker", "max_passes", "reference_checkpoint")
+INTERLEAVING_KEYS = ("mode", "marker", "max_passes", "reference_checkpoint", "init_confidence_embeddings")
+EMBEDDING_INITS = (None, "mean")
 DEFAULT_MAX_PASSES = 4
 
 
@@ -28,12 +29,18 @@ class InterleavingOptions:
         max_passes: cap on fixed-point passes per batch (>= 1); each pass is one no-grad forward.
         reference_checkpoint: where bins come from: None = the model being trained (no grad);
             a checkpoint folder (str) or a checkpointer config = a frozen reference model.
+        init_confidence_embeddings: None keeps the checkpoint's embedding rows of the confidence
+            tokens; ``"mean"`` resets them, before training starts (never on resume), to the mean
+            embedding of the other tokens (see ``training.embeddings``). Tokens a base model never
+            saw (Llama-3 reserved tokens, the kit's ``<|conf_k|>``) otherwise enter with arbitrary
+            vectors that the pre-norm layers blow up to full scale.
     """
 
     mode: str
     marker: Optional[str] = None
     max_passes: int = DEFAULT_MAX_PASSES
     reference_checkpoint: Any = None
+    init_confidence_embeddings: Optional[str] = None
 
     @property
     def interleaved(self) -> bool:
@@ -72,11 +79,18 @@ def interleaving_options(cfg: DictConfig, entry_mode: Optional[str] = None) -> I
     max_passes = section.get("max_passes", DEFAULT_MAX_PASSES)
     if not isinstance(max_passes, int) or isinstance(max_passes, bool) or max_passes < 1:
         raise ValueError(f"interleaving.max_passes must be an int >= 1, got {max_passes!r}")
+    init_embeddings = section.get("init_confidence_embeddings", None)
+    if init_embeddings not in EMBEDDING_INITS:
+        raise ValueError(
+            f"unknown interleaving.init_confidence_embeddings {init_embeddings!r}; expected null or one of "
+            f"{', '.join(repr(k) for k in EMBEDDING_INITS if k is not None)}"
+        )
     return InterleavingOptions(
         mode=mode,
         marker=marker if mode == "marker" else None,
         max_passes=max_passes,
         reference_checkpoint=section.get("reference_checkpoint", None),
+        init_confidence_embeddings=init_embeddings,
     )
 
 

@@ -38,6 +38,7 @@ from entropy_guided_generation.training.codec_setup import (
     fit_samples,
     needs_quantile_fit,
 )
+from entropy_guided_generation.training.embeddings import EMBEDDING_KEY, init_confidence_embeddings
 from entropy_guided_generation.training.kit_paths import resolve_kit_references
 from entropy_guided_generation.training.loss_step import ConfidenceLayout, LossStep
 from entropy_guided_generation.training.metrics import ConfidenceStats
@@ -98,9 +99,11 @@ class CaCFinetuneRecipe(FTRecipeInterface):
         self._checkpointer = config.instantiate(cfg.checkpointer, should_load_recipe_state=False)
         resume = self._load_resume_checkpoint() if self._loop.resume_from_checkpoint else None
         base_state = self._checkpointer.load_checkpoint()[training.MODEL_KEY]
+        self._tokenizer = config.instantiate(cfg.tokenizer)
+        if resume is None and self._interleaving.init_confidence_embeddings is not None:
+            self._init_confidence_embeddings(cfg, base_state)
         self._model = self._build_model(cfg.model, resume.model_state if resume else base_state, trainable=True)
         del base_state
-        self._tokenizer = config.instantiate(cfg.tokenizer)
         self._optimizer = self._setup_optimizer(cfg.optimizer, resume.optimizer_state if resume else None)
 
         self._loss_fn = config.instantiate(cfg.loss)
@@ -125,6 +128,17 @@ class CaCFinetuneRecipe(FTRecipeInterface):
         if resume is not None:
             self._restore_progress(resume)
         self._lr_scheduler = self._setup_lr_scheduler(cfg.get("lr_scheduler", None))
+
+    def _init_confidence_embeddings(self, cfg: DictConfig, state_dict: Dict[str, Any]) -> None:
+        """Reset the confidence tokens' embedding rows of the starting weights (fresh runs only)."""
+        section = cfg.get("confidence", None)
+        if section is None:
+            raise ValueError("interleaving.init_confidence_embeddings needs a confidence section naming the tokens")
+        vocab_size = int(state_dict[EMBEDDING_KEY].shape[0]) if EMBEDDING_KEY in state_dict else None
+        token_ids = codec_from_config(section, self._tokenizer, vocab_size).token_ids
+        init_confidence_embeddings(state_dict, token_ids, self._interleaving.init_confidence_embeddings)
+        if self._parallel.is_rank_zero:
+            log.info(f"confidence token embeddings ({token_ids.numel()} rows) initialized by {self._interleaving.init_confidence_embeddings!r}")
 
     def _build_model(self, cfg_model: DictConfig, state_dict: Dict[str, Any], *, trainable: bool) -> nn.Module:
         """Instantiate, compile, wrap activation checkpointing, then shard/load through ``parallel``."""

@@ -1,0 +1,141 @@
+"""Pictures people look at rather than read: decoded text coloured by confidence bin (HTML and
+PNG), reliability diagrams, and training-loss curves. matplotlib is imported lazily (extra
+``plots``) and always with the non-interactive Agg backend."""
+from __future__ import annotations
+
+import html
+import math
+from pathlib import Path
+from typing import Mapping, Sequence, Union
+
+PathLike = Union[str, Path]
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError as err:  # pragma: no cover - exercised only without the plots extra
+        raise ImportError("plots need matplotlib: pip install 'entropy_guided_generation[plots]'") from err
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def bin_colour(bin_index: int, num_bins: int) -> tuple[float, float, float]:
+    """RGB in [0, 1] for a confidence bin: green (bin 0) to red (bin K-1); grey for no bin (-1).
+
+    For the entropy signal bin 0 is the most confident; with the max_prob signal pass
+    ``num_bins - 1 - bin`` so that green still means confident.
+    """
+    if bin_index < 0:
+        return (0.85, 0.85, 0.85)
+    x = bin_index / max(num_bins - 1, 1)
+    return (min(1.0, 2 * x), min(1.0, 2 * (1 - x)), 0.25)
+
+
+def confidence_html(pieces: Sequence[str], bins: Sequence[int], num_bins: int, title: str = "") -> str:
+    """An HTML page showing each decoded piece of text on its bin's colour (hover: the bin)."""
+    spans = []
+    for text, b in zip(pieces, bins):
+        r, g, bl = (int(255 * c) for c in bin_colour(int(b), num_bins))
+        label = f"bin {int(b)}" if b >= 0 else "no confidence token"
+        shown = html.escape(text).replace("\n", "&#9166;<br>")
+        spans.append(f'<span title="{label}" style="background: rgb({r},{g},{bl}); padding: 1px 0">{shown}</span>')
+    legend = "".join(
+        f'<span style="background: rgb({",".join(str(int(255 * c)) for c in bin_colour(k, num_bins))}); padding: 2px 6px">{k}</span>'
+        for k in range(num_bins)
+    )
+    return (
+        "<!doctype html><meta charset='utf-8'>"
+        f"<title>{html.escape(title)}</title>"
+        "<body style='font-family: monospace; max-width: 60em; line-height: 1.8'>"
+        f"<h3>{html.escape(title)}</h3><p>confidence bin: {legend} (grey: no confidence token)</p>"
+        f"<p>{''.join(spans)}</p></body>"
+    )
+
+
+def confidence_png(pieces: Sequence[str], bins: Sequence[int], num_bins: int, path: PathLike, title: str = "") -> Path:
+    """The same picture as :func:`confidence_html`, drawn with matplotlib as a PNG."""
+    plt = _pyplot()
+    per_line = 48
+    lines: list[list[tuple[str, int]]] = [[]]
+    width = 0
+    for text, b in zip(pieces, bins):
+        for k, part in enumerate(text.split("\n")):
+            if k > 0:
+                lines.append([])
+                width = 0
+            if width + len(part) > per_line and lines[-1]:
+                lines.append([])
+                width = 0
+            lines[-1].append((part if part else " ", int(b)))
+            width += len(part)
+    fig_h = 0.9 + 0.32 * len(lines)
+    fig, ax = plt.subplots(figsize=(10, fig_h))
+    ax.axis("off")
+    char_w, line_h = 1.0 / (per_line + 4), 1.0 / (len(lines) + 2)
+    for row, line in enumerate(lines):
+        x = 0.01
+        for part, b in line:
+            ax.text(
+                x, 1 - (row + 1.5) * line_h, part, family="monospace", fontsize=10, va="center",
+                bbox=dict(facecolor=bin_colour(b, num_bins), edgecolor="none", pad=1.5),
+            )
+            x += char_w * len(part)
+    if title:
+        ax.set_title(title, fontsize=11, loc="left")
+    path = Path(path)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def reliability_diagram(
+    confidences: Sequence[float], correct: Sequence[bool], path: PathLike, title: str = "", num_bins: int = 10
+) -> Path:
+    """Accuracy per equal-width confidence bin against the diagonal, with per-bin counts."""
+    plt = _pyplot()
+    edges = [k / num_bins for k in range(num_bins + 1)]
+    acc, mid, counts = [], [], []
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        members = [c for p, c in zip(confidences, correct) if (lo < p <= hi) or (lo == 0 and p == 0)]
+        counts.append(len(members))
+        mid.append((lo + hi) / 2)
+        acc.append(sum(members) / len(members) if members else math.nan)
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="perfect calibration")
+    ax.bar(mid, [0 if math.isnan(a) else a for a in acc], width=1 / num_bins, edgecolor="black", alpha=0.7, label="accuracy")
+    for m, a, n in zip(mid, acc, counts):
+        if n:
+            ax.text(m, (0 if math.isnan(a) else a) + 0.02, str(n), ha="center", fontsize=7)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.08)
+    ax.set_xlabel("sequence confidence")
+    ax.set_ylabel("accuracy")
+    ax.set_title(title or "reliability")
+    ax.legend(loc="upper left", fontsize=8)
+    path = Path(path)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def loss_curves(curves: Mapping[str, Sequence[float]], path: PathLike, title: str = "training loss") -> Path:
+    """One line per run (e.g. per mode): loss against optimizer step."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    for name, values in curves.items():
+        ax.plot(range(1, len(values) + 1), list(values), label=name, lw=1.4)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (content tokens)")
+    ax.set_title(title)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    path = Path(path)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+__all__ = ["bin_colour", "confidence_html", "confidence_png", "loss_curves", "reliability_diagram"]

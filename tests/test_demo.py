@@ -1,0 +1,47 @@
+"""The demo's command path with tiny budgets: every mode trains through the recipe, is evaluated
+through the eval recipe, and leaves finite numbers and the pictures behind; a re-run reuses it."""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+from entropy_guided_generation.demo import MODES
+
+TINY = ["--steps", "2", "--batch-size", "4", "--eval-limit", "4", "--max-gen-toks", "24", "--train-rows", "48"]
+
+
+def _run_demo(out, env):
+    return subprocess.run(
+        [sys.executable, "-m", "entropy_guided_generation.demo", "--out", str(out), *TINY],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+
+
+def test_demo_writes_finite_results_and_pictures_for_every_mode(tmp_path, subprocess_env):
+    out = tmp_path / "demo"
+    proc = _run_demo(out, subprocess_env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    results = json.loads((out / "results.json").read_text())
+    assert [row["mode"] for row in results["rows"]] == list(MODES)
+    for row in results["rows"]:
+        for key in ("accuracy", "ece", "mean_confidence", "decode_tokens_per_s"):
+            assert isinstance(row[key], float) and math.isfinite(row[key]), (row["mode"], key, row[key])
+        # AUROC is undefined (None) when every held-out answer is right or every one is wrong.
+        assert row["auroc"] is None or math.isfinite(row["auroc"])
+        assert row["num_samples"] == 4
+        assert len(results["loss_curves"][row["mode"]]) == 2
+        assert all(math.isfinite(v) for v in results["loss_curves"][row["mode"]])
+    for mode in MODES:
+        for name in (f"confidence_{mode}.png", f"confidence_{mode}.html", f"reliability_{mode}.png"):
+            assert (out / name).stat().st_size > 0, name
+    assert (out / "loss_curves.png").stat().st_size > 0
+    table_header = proc.stdout.splitlines()
+    assert any("accuracy" in line and "ECE" in line and "AUROC" in line for line in table_header)
+
+    again = _run_demo(out, subprocess_env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("reusing the finetune") == len(MODES)
+    assert again.stdout.count("reusing the evaluation") == len(MODES)
