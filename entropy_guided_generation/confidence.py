@@ -167,6 +167,18 @@ class ConfidenceCodec:
         ids = self.token_ids.to(logits.device)
         return fn(logits, temperature=self.temperature, exclude_ids=ids, dtype=self.compute_dtype)
 
+    def log_probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """``[..., v]`` log-probabilities of the distribution the signal reads: softmax(logits / tau_H)
+        with confidence ids at -inf, in ``compute_dtype``. :meth:`signal_from_log_probs` of this
+        equals :meth:`signal_from_logits` bit for bit (same operations)."""
+        signals.assert_finite(logits)
+        return signals.log_probs(logits, temperature=self.temperature, exclude_ids=self.token_ids.to(logits.device), dtype=self.compute_dtype)
+
+    def signal_from_log_probs(self, lp: torch.Tensor) -> torch.Tensor:
+        """The signal ``[...]`` from :meth:`log_probs` output ``[..., v]`` (a decode step reuses them
+        for the content token's entropy and log-prob)."""
+        return signals.entropy_from_log_probs(lp) if self.signal == "entropy" else lp.amax(-1).exp()
+
     def bins_from_signal(self, signal: torch.Tensor) -> torch.Tensor:
         """Bin index in [0, K) of each signal value: the number of edges <= scale * signal.
 

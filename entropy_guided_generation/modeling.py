@@ -123,7 +123,7 @@ def logits_at(
         h = model.tok_embeddings(tokens)
         for layer in model.layers:
             h = layer(h, mask=mask, input_pos=input_pos)
-        h_used = model.norm(h[rows, index].unsqueeze(1))
+        h_used = model.norm(h if h.shape[1] == 1 else h[rows, index].unsqueeze(1))
         return model.output(h_used).float()[:, 0]
     return logits_of(model, tokens, mask=mask, input_pos=input_pos)[rows, index]
 

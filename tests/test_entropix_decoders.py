@@ -190,9 +190,9 @@ def test_eval_recipe_selects_entropix_from_the_sampler_section(tmp_path, monkeyp
 
     calls = []
 
-    def spy(model, prompt, **kwargs):
-        result = generate_entropix(model, prompt, **kwargs)
-        assert kwargs["tokenizer"] is not None  # the clarifying token string is resolved through it
+    def spy(model, prompt, *, tokenizer, **kwargs):
+        assert tokenizer is not None  # the clarifying token string is resolved through it
+        result = generate_entropix(model, prompt, tokenizer=tokenizer, **kwargs)
         calls.append((kwargs["sampler_config"], result.extras["regime"]))
         return result
 

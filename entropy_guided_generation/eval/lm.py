@@ -122,8 +122,8 @@ def _row_of(scores: ContinuationScores, row: int, keep: torch.Tensor, tokens: to
 
 
 def _accepts_keyword(fn: Any, name: str) -> bool:
-    params = inspect.signature(fn).parameters.values()
-    return any(p.name == name or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+    """True when ``fn`` names ``name`` among its parameters (``**kwargs`` alone does not count)."""
+    return name in inspect.signature(fn).parameters
 
 
 @register_model(MODEL_NAME)

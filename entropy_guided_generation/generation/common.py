@@ -72,14 +72,15 @@ class KVSession:
         self.key_valid = torch.zeros(batch_size, cache_len, dtype=torch.bool, device=device)
         self.next_pos = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.filled = 0
+        self._cols = torch.arange(cache_len, device=device)
 
     def _mask(self, k: int) -> torch.Tensor:
-        cols = torch.arange(self.cache_len, device=self.key_valid.device)
-        query_cols = self.filled + torch.arange(k, device=self.key_valid.device)
-        causal = cols.unsqueeze(0) <= query_cols.unsqueeze(1)  # [k, cache_len]
-        mask = self.key_valid.unsqueeze(1) & causal.unsqueeze(0)
+        """``[b, k, cache_len]``: query column ``filled + i`` sees the real keys at or before it."""
+        query_cols = self.filled + self._cols[:k]
+        causal = self._cols.unsqueeze(0) <= query_cols.unsqueeze(1)  # [k, cache_len]
         # A padding query still sees itself, so no attention row is empty.
-        return mask | (cols.unsqueeze(0) == query_cols.unsqueeze(1)).unsqueeze(0)
+        itself = self._cols.unsqueeze(0) == query_cols.unsqueeze(1)
+        return (self.key_valid.unsqueeze(1) & causal.unsqueeze(0)) | itself.unsqueeze(0)
 
     def feed(self, tokens: torch.Tensor, valid: torch.Tensor, use_col: torch.Tensor) -> torch.Tensor:
         """Append ``tokens`` ``[b, k]`` (``valid`` marks real ones) and return the logits ``[b, v]``
@@ -88,7 +89,10 @@ class KVSession:
         if self.filled + k > self.cache_len:
             raise RuntimeError(f"KV cache of {self.cache_len} columns is full ({self.filled} used, {k} more asked)")
         self.key_valid[:, self.filled : self.filled + k] = valid
-        pos = self.next_pos.unsqueeze(1) + (valid.long().cumsum(1) - 1).clamp(min=0)
+        if k == 1:
+            pos = self.next_pos.unsqueeze(1)
+        else:
+            pos = self.next_pos.unsqueeze(1) + (valid.long().cumsum(1) - 1).clamp(min=0)
         logits = logits_at(self.model, tokens, use_col, mask=self._mask(k), input_pos=pos)
         self.next_pos += valid.long().sum(1)
         self.filled += k
@@ -283,9 +287,9 @@ def _content_step(
     if token is None:
         token = sample_next_token(content_logits, temperature=temperature, top_k=top_k, top_p=top_p, rng=rng)
     token = torch.where(active, token, torch.full_like(token, pad_id))
-    conf_ids = codec.token_ids if codec is not None else None
-    tau = codec.temperature if codec is not None else 1.0
-    logp_all = signals.log_probs(logits, temperature=tau, exclude_ids=conf_ids)
+    # One softmax serves the content token's entropy and log-prob and the confidence signal: the
+    # codec's distribution (tau_H, confidence ids masked), the one training bins read.
+    logp_all = codec.log_probs(logits) if codec is not None else signals.log_probs(logits)
     entropy = signals.entropy_from_log_probs(logp_all)
     logp = logp_all.gather(-1, token.unsqueeze(-1)).squeeze(-1)
     nan = torch.full_like(entropy, float("nan"))
@@ -297,9 +301,10 @@ def _content_step(
     no_bin = torch.full_like(token, -1)
     if codec is None or not bool(has_conf.any()):
         return ContentStep(token, has_conf, torch.full_like(token, pad_id), no_bin, nan, entropy, logp, active)
-    bins, signal = codec.bins_from_logits(logits)
-    bins = torch.where(has_conf, bins, no_bin)
-    conf = torch.where(has_conf, codec.token_ids_for_bins(bins.clamp(min=0)), torch.full_like(token, pad_id))
+    signal = codec.signal_from_log_probs(logp_all)
+    every_bin = codec.bins_from_signal(signal)  # in [0, K) for every row
+    bins = torch.where(has_conf, every_bin, no_bin)
+    conf = torch.where(has_conf, codec.token_ids.to(token.device)[every_bin], torch.full_like(token, pad_id))
     signal = torch.where(has_conf, signal.to(entropy.dtype), nan)
     return ContentStep(token, has_conf, conf, bins, signal, entropy, logp, active)
 
