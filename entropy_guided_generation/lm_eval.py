@@ -14,6 +14,7 @@ import importlib
 MODEL_MODULES = [
     "entropy_guided_generation.sampling.hf_guided",
     "entropy_guided_generation.eval.lm",  # egg_torchtune: --model_args config=<eval recipe YAML>
+    "entropy_guided_generation.diffusion.lm_eval_model",  # diffusion: --model_args decoding=baseline|tta,...
 ]
 """Modules whose import registers one of our lm-eval models (``@register_model``)."""
 
