@@ -59,10 +59,10 @@ class DemoSettings:
         seed: data split and training seed.
     """
 
-    steps: int = 240
+    steps: int = 480
     batch_size: int = 16
     lr: float = 1e-3
-    eval_limit: int = 48
+    eval_limit: int = 100
     max_gen_toks: int = 96
     train_rows: int = 4000
     seed: int = 0
