@@ -194,8 +194,9 @@ def build_predictor(out_dir: Path, settings: TrainSettings, threads: int, eval_n
     return card
 
 
-BUILD_THREADS = 1  # the cached build trains on one torch thread (the weights depend on the count; one
-# thread is also the fastest choice next to pytest-xdist workers on a shared CPU)
+BUILD_THREADS = 2  # the weights depend on the thread count; the shipped predictor was built with 2
+# (164 s of training on 2 idle cores). On a CPU shared with other jobs pass --threads 1: two threads
+# contending with other processes ran about 3x slower than one.
 
 
 def cached_predictor(settings: TrainSettings, eval_n: int = 200) -> Path:
