@@ -13,7 +13,6 @@ The prompt is never masked. Data: the kit's training-split arithmetic word probl
 from __future__ import annotations
 
 import argparse
-import math
 import random
 import shutil
 import sys
@@ -28,6 +27,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from entropy_guided_generation import kit
+from entropy_guided_generation.kit.optim import EpochBatches, adamw_decaying_matrices, warmup_cosine_lr
 from entropy_guided_generation.diffusion import mask_predictor
 from entropy_guided_generation.diffusion.mask_predictor import (
     PredictorSizes,
@@ -60,11 +60,8 @@ class TrainSettings:
 
 def learning_rate(step: int, settings: TrainSettings) -> float:
     """Linear warmup to ``lr`` over ``warmup_steps``, then cosine decay to ``min_lr_ratio * lr``."""
-    if step < settings.warmup_steps:
-        return settings.lr * (step + 1) / settings.warmup_steps
-    progress = (step - settings.warmup_steps) / max(1, settings.steps - settings.warmup_steps)
-    floor = settings.min_lr_ratio
-    return settings.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+    return warmup_cosine_lr(step, lr=settings.lr, warmup_steps=settings.warmup_steps, total_steps=settings.steps,
+                            min_lr_ratio=settings.min_lr_ratio)
 
 
 def stratified_mask_ratios(batch_size: int, eps: float, generator: torch.Generator) -> torch.Tensor:
@@ -129,24 +126,14 @@ def train(settings: TrainSettings, log_every: int = 100, progress: bool = True):
     ids = TokenIds.from_tokenizer(tokenizer, kit.vocab_size_of())
     model = build_mask_predictor(ids, settings.sizes, settings.seed)
     data = encode_training_set(tokenizer, settings)
-    order_rng = random.Random(settings.seed)
+    order_rng = random.Random(settings.seed)  # batch order and the per-batch extra padding
+    batches = EpochBatches(len(data.prompts), settings.batch_size, order_rng)
     noise = torch.Generator().manual_seed(settings.seed)
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=settings.lr,
-        betas=(0.9, 0.98),
-    )
+    optimizer = adamw_decaying_matrices(model, lr=settings.lr, weight_decay=settings.weight_decay)
     model.train()
-    order: list[int] = []
     start = time.perf_counter()
     for step in tqdm(range(settings.steps), desc="train mask predictor", disable=not progress, mininterval=10):
-        if len(order) < settings.batch_size:
-            epoch = list(range(len(data.prompts)))
-            order_rng.shuffle(epoch)
-            order.extend(epoch)
-        chosen, order = order[: settings.batch_size], order[settings.batch_size :]
+        chosen = batches.next()
         prompts, responses = batch_tokens(data, chosen, order_rng.randint(0, settings.max_extra_padding), ids.pad_id)
         ratios = stratified_mask_ratios(len(chosen), settings.mask_eps, noise)
         noisy, is_masked = mask_responses(responses, ratios, ids.mask_id, noise)
@@ -205,11 +192,11 @@ def cached_predictor(settings: TrainSettings, eval_n: int = 200) -> Path:
     The hash covers ``settings``, ``eval_n``, the torch version and the source files of training,
     the predictor and the kit data/tokenizer. The caller's torch thread count and RNG state are restored.
     """
-    from entropy_guided_generation.kit import cache, data, tokenizer
+    from entropy_guided_generation.kit import cache, data, optim, tokenizer
 
     spec = {"settings": asdict(settings), "eval_n": eval_n, "threads": BUILD_THREADS, "torch": torch.__version__}
     # What determines the weights; the card's accuracy is a record of the decoding code at build time.
-    sources = tuple(Path(m.__file__) for m in (sys.modules[__name__], mask_predictor, data, tokenizer))
+    sources = tuple(Path(m.__file__) for m in (sys.modules[__name__], mask_predictor, data, optim, tokenizer))
 
     def build(folder: Path) -> None:
         threads = torch.get_num_threads()

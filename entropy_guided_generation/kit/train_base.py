@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import random
 import shutil
 import sys
@@ -29,6 +28,7 @@ import torch
 from entropy_guided_generation.kit import data
 from entropy_guided_generation.kit import tokenizer as kit_tokenizer
 from entropy_guided_generation.kit.models import hf_config
+from entropy_guided_generation.kit.optim import EpochBatches, adamw_decaying_matrices, warmup_cosine_lr
 
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 CARD_FILENAME = "base_card.json"
@@ -84,11 +84,8 @@ def pad_right(rows: Sequence[Sequence[int]], value: int) -> torch.Tensor:
 
 def learning_rate(step: int, settings: TrainSettings) -> float:
     """Linear warmup to ``lr`` over ``warmup_steps``, then cosine decay to ``min_lr_ratio * lr``."""
-    if step < settings.warmup_steps:
-        return settings.lr * (step + 1) / settings.warmup_steps
-    progress = (step - settings.warmup_steps) / max(1, settings.steps - settings.warmup_steps)
-    floor = settings.min_lr_ratio
-    return settings.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+    return warmup_cosine_lr(step, lr=settings.lr, warmup_steps=settings.warmup_steps, total_steps=settings.steps,
+                            min_lr_ratio=settings.min_lr_ratio)
 
 
 def _new_model(settings: TrainSettings, tokenizer, vocab_size: int):
@@ -111,24 +108,12 @@ def train(settings: TrainSettings, log_every: int = 100):
     tokenizer = kit_tokenizer.load_tokenizer()
     model = _new_model(settings, tokenizer, kit_tokenizer.vocab_size_of())
     examples = [encode_example(tokenizer, p.question, p.answer) for p in data.word_problems(settings.num_problems, settings.seed, "train")]
-    order_rng = random.Random(settings.seed)
-    order: list[int] = []
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=settings.lr,
-        betas=(0.9, 0.98),
-    )
+    batches = EpochBatches(len(examples), settings.batch_size, random.Random(settings.seed))
+    optimizer = adamw_decaying_matrices(model, lr=settings.lr, weight_decay=settings.weight_decay)
     model.train()
     start = time.perf_counter()
     for step in range(settings.steps):
-        if len(order) < settings.batch_size:
-            epoch = list(range(len(examples)))
-            order_rng.shuffle(epoch)
-            order.extend(epoch)
-        chosen = [examples[i] for i in order[: settings.batch_size]]
-        del order[: settings.batch_size]
+        chosen = [examples[i] for i in batches.next()]
         tokens = pad_right([t for t, _ in chosen], tokenizer.pad_id)
         labels = pad_right([l for _, l in chosen], IGNORE_INDEX)
         for group in optimizer.param_groups:
