@@ -290,10 +290,10 @@ def _content_step(
     # One softmax serves the content token's entropy and log-prob and the confidence signal: the
     # codec's distribution (tau_H, confidence ids masked), the one training bins read.
     logp_all = codec.log_probs(logits) if codec is not None else signals.log_probs(logits)
-    entropy = signals.entropy_from_log_probs(logp_all)
+    step_entropy = signals.entropy_from_log_probs(logp_all)
     logp = logp_all.gather(-1, token.unsqueeze(-1)).squeeze(-1)
-    nan = torch.full_like(entropy, float("nan"))
-    entropy, logp = torch.where(active, entropy, nan), torch.where(active, logp, nan)
+    nan = torch.full_like(step_entropy, float("nan"))
+    entropy, logp = torch.where(active, step_entropy, nan), torch.where(active, logp, nan)
 
     has_conf = active & ~torch.isin(token, stops) if mode != "none" else torch.zeros_like(active)
     if marker_state is not None:
@@ -301,7 +301,7 @@ def _content_step(
     no_bin = torch.full_like(token, -1)
     if codec is None or not bool(has_conf.any()):
         return ContentStep(token, has_conf, torch.full_like(token, pad_id), no_bin, nan, entropy, logp, active)
-    signal = codec.signal_from_log_probs(logp_all)
+    signal = step_entropy if codec.signal == "entropy" else codec.signal_from_log_probs(logp_all)
     every_bin = codec.bins_from_signal(signal)  # in [0, K) for every row
     bins = torch.where(has_conf, every_bin, no_bin)
     conf = torch.where(has_conf, codec.token_ids.to(token.device)[every_bin], torch.full_like(token, pad_id))
