@@ -37,7 +37,6 @@ from entropy_guided_generation.diffusion.decoding import (
     tokens_per_step,
     top_k_per_row,
 )
-from entropy_guided_generation.signals import entropy_from_log_probs
 
 ConstraintFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -201,7 +200,9 @@ def sample_views(logits: torch.Tensor, temperatures: torch.Tensor) -> torch.Tens
         samples[greedy] = argmax[greedy]
     hot = (~greedy).nonzero().flatten()
     if hot.numel():
-        cdf = torch.softmax(views[hot].div_(temps[hot].view(-1, 1, 1, 1)), dim=-1).cumsum_(dim=-1)  # views[hot] is a copy
+        # Shared logits broadcast against the K temperatures: one division pass, no copy first.
+        view_logits = logits if logits.shape[0] == 1 else logits[hot]
+        cdf = torch.softmax(view_logits / temps[hot].view(-1, 1, 1, 1), dim=-1).cumsum_(dim=-1)
         # Inverse CDF: the first id whose cumulative probability exceeds u (zero-probability ids never).
         u = torch.rand(cdf.shape[:-1], device=cdf.device).unsqueeze(-1) * cdf[..., -1:]
         samples[hot] = torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_(max=cdf.shape[-1] - 1)
@@ -218,13 +219,18 @@ def summarize_views(logits: torch.Tensor, temperatures: torch.Tensor) -> ViewSum
     samples = sample_views(logits, temperatures)  # [k, b, n]
     probs = torch.softmax(logits, dim=-1)
     mean_probs = probs[0] if probs.shape[0] == 1 else probs.mean(dim=0)  # [b, n, v]
-    votes = torch.zeros_like(mean_probs).scatter_add_(-1, samples.permute(1, 2, 0), torch.ones_like(samples.permute(1, 2, 0), dtype=mean_probs.dtype))
+    # Votes of each view's own sample, counted among the k samples (no [b, n, v] tally): every
+    # token with a vote is a sample, and a token without one cannot win.
+    votes = (samples.unsqueeze(0) == samples.unsqueeze(1)).sum(dim=1).to(mean_probs.dtype)  # [k, b, n]
+    sample_probs = mean_probs.gather(-1, samples.permute(1, 2, 0)).permute(2, 0, 1)  # [k, b, n]
     # Vote counts are integers and mean probabilities lie in [0, 1]: half of one breaks ties only.
-    consensus = (votes + 0.5 * mean_probs).argmax(dim=-1)
+    winner = (votes + 0.5 * sample_probs).argmax(dim=0, keepdim=True)  # [1, b, n]
+    consensus = samples.gather(0, winner).squeeze(0)
+    log_mean = mean_probs.log()
     return ViewSummary(
         consensus=consensus,
-        consensus_prob=mean_probs.gather(-1, consensus.unsqueeze(-1)).squeeze(-1),
-        entropy=entropy_from_log_probs(mean_probs.log()),
+        consensus_prob=sample_probs.gather(0, winner).squeeze(0),
+        entropy=-torch.where(mean_probs > 0, mean_probs * log_mean, torch.zeros_like(log_mean)).sum(-1),
         disagreement=1.0 - (samples == consensus.unsqueeze(0)).float().mean(dim=0),
     )
 
