@@ -140,6 +140,8 @@ def prepare_data(out: Path, settings: DemoSettings, gsm8k_dir: Optional[Path], b
     test_rows = [rows[i] for i in order[cut:]]
     if not train_rows or not test_rows:
         raise ValueError(f"BIG-Bench Mistake data gives {len(train_rows)} correct training traces and {len(test_rows)} held-out rows; need both > 0")
+    # One training file under a task name the BIG-Bench Mistake adapter accepts, whatever tasks
+    # the rows came from.
     _write_jsonl(data / "bigbench_mistake" / "train" / f"{BBM_TASK_FILE}.jsonl", train_rows)
     bbm_test = _write_jsonl(data / "bigbench_mistake" / "test.jsonl", test_rows)
     return DataFiles(gsm8k_train, gsm8k_test, data / "bigbench_mistake" / "train", (BBM_TASK_FILE,), bbm_test)
@@ -509,7 +511,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--gsm8k", type=Path, default=None, help="folder with GSM8K-format train.jsonl and test.jsonl (e.g. ../shared/data/gsm8k)")
     parser.add_argument("--bigbench-mistake", type=Path, default=None, help="folder of BIG-Bench Mistake task files (e.g. ../shared/data/bigbench_mistake)")
-    parser.add_argument("--bigbench-tasks", default=BBM_TASK_FILE, help="comma-separated task files of --bigbench-mistake")
+    parser.add_argument("--bigbench-tasks", default=BBM_TASK_FILE, help="comma-separated task files of --bigbench-mistake (the held-out task scores the number after the marker: arithmetic answers)")
     parser.add_argument("--checkpoint", type=Path, default=None, help="your Hugging Face checkpoint folder (default: the kit's trained base)")
     parser.add_argument("--tokenizer-dir", type=Path, default=None, help="folder with Qwen2.5-format tokenizer files (default: --checkpoint)")
     parser.add_argument("--model-type", default="QWEN2", help="torchtune checkpointer model_type of --checkpoint")
