@@ -162,15 +162,16 @@ class ConfidenceCodec:
         Raises:
             FloatingPointError: on NaN/inf logits (naming row and position).
         """
-        signals.assert_finite(logits)
-        fn = signals.entropy if self.signal == "entropy" else signals.max_prob
-        ids = self.token_ids.to(logits.device)
-        return fn(logits, temperature=self.temperature, exclude_ids=ids, dtype=self.compute_dtype)
+        return self.signal_from_log_probs(self.log_probs(logits))
 
     def log_probs(self, logits: torch.Tensor) -> torch.Tensor:
         """``[..., v]`` log-probabilities of the distribution the signal reads: softmax(logits / tau_H)
-        with confidence ids at -inf, in ``compute_dtype``. :meth:`signal_from_log_probs` of this
-        equals :meth:`signal_from_logits` bit for bit (same operations)."""
+        with confidence ids at -inf, in ``compute_dtype``. :meth:`signal_from_logits` is
+        :meth:`signal_from_log_probs` of this, so a decode step that reuses these log-probs gets
+        the training signal bit for bit.
+
+        Raises:
+            FloatingPointError: on NaN/inf logits (naming row and position)."""
         signals.assert_finite(logits)
         return signals.log_probs(logits, temperature=self.temperature, exclude_ids=self.token_ids.to(logits.device), dtype=self.compute_dtype)
 
@@ -214,6 +215,15 @@ class ConfidenceCodec:
     def is_confidence_token(self, tokens: torch.Tensor) -> torch.Tensor:
         """Boolean mask, same shape as ``tokens``: True where the id is a confidence token."""
         return torch.isin(tokens, self.token_ids.to(tokens.device))
+
+    def first_confidence_token(self, tokens: torch.Tensor, where: torch.Tensor) -> Optional[tuple[int, int, int]]:
+        """``(row, position, id)`` of the first confidence token of ``tokens`` ``[b, s]`` at a
+        position where ``where`` ``[b, s]`` is True (content is expected there), or None."""
+        found = self.is_confidence_token(tokens) & where
+        if not bool(found.any()):
+            return None
+        row, pos = found.nonzero()[0].tolist()
+        return row, pos, int(tokens[row, pos])
 
     def mask_confidence_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """Copy of ``logits`` ``[..., v]`` with every confidence id at -inf (never sampled as content)."""

@@ -22,7 +22,7 @@ from typing import Any, Optional, Sequence, Union
 import torch
 
 from entropy_guided_generation import kit
-from entropy_guided_generation.kit import tokenizer as kit_tokenizer
+from entropy_guided_generation.kit.train_base import save_trained_checkpoint
 
 CARD_FILENAME = "predictor_card.json"
 PathLike = Union[str, Path]
@@ -134,12 +134,7 @@ def response_text(tokenizer: Any, response: Sequence[int], ids: TokenIds) -> str
 
 def save_mask_predictor(model: Any, out_dir: PathLike, card: dict[str, Any]) -> Path:
     """Write ``model`` (fp32 safetensors + ``config.json``), the kit tokenizer files and the card."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir, safe_serialization=True)
-    kit_tokenizer.copy_tokenizer_files(kit.build_tokenizer(), out_dir)
-    (out_dir / CARD_FILENAME).write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
-    return out_dir
+    return save_trained_checkpoint(model, out_dir, card, CARD_FILENAME)
 
 
 SHIPPED_DIR = Path(__file__).resolve().parents[1] / "kit" / "assets" / "mask_predictor"

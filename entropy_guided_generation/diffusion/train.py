@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from entropy_guided_generation import kit
-from entropy_guided_generation.kit.optim import EpochBatches, adamw_decaying_matrices, warmup_cosine_lr
+from entropy_guided_generation.kit.optim import EpochBatches, adamw_decaying_matrices, optimizer_step, warmup_cosine_lr
 from entropy_guided_generation.diffusion import mask_predictor
 from entropy_guided_generation.diffusion.mask_predictor import (
     PredictorSizes,
@@ -139,12 +139,7 @@ def train(settings: TrainSettings, log_every: int = 100, progress: bool = True):
         noisy, is_masked = mask_responses(responses, ratios, ids.mask_id, noise)
         logits = model(torch.cat([prompts, noisy], dim=1)).logits[:, prompts.shape[1] :]
         loss = masked_diffusion_loss(logits, responses, is_masked, ratios)
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, settings)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
-        optimizer.step()
+        optimizer_step(model, optimizer, loss, lr=learning_rate(step, settings), grad_clip=settings.grad_clip)
         if log_every and (step % log_every == 0 or step == settings.steps - 1):
             print(f"step {step:5d}  loss {loss.item():.4f}  lr {learning_rate(step, settings):.2e}  {time.perf_counter() - start:.0f}s", flush=True)
     return model.eval(), tokenizer, ids, time.perf_counter() - start

@@ -76,11 +76,11 @@ def full_sequence_forwards(model: Any) -> Iterator[Any]:
 
 
 def _check_no_confidence_content(tokens: torch.Tensor, scored: torch.Tensor, codec: ConfidenceCodec) -> None:
-    clash = codec.is_confidence_token(tokens) & scored
-    if bool(clash.any()):
-        row, pos = clash.nonzero()[0].tolist()
+    clash = codec.first_confidence_token(tokens, scored)
+    if clash is not None:
+        row, pos, token_id = clash
         raise ValueError(
-            f"continuation row {row} holds confidence token id {int(tokens[row, pos])} at position {pos}; a "
+            f"continuation row {row} holds confidence token id {token_id} at position {pos}; a "
             "confidence token cannot be content in an interleaved mode (the decoder never emits it as content)"
         )
 

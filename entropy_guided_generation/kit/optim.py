@@ -32,6 +32,16 @@ def adamw_decaying_matrices(model: torch.nn.Module, *, lr: float, weight_decay: 
     )
 
 
+def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss: torch.Tensor, *, lr: float, grad_clip: float) -> None:
+    """One step on ``loss`` at learning rate ``lr``, gradients clipped to norm ``grad_clip``."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+
+
 class EpochBatches:
     """Batches of example indices: each epoch is a ``random.Random(seed)`` shuffle of all examples,
     and batches run across epoch boundaries (so a run is a pure function of the seed)."""
@@ -52,4 +62,4 @@ class EpochBatches:
         return chosen
 
 
-__all__ = ["EpochBatches", "adamw_decaying_matrices", "warmup_cosine_lr"]
+__all__ = ["EpochBatches", "adamw_decaying_matrices", "optimizer_step", "warmup_cosine_lr"]

@@ -28,7 +28,7 @@ import torch
 from entropy_guided_generation.kit import data
 from entropy_guided_generation.kit import tokenizer as kit_tokenizer
 from entropy_guided_generation.kit.models import hf_config
-from entropy_guided_generation.kit.optim import EpochBatches, adamw_decaying_matrices, warmup_cosine_lr
+from entropy_guided_generation.kit.optim import EpochBatches, adamw_decaying_matrices, optimizer_step, warmup_cosine_lr
 
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 CARD_FILENAME = "base_card.json"
@@ -116,27 +116,28 @@ def train(settings: TrainSettings, log_every: int = 100):
         chosen = [examples[i] for i in batches.next()]
         tokens = pad_right([t for t, _ in chosen], tokenizer.pad_id)
         labels = pad_right([l for _, l in chosen], IGNORE_INDEX)
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, settings)
         # Right padding under a causal mask: real tokens never see pads, pad labels are ignored.
         loss = model(input_ids=tokens, labels=labels).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
-        optimizer.step()
+        optimizer_step(model, optimizer, loss, lr=learning_rate(step, settings), grad_clip=settings.grad_clip)
         if log_every and (step % log_every == 0 or step == settings.steps - 1):
             print(f"step {step:5d}  loss {loss.item():.4f}  lr {learning_rate(step, settings):.2e}  {time.perf_counter() - start:.0f}s", flush=True)
     return model.eval(), tokenizer, time.perf_counter() - start
 
 
-def save_base(model, out_dir: PathLike, card: dict[str, Any]) -> Path:
-    """Save ``model`` (fp32 safetensors), the kit tokenizer files and ``base_card.json`` into ``out_dir``."""
+def save_trained_checkpoint(model, out_dir: PathLike, card: dict[str, Any], card_filename: str) -> Path:
+    """Save a kit-trained transformers ``model`` (fp32 safetensors + config), the kit tokenizer files
+    and its training card (``card_filename``) into ``out_dir``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
     kit_tokenizer.copy_tokenizer_files(kit_tokenizer.build_tokenizer(), out_dir)
-    (out_dir / CARD_FILENAME).write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
+    (out_dir / card_filename).write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
     return out_dir
+
+
+def save_base(model, out_dir: PathLike, card: dict[str, Any]) -> Path:
+    """Save the base ``model``, the kit tokenizer files and ``base_card.json`` into ``out_dir``."""
+    return save_trained_checkpoint(model, out_dir, card, CARD_FILENAME)
 
 
 # ---------------------------------------------------------------- held-out accuracy

@@ -63,11 +63,11 @@ def check_no_confidence_ids(tokens: torch.Tensor, valid_mask: torch.Tensor, code
     Raises:
         ValueError: naming the first row, position and id.
     """
-    found = codec.is_confidence_token(tokens) & valid_mask
-    if bool(found.any()):
-        row, pos = found.nonzero()[0].tolist()
+    found = codec.first_confidence_token(tokens, valid_mask)
+    if found is not None:
+        row, pos, token_id = found
         raise ValueError(
-            f"training data row {row} holds confidence token id {int(tokens[row, pos])} at position {pos}; "
+            f"training data row {row} holds confidence token id {token_id} at position {pos}; "
             "confidence tokens are inserted by the recipe and must not occur in the text"
         )
 
