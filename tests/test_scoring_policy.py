@@ -246,11 +246,16 @@ def reference_nucleus(scaled: torch.Tensor, top_p: float) -> torch.Tensor:
     return (above * p.unsqueeze(-2)).sum(-1) < top_p
 
 
+@pytest.mark.parametrize("heads_from", ["whole-row sort", "topk per stage"])
 @pytest.mark.parametrize("top_p", [0.3, 0.9, 0.99])
-def test_nucleus_mask_is_exact_in_every_stage_on_a_large_vocabulary(top_p):
+def test_nucleus_mask_is_exact_in_every_stage_on_a_large_vocabulary(top_p, heads_from, monkeypatch):
     # Peaked rows settle in the top-4 stage, medium rows in the top-64 stage, flat rows need the
-    # full sort; quantized logits put ties at every boundary.
-    from entropy_guided_generation.scoring import nucleus_mask
+    # full sort; quantized logits put ties at every boundary. Both ways of finding the heads
+    # (CPU rows sorted whole up front, or topk per stage as on long rows) give the exact mask.
+    from entropy_guided_generation.scoring import nucleus_mask, policy
+
+    if heads_from == "topk per stage":
+        monkeypatch.setattr(policy, "SORT_WHOLE_ROWS_MAX_VOCAB", 0)
 
     g = torch.Generator().manual_seed(7)
     v = 300
@@ -259,5 +264,6 @@ def test_nucleus_mask_is_exact_in_every_stage_on_a_large_vocabulary(top_p):
     scaled = torch.round(base * scales * 4) / 4
     got = nucleus_mask(scaled, top_p)
     assert torch.equal(got, reference_nucleus(scaled, top_p))
+    assert torch.equal(nucleus_mask(scaled.float(), top_p), reference_nucleus(scaled.float().double(), top_p))
     sizes = got.sum(-1)
     assert sizes.min() <= 4 and ((sizes > 4) & (sizes <= 64)).any() and sizes.max() > 64

@@ -134,6 +134,41 @@ def test_teacher_forced_scores_equal_a_direct_unpadded_forward(model, tokenizer,
                 assert not res.logprobs[b][g].requires_grad and res.logprobs[b][g].device.type == "cpu"
 
 
+def test_scoring_chunks_across_forward_batches_change_no_value(model, tokenizer, monkeypatch):
+    # Scoring waits for several forward batches before its vocabulary math; with a chunk of three
+    # tokens every batch is scored alone and split into many chunks. Values are identical, and
+    # the public score_generated_tokens on one region's logits gives them too.
+    import entropy_guided_generation.scoring.processor as processor_module
+    from entropy_guided_generation.scoring import score_generated_tokens
+    from entropy_guided_generation.scoring.forward import region_logits
+
+    sp = processor(model, tokenizer, temperature=0.8, top_p=0.7, max_new_tokens=8)
+    seqs = sp.generate_batched(PROMPTS, G=3, seed=5)
+    kwargs = dict(tf_batch_size=2, compute_rb=True, return_baseline_features=True)
+    together, together_diag = sp.teacher_force_logprobs_with_diagnostics(seqs, **kwargs)
+    monkeypatch.setattr(processor_module, "DEFAULT_CHUNK_ELEMENTS", 3 * vocab_size_of())
+    alone, alone_diag = sp.teacher_force_logprobs_with_diagnostics(seqs, **kwargs)
+    B, G, L = seqs.sequences.shape
+    with torch.no_grad():
+        z = region_logits(model, seqs.sequences.reshape(B * G, L), seqs.attention_masks.reshape(B * G, L).bool(), seqs.prompt_length)
+        direct = score_generated_tokens(
+            z, seqs.sequences.reshape(B * G, L)[:, seqs.prompt_length :], torch.tensor(sum(seqs.gen_lens, [])),
+            sp.policy, rb=True, diagnostics=sp.distribution_diagnostics, baseline=True,
+        )
+    direct_log_q, direct_rb = direct.per_row(direct.log_q), direct.per_row(direct.rb_entropy)
+    for b in range(B):
+        for g in range(G):
+            assert torch.equal(together.token_logqs[b][g], alone.token_logqs[b][g])
+            assert torch.equal(together.logprobs[b][g], alone.logprobs[b][g])
+            assert torch.equal(together.baseline_feats_torch[b][g], alone.baseline_feats_torch[b][g])
+            assert (together.rb_entropies[b][g] == alone.rb_entropies[b][g]).all()
+            for name in STEP_FIELDS:
+                assert (getattr(together_diag.diagnostics[b][g].step, name) == getattr(alone_diag.diagnostics[b][g].step, name)).all()
+            assert together_diag.diagnostics[b][g].sequence == alone_diag.diagnostics[b][g].sequence
+            torch.testing.assert_close(direct_log_q[b * G + g], together.token_logqs[b][g], rtol=0, atol=1e-5)
+            torch.testing.assert_close(direct_rb[b * G + g], torch.from_numpy(together.rb_entropies[b][g]), rtol=0, atol=1e-5)
+
+
 def test_diagnostics_and_baseline_features_follow_the_sampling_policy(model, tokenizer):
     sp = processor(model, tokenizer, temperature=0.9, top_p=0.85)
     seqs = sp.generate_batched(PROMPTS[:2], G=2, seed=4)

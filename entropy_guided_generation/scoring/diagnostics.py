@@ -196,7 +196,7 @@ class DistributionDiagnostics:
         if self.eos_token_id is not None:
             out["eos_prob"] = dist.q[..., self.eos_token_id]
         if tokens is not None:
-            out["policy_surprisal"] = -dist.log_q.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+            out["policy_surprisal"] = -dist.token_log_q(tokens)
         return out
 
     # ------------------------------------------------------------------ per sequence (vectorized)
@@ -204,32 +204,31 @@ class DistributionDiagnostics:
         """Summaries of padded step series.
 
         Args:
-            series: ``[n, T]`` values; column t belongs to generated token t (entries at t >=
-                length are ignored).
+            series: ``[..., n, T]`` values (any leading dims, e.g. one per field); column t belongs
+                to generated token t (entries at t >= length are ignored).
             lengths: ``[n]`` valid steps per row.
 
         Returns:
-            ``{stat: [n]}`` for each of :data:`SUMMARY_STATS` (NaN for rows of length 0).
+            ``{stat: [..., n]}`` for each of :data:`SUMMARY_STATS` (NaN for rows of length 0).
         """
-        t = torch.arange(series.shape[1], device=series.device).unsqueeze(0)
+        t = torch.arange(series.shape[-1], device=series.device)
         lengths = lengths.to(series.device).unsqueeze(1)
         valid = t < lengths
         early = valid & (t < self.window)
         late = valid & (t >= lengths - self.window)
-        zeros = torch.zeros_like(series)
-        count = valid.sum(1).to(series.dtype)
+        zeros = torch.zeros((), dtype=series.dtype, device=series.device)
 
         def masked_mean(mask: torch.Tensor) -> torch.Tensor:
-            return torch.where(mask, series, zeros).sum(1) / mask.sum(1).to(series.dtype)
+            return torch.where(mask, series, zeros).sum(-1) / mask.sum(-1).to(series.dtype)
 
-        total = torch.where(valid, series, zeros).sum(1)
-        nan = torch.full_like(total, float("nan"))
-        empty = count == 0
+        total = torch.where(valid, series, zeros).sum(-1)
+        empty = valid.sum(-1) == 0
+        nan = torch.tensor(float("nan"), dtype=series.dtype, device=series.device)
         return {
             "sum": torch.where(empty, nan, total),
-            "mean": total / count,
-            "min": torch.where(empty, nan, torch.where(valid, series, torch.full_like(series, float("inf"))).amin(1)),
-            "max": torch.where(empty, nan, torch.where(valid, series, torch.full_like(series, float("-inf"))).amax(1)),
+            "mean": total / valid.sum(-1).to(series.dtype),
+            "min": torch.where(empty, nan, series.masked_fill(~valid, float("inf")).amin(-1)),
+            "max": torch.where(empty, nan, series.masked_fill(~valid, float("-inf")).amax(-1)),
             "early_mean": masked_mean(early),
             "late_mean": masked_mean(late),
         }
@@ -237,15 +236,32 @@ class DistributionDiagnostics:
     # ------------------------------------------------------------------ packs
     def packs(self, steps: dict[str, torch.Tensor], lengths: torch.Tensor) -> list[DiagnosticsPack]:
         """One :class:`DiagnosticsPack` per row from padded step tensors ``{field: [n, T]}``."""
-        summaries = {name: self.summarize(values, lengths) for name, values in steps.items()}
-        steps_np = {name: values.detach().cpu().numpy() for name, values in steps.items()}
-        sums_np = {name: {k: v.detach().cpu().numpy() for k, v in stats.items()} for name, stats in summaries.items()}
+        names = list(steps)
+        return self._packs(names, torch.stack([steps[name].detach() for name in names]), lengths)
+
+    def packs_from_flat(self, steps: dict[str, torch.Tensor], lengths: torch.Tensor) -> list[DiagnosticsPack]:
+        """One :class:`DiagnosticsPack` per row from flat step values ``{field: [N]}``: the rows'
+        real steps back to back in row-major order (N = sum of ``lengths``), as scoring yields them."""
+        names = list(steps)
+        flat = torch.stack([steps[name].detach() for name in names])  # [F, N]
+        lengths = lengths.to(flat.device)
+        width = int(lengths.max()) if lengths.numel() else 0
+        valid = torch.arange(width, device=flat.device) < lengths.unsqueeze(1)
+        padded = flat.new_full((len(names), lengths.numel(), width), float("nan"))
+        padded[:, valid] = flat
+        return self._packs(names, padded, lengths)
+
+    def _packs(self, names: list[str], padded: torch.Tensor, lengths: torch.Tensor) -> list[DiagnosticsPack]:
+        """Packs from step values ``padded`` ``[F, n, T]`` (field f is ``names[f]``): every field's
+        summaries in one vectorized pass, then one Python object per row and field."""
+        summaries = self.summarize(padded, lengths)
+        stats = torch.stack([summaries[stat] for stat in SUMMARY_STATS], dim=-1)  # [F, n, S]
+        steps_np = padded.cpu().numpy()
+        stats_rows = stats.cpu().tolist()
         out = []
         for row, length in enumerate(lengths.tolist()):
-            step = TokenStepDiagnostics(**{name: values[row, :length] for name, values in steps_np.items()})
-            per_field = {
-                name: SeriesSummary(**{k: float(v[row]) for k, v in stats.items()}) for name, stats in sums_np.items()
-            }
+            step = TokenStepDiagnostics(**{name: steps_np[f, row, :length] for f, name in enumerate(names)})
+            per_field = {name: SeriesSummary(*stats_rows[f][row]) for f, name in enumerate(names)}
             out.append(DiagnosticsPack(step=step, sequence=SequenceDiagnostics(length=length, **per_field)))
         return out
 

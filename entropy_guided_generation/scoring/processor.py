@@ -33,7 +33,12 @@ from entropy_guided_generation.scoring.results import BatchedSequences, LogprobR
 from entropy_guided_generation.scoring.rewards import RewardFn, gsm8k_answer_reward
 from entropy_guided_generation.scoring.sampling_loop import sample_with_policy
 from entropy_guided_generation.scoring.stopping import StopStringMatcher, decode_ids, token_texts
-from entropy_guided_generation.scoring.token_scores import TokenScores, score_generated_tokens
+from entropy_guided_generation.scoring.token_scores import (
+    DEFAULT_CHUNK_ELEMENTS,
+    RealTokens,
+    TokenScores,
+    score_real_tokens,
+)
 
 PromptLike = Union[str, PromptExample]
 
@@ -225,28 +230,20 @@ class SequenceProcessor:
             stack.enter_context(disable_kv_cache(self._mdl_target))
         return stack
 
-    def _score_batch(
+    def _region_tokens(
         self,
         tokens: torch.Tensor,
         mask: torch.Tensor,
         lengths: torch.Tensor,
         prompt_width: int,
-        *,
-        with_grad: bool,
-        compute_rb: bool,
-        baseline: bool,
-        diagnostics: Optional[DistributionDiagnostics],
         params_override: Optional[ParamsMapping],
-    ) -> TokenScores:
-        """Scores of one teacher-forcing batch ``tokens`` ``[n, L]`` (trailing padding trimmed first)."""
+    ) -> RealTokens:
+        """One teacher-forcing batch ``tokens`` ``[n, L]`` through the model (trailing padding
+        trimmed first): its real generated tokens with the logits that produced them."""
         width = prompt_width + max(int(lengths.max()), 1)
         tokens, mask = tokens[:, :width], mask[:, :width].bool()
-        with self._forward_scope(with_grad, params_override is not None):
-            logits = self._region.with_params(params_override, tokens, mask, prompt_width)
-            return score_generated_tokens(
-                at_least_fp32(logits), tokens[:, prompt_width:], lengths, self.policy,
-                rb=compute_rb, diagnostics=diagnostics, baseline=baseline,
-            )
+        logits = self._region.with_params(params_override, tokens, mask, prompt_width)
+        return RealTokens.from_region(at_least_fp32(logits), tokens[:, prompt_width:], lengths)
 
     def _teacher_force(
         self,
@@ -259,6 +256,9 @@ class SequenceProcessor:
         params_override: Optional[ParamsMapping],
         with_diagnostics: bool,
     ) -> tuple[LogprobResults, Optional[DiagnosticsResults]]:
+        """Forwards run ``tf_batch_size`` rows at a time; the vocabulary math runs on the real tokens
+        of as many forward batches as fill one scoring chunk (``DEFAULT_CHUNK_ELEMENTS`` logits),
+        so small batches do not each pay its fixed per-op cost."""
         B, G, L = sequences.sequences.shape
         prompt_width = sequences.prompt_length
         if prompt_width >= L:
@@ -270,16 +270,28 @@ class SequenceProcessor:
         diagnostics = self.distribution_diagnostics if with_diagnostics else None
         keep_rb_graph = with_grad and compute_rb and self.config.rb_requires_grad
 
-        per_row: dict[str, list] = {k: [] for k in ("log_p", "log_q", "rb", "rb_torch", "baseline", "packs", "sum_p", "sum_q")}
+        per_row: dict[str, list] = {k: [] for k in ("log_p", "log_q", "rb", "rb_torch", "baseline", "sum_p", "sum_q")}
+        step_diagnostics: list[dict[str, torch.Tensor]] = []
+        waiting: list[RealTokens] = []
+
+        def score_waiting() -> None:
+            scores = score_real_tokens(
+                RealTokens.cat(waiting), self.policy,
+                rb=compute_rb, diagnostics=diagnostics, baseline=return_baseline_features,
+                chunk_elements=DEFAULT_CHUNK_ELEMENTS,
+            )
+            waiting.clear()
+            self._collect(per_row, scores, with_grad=with_grad, keep_rb_graph=keep_rb_graph)
+            if diagnostics is not None:
+                step_diagnostics.append(scores.diagnostics)
+
         starts = range(0, rows.shape[0], batch_size)
         for start in tqdm(starts, desc="teacher-force", disable=not self.progress or len(starts) < 2, leave=False):
             stop = start + batch_size
-            scores = self._score_batch(
-                rows[start:stop], masks[start:stop], lengths[start:stop], prompt_width,
-                with_grad=with_grad, compute_rb=compute_rb, baseline=return_baseline_features,
-                diagnostics=diagnostics, params_override=params_override,
-            )
-            self._collect(per_row, scores, with_grad=with_grad, keep_rb_graph=keep_rb_graph, diagnostics=diagnostics)
+            with self._forward_scope(with_grad, params_override is not None):
+                waiting.append(self._region_tokens(rows[start:stop], masks[start:stop], lengths[start:stop], prompt_width, params_override))
+                if stop >= rows.shape[0] or sum(part.logits.numel() for part in waiting) >= DEFAULT_CHUNK_ELEMENTS:
+                    score_waiting()
 
         def nest(key: str) -> list[list[Any]]:
             return _nested(per_row[key], B, G)
@@ -294,11 +306,14 @@ class SequenceProcessor:
             token_logqs=nest("log_q"),
             sequence_logqs=nest("sum_q"),
         )
-        diag = DiagnosticsResults(diagnostics=nest("packs")) if with_diagnostics else None
+        diag = None
+        if diagnostics is not None:  # all rows' summaries in one pass: steps are row-major across batches
+            flat = {name: torch.cat([batch[name] for batch in step_diagnostics]) for name in step_diagnostics[0]}
+            diag = DiagnosticsResults(diagnostics=_nested(diagnostics.packs_from_flat(flat, lengths), B, G))
         return results, diag
 
     @staticmethod
-    def _collect(per_row: dict, scores: TokenScores, *, with_grad: bool, keep_rb_graph: bool, diagnostics) -> None:
+    def _collect(per_row: dict, scores: TokenScores, *, with_grad: bool, keep_rb_graph: bool) -> None:
         """Append one batch's per-row outputs (the only loop over rows: building the result lists)."""
 
         def as_output(values: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -314,10 +329,6 @@ class SequenceProcessor:
                 per_row["rb_torch"].extend(scores.per_row(scores.rb_entropy))
         if scores.baseline is not None:
             per_row["baseline"].extend(scores.per_row(scores.baseline.detach()))
-        if diagnostics is not None:
-            width = int(scores.lengths.max()) if scores.lengths.numel() else 0
-            steps = {k: scores.padded(v, width) for k, v in scores.diagnostics.items()}
-            per_row["packs"].extend(diagnostics.packs(steps, scores.lengths))
 
     def teacher_force_logprobs(
         self,

@@ -9,7 +9,7 @@ list to bound memory ([chunk, v] intermediates), never over single tokens.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -29,7 +29,10 @@ BASELINE_FEATURES = (
 the step index t), never on the token drawn at t, so a baseline built from them keeps a
 score-function estimator unbiased."""
 
-DEFAULT_CHUNK_ELEMENTS = 1 << 23
+DEFAULT_CHUNK_ELEMENTS = 1 << 18
+"""Logits per scoring chunk (1 MiB of float32): large enough that per-op overhead is amortized,
+small enough that a chunk's [chunk, v] intermediates stay in cache. On 2 CPU cores, scoring 2,500
+tokens of a 471-token vocabulary took 16.9 ms in chunks of 2^18, 27.6 ms of 2^20, 20.2 ms of 2^16."""
 
 
 @dataclass
@@ -56,14 +59,6 @@ class TokenScores:
         """Split flat ``values`` ``[N, ...]`` into one tensor per row."""
         return torch.split(values, self.lengths.tolist())
 
-    def padded(self, values: torch.Tensor, width: int) -> torch.Tensor:
-        """Flat ``values`` ``[N]`` back to ``[n, width]``, NaN at t >= length."""
-        t = torch.arange(width, device=self.lengths.device)
-        valid = t.unsqueeze(0) < self.lengths.unsqueeze(1)
-        out = torch.full(valid.shape, float("nan"), dtype=values.dtype, device=values.device)
-        out[valid.to(values.device)] = values
-        return out
-
 
 def _baseline_features(policy: SamplingPolicy, z: torch.Tensor, dist: PolicyDistribution, position: torch.Tensor) -> torch.Tensor:
     first, second = dist.top2()
@@ -89,17 +84,17 @@ def _score_chunk(
     diagnostics: Optional[DistributionDiagnostics],
     baseline: bool,
 ) -> dict:
-    log_q_all = policy.log_probs(z)
+    statistics = rb or diagnostics is not None or baseline
+    dist = policy.distribution(z, statistics=statistics)
     target = targets.unsqueeze(-1)
-    out: dict = {"log_q": log_q_all.gather(-1, target).squeeze(-1)}
+    out: dict = {"log_q": dist.token_log_q(targets)}
     if policy.is_plain_softmax:
         out["log_p"] = out["log_q"]
     else:
         z_math = z.to(policy.dtype)
         out["log_p"] = z_math.gather(-1, target).squeeze(-1) - torch.logsumexp(z_math, dim=-1)
-    if not (rb or diagnostics is not None or baseline):
+    if not statistics:
         return out
-    dist = PolicyDistribution.from_log_probs(log_q_all)
     if rb:
         out["rb_entropy"] = dist.entropy
     with torch.no_grad():
@@ -109,6 +104,38 @@ def _score_chunk(
         if diagnostics is not None:
             out["diagnostics"] = diagnostics.step_statistics(z.detach(), targets, dist=plain)
     return out
+
+
+class RealTokens(NamedTuple):
+    """The real generated tokens of some rows with the logits that produced them, flat in row-major
+    order (N = sum of ``lengths``; row i's tokens are contiguous).
+
+    Attributes:
+        logits: ``[N, v]``; ``logits[k]`` produced ``tokens[k]``.
+        tokens: ``[N]`` generated tokens.
+        positions: ``[N]`` index t of each token within its row's generated region.
+        lengths: ``[n]`` real tokens per row.
+    """
+
+    logits: torch.Tensor
+    tokens: torch.Tensor
+    positions: torch.Tensor
+    lengths: torch.Tensor
+
+    @classmethod
+    def from_region(cls, logits: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor) -> "RealTokens":
+        """From a batch's region logits ``[n, T, v]`` (column t produced ``tokens[:, t]``), tokens
+        ``[n, T]`` and lengths ``[n]``: columns t >= length are dropped."""
+        n, width, _ = logits.shape
+        lengths = lengths.to(logits.device)
+        position = torch.arange(width, device=logits.device).expand(n, width)
+        valid = position < lengths.unsqueeze(1)
+        return cls(logits[valid], tokens.to(logits.device)[valid], position[valid], lengths)
+
+    @classmethod
+    def cat(cls, parts: list["RealTokens"]) -> "RealTokens":
+        """The rows of ``parts`` one after another."""
+        return parts[0] if len(parts) == 1 else cls(*(torch.cat(fields) for fields in zip(*parts)))
 
 
 def score_generated_tokens(
@@ -135,23 +162,33 @@ def score_generated_tokens(
         baseline: compute :data:`BASELINE_FEATURES`.
         chunk_elements: vocabulary math runs on ``chunk_elements // v`` tokens at a time.
     """
+    return score_real_tokens(
+        RealTokens.from_region(logits, tokens, lengths), policy,
+        rb=rb, diagnostics=diagnostics, baseline=baseline, chunk_elements=chunk_elements,
+    )
+
+
+def score_real_tokens(
+    real: RealTokens,
+    policy: SamplingPolicy,
+    *,
+    rb: bool = False,
+    diagnostics: Optional[DistributionDiagnostics] = None,
+    baseline: bool = False,
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+) -> TokenScores:
+    """Score flat real tokens (see :func:`score_generated_tokens` for the options)."""
     if diagnostics is not None and diagnostics.policy != policy:
         raise ValueError(f"diagnostics use policy {diagnostics.policy}, but tokens are scored under {policy}")
-    n, width, vocab = logits.shape
-    lengths = lengths.to(logits.device)
-    position = torch.arange(width, device=logits.device).expand(n, width)
-    valid = position < lengths.unsqueeze(1)
-    flat_logits, flat_tokens, flat_position = logits[valid], tokens.to(logits.device)[valid], position[valid]
-    size = max(1, chunk_elements // vocab)
+    size = max(1, chunk_elements // real.logits.shape[-1])
+    starts = range(0, real.logits.shape[0], size) or range(1)  # an all-empty batch still gets (empty) fields
     chunks = [
         _score_chunk(
-            flat_logits[i : i + size], flat_tokens[i : i + size], flat_position[i : i + size], policy,
+            real.logits[i : i + size], real.tokens[i : i + size], real.positions[i : i + size], policy,
             rb=rb, diagnostics=diagnostics, baseline=baseline,
         )
-        for i in range(0, flat_logits.shape[0], size)
+        for i in starts
     ]
-    if not chunks:  # every row is empty
-        chunks = [_score_chunk(flat_logits, flat_tokens, flat_position, policy, rb=rb, diagnostics=diagnostics, baseline=baseline)]
 
     def joined(key: str) -> Optional[torch.Tensor]:
         return torch.cat([c[key] for c in chunks]) if key in chunks[0] else None
@@ -165,8 +202,8 @@ def score_generated_tokens(
         rb_entropy=joined("rb_entropy"),
         baseline=joined("baseline"),
         diagnostics=diag,
-        lengths=lengths,
+        lengths=real.lengths,
     )
 
 
-__all__ = ["BASELINE_FEATURES", "TokenScores", "score_generated_tokens"]
+__all__ = ["BASELINE_FEATURES", "RealTokens", "TokenScores", "score_generated_tokens", "score_real_tokens"]
