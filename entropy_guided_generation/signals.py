@@ -132,9 +132,11 @@ def entropy_and_varentropy(
     """Entropy (nats) and varentropy (nats^2) from one softmax."""
     lp = log_probs(logits, temperature=temperature, exclude_ids=exclude_ids, dtype=dtype)
     p = lp.exp()
-    h = entropy_from_log_probs(lp)
-    sq = (lp + h.unsqueeze(-1)) ** 2
-    return h, torch.where(p > 0, p * sq, torch.zeros_like(sq)).sum(-1)
+    # Excluded tokens (p = 0, log p = -inf) contribute 0 to both sums.
+    safe = torch.where(p > 0, lp, 0.0)
+    h = -(p * safe).sum(-1)
+    centred = safe + h.unsqueeze(-1)
+    return h, (p * centred * centred).sum(-1)
 
 
 __all__ = [

@@ -219,7 +219,10 @@ def filtered_probs(logits: torch.Tensor, params: SamplingParams, k_cap: Optional
     z = logits.float()
     inv_t = params.temperature.reciprocal().unsqueeze(-1)
     top, ids = torch.topk(z, k, dim=-1)
-    probs = (top * inv_t - torch.logsumexp(z * inv_t, dim=-1, keepdim=True)).exp()
+    # softmax(z / T) over the k columns, shifted by the row's max logit (top[:, :1]): no overflow
+    # and no infinities to special-case, as a logsumexp would.
+    peak = top[:, :1]
+    probs = ((top - peak) * inv_t).exp() / ((z - peak) * inv_t).exp().sum(-1, keepdim=True)
     # Column 0 always passes all three tests (min_p < 1, top_k >= 1, top_p > 0 are validated).
     keep = probs >= params.min_p.unsqueeze(-1) * probs[:, :1]
     keep &= torch.arange(k, device=z.device) < params.top_k.unsqueeze(-1)
@@ -279,11 +282,11 @@ def entropix_step(
     if clarifying_id is not None and not 0 <= clarifying_id < logits.shape[-1]:
         raise ValueError(f"clarifying token id {clarifying_id} lies outside the vocabulary [0, {logits.shape[-1]})")
     regime = choose_regime(metrics, config, prev_token, clarifying_id)
-    params, confidence = _linear_outputs(regime, metrics, config)
+    params = regime_parameters(regime, metrics, config)
     candidates, _ = sample_candidates(logits, params, config.n_adaptive_samples, rng)  # [b, n]
-    # log p of a candidate = its logit - logsumexp(logits); the row constant cannot change the pick
-    cand_logits = logits.float().gather(-1, candidates)
-    best = (cand_logits + confidence.unsqueeze(-1)).argmax(-1, keepdim=True)
+    # Score = log p + confidence = logit - logsumexp(logits) + confidence: the two row constants
+    # cannot change the pick, so the most likely candidate (largest logit) wins.
+    best = logits.gather(-1, candidates).argmax(-1, keepdim=True)
     token = torch.where(regime == ADAPTIVE, candidates.gather(-1, best).squeeze(-1), candidates[:, 0])
     token = torch.where(regime == ARGMAX, logits.argmax(-1), token)
     if clarifying_id is not None:
@@ -313,15 +316,16 @@ class LastQueryAttention:
     ``[b, h, L]`` (q . k / sqrt(d)) of each row's **last** input column against the layer's keys,
     and ``visible`` ``[b, L]`` (the mask row of that column).
 
-    The query is recomputed from the layer's input for that one column (one ``q_proj`` of a single
-    token); keys come from the layer's KV cache (or, without a cache, from ``k_proj`` of the input),
-    so the cost is O(L) per step and no L x L map is built.
+    While attached, the layer's attention kernel call (``attn._attention_call``, which receives
+    the rotated, normed, head-expanded q, k and the mask that the model itself attends with) is
+    wrapped: the last query row is scored against those keys, so nothing is recomputed, the cost
+    is O(L) per step, and no L x L map is built. The model's own kernel still does the attention.
     """
 
     def __init__(self, model: Any):
         layers = getattr(model, "layers", None)
         attn = getattr(layers[-1], "attn", None) if layers is not None and len(layers) else None
-        needed = ("q_proj", "k_proj", "num_heads", "num_kv_heads", "head_dim", "pos_embeddings", "kv_cache")
+        needed = ("_attention_call", "head_dim", "kv_cache")
         if attn is None or not all(hasattr(attn, name) for name in needed):
             raise TypeError(
                 f"cannot observe attention of {type(model).__name__}: expected a torchtune TransformerDecoder whose "
@@ -333,43 +337,29 @@ class LastQueryAttention:
 
     @contextlib.contextmanager
     def attached(self) -> Iterator["LastQueryAttention"]:
-        handle = self.attn.register_forward_hook(self._hook, with_kwargs=True)
+        kernel = self.attn._attention_call
+
+        def observed_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            mask = kwargs["mask"] if "mask" in kwargs else (args[0] if args else None)
+            self._observe(q, k, mask)
+            return kernel(q, k, v, *args, **kwargs)
+
+        self.attn._attention_call = observed_kernel
         try:
             yield self
         finally:
-            handle.remove()
+            self.attn._attention_call = kernel
 
-    def _hook(self, module: Any, args: tuple, kwargs: dict, output: Any) -> None:
-        x = args[0] if args else kwargs["x"]
-        y = args[1] if len(args) > 1 else kwargs.get("y")
-        mask, input_pos = kwargs.get("mask"), kwargs.get("input_pos")
-        b, s = x.shape[:2]
-        last_pos = input_pos[:, -1:] if input_pos is not None else torch.full((b, 1), s - 1, device=x.device)
-        q = self._rotate(module, module.q_proj(x[:, -1:]), last_pos).transpose(1, 2)  # [b, h, 1, d]
-        if getattr(module, "q_norm", None) is not None:
-            q = module.q_norm(q)
-        if module.kv_cache is not None and getattr(module, "cache_enabled", True):
-            keys = module.kv_cache.k_cache  # [b, n_kv, L, d], this forward's keys already written
-        else:
-            positions = input_pos if input_pos is not None else torch.arange(y.shape[1], device=x.device).expand(b, -1)
-            keys = self._rotate(module, module.k_proj(y), positions).transpose(1, 2)
-            if getattr(module, "k_norm", None) is not None:
-                keys = module.k_norm(keys)
-        n_kv, length, d = keys.shape[1], keys.shape[2], keys.shape[3]
-        group = module.num_heads // n_kv
-        q = q.reshape(b, n_kv, group, d).float() * d**-0.5  # head i uses kv head i // group, as torchtune expands k
-        self.scores = torch.matmul(q, keys.float().transpose(2, 3)).reshape(b, module.num_heads, length)
-        self.visible = self._visible(module, mask, b, s, length, x.device)
+    def _observe(self, q: torch.Tensor, k: torch.Tensor, mask: Any) -> None:
+        """``q`` ``[b, h, s, d]`` and ``k`` ``[b, h, L, d]`` as the kernel gets them."""
+        query = q[:, :, -1:].float() * q.shape[-1] ** -0.5
+        self.scores = torch.matmul(query, k.float().transpose(2, 3)).squeeze(2)
+        self.visible = self._visible(mask, q.shape[0], k.shape[2], q.device)
 
-    @staticmethod
-    def _rotate(module: Any, t: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        t = t.view(t.shape[0], t.shape[1], -1, module.head_dim)
-        return module.pos_embeddings(t, input_pos=positions) if module.pos_embeddings is not None else t
-
-    @staticmethod
-    def _visible(module: Any, mask: Any, b: int, s: int, length: int, device: torch.device) -> torch.Tensor:
-        if mask is None:
-            filled = int(module.kv_cache.size) if module.kv_cache is not None and getattr(module, "cache_enabled", True) else length
+    def _visible(self, mask: Any, b: int, length: int, device: torch.device) -> torch.Tensor:
+        if mask is None:  # no mask: causal without a cache (the last query sees every key), or every filled slot
+            cache = self.attn.kv_cache if getattr(self.attn, "cache_enabled", True) else None
+            filled = int(cache.size) if cache is not None else length
             return (torch.arange(length, device=device) < filled).expand(b, -1)
         if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
             raise TypeError(f"entropix needs a boolean attention mask [b, s, L], got {type(mask).__name__}")

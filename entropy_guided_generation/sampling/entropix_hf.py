@@ -65,7 +65,7 @@ class HFLastQueryAttention:
         cos, sin = kwargs["position_embeddings"] if "position_embeddings" in kwargs else args[1]
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         q = self._project(module, module.q_proj, "q_norm", hidden[:, -1:])
-        q, _ = self.rope(q, q, cos[:, -1:], sin[:, -1:])
+        q, _ = self.rope(q, q[:, :, :0], cos[:, -1:], sin[:, -1:])  # no key to rotate: an empty one
         if cache is not None:
             layer = cache.layers[module.layer_idx] if hasattr(cache, "layers") else None
             keys = layer.keys if layer is not None else cache.key_cache[module.layer_idx]

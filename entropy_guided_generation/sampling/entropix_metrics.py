@@ -71,21 +71,23 @@ def attention_metrics(scores: torch.Tensor, visible: torch.Tensor) -> dict[str, 
             f"expected scores [b, h, L] and visible [b, L]; got {tuple(scores.shape)} and {tuple(visible.shape)}"
         )
     n_visible = visible.sum(-1)
-    if not bool((n_visible > 0).all()):
+    if int(n_visible.min()) == 0:
         rows = (n_visible == 0).nonzero().flatten().tolist()
         raise ValueError(f"rows {rows} have no visible key; the current query always sees at least itself")
     keep = visible.unsqueeze(1)  # [b, 1, L]
     s = scores.float()
     p = torch.softmax(s.masked_fill(~keep, float("-inf")), dim=-1)  # exactly 0 on masked keys
-    per_head = torch.special.entr(p).sum(-1) / LN2  # entr(0) = 0: masked keys add nothing; [b, h]
+    per_head = torch.special.entr(p).sum(-1) * (1 / LN2)  # entr(0) = 0: masked keys add nothing; [b, h]
     heads = per_head.shape[1]
-    attn_varentropy = per_head.var(dim=1) if heads > 1 else torch.zeros_like(per_head[:, 0])
-    inv_n = n_visible.to(s.dtype).reciprocal().unsqueeze(1)  # [b, 1]
-    # masked keys have p = 0 in every head, so their |p - mean p| is 0 already
-    agreement = ((p - p.mean(dim=1, keepdim=True)).abs().sum(-1) * inv_n).mean(1)
-    interaction = (torch.where(keep, s.abs(), 0.0).sum(-1) * inv_n).mean(1)
+    mean_entropy = per_head.mean(1, keepdim=True)
+    spread = per_head - mean_entropy
+    attn_varentropy = (spread * spread).sum(1) / max(heads - 1, 1)  # unbiased; 0 for one head
+    # Per head, the mean over visible keys of |p - mean over heads of p| (masked keys have p = 0 in
+    # every head, so they add 0) and of |score|; then the mean over heads.
+    sums = torch.stack([(p - p.mean(dim=1, keepdim=True)).abs().sum(-1), torch.where(keep, s.abs(), 0.0).sum(-1)])
+    agreement, interaction = (sums.mean(-1) / n_visible.to(s.dtype)).unbind(0)
     return {
-        "attn_entropy": per_head.mean(1),
+        "attn_entropy": mean_entropy.squeeze(1),
         "attn_varentropy": attn_varentropy,
         "agreement": agreement,
         "interaction_strength": interaction,
