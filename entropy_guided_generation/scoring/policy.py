@@ -115,26 +115,24 @@ class SamplingPolicy:
         log-probs need).
         """
         if self.greedy:
-            kept = self.kept_mask(logits)
-            return PolicyDistribution.from_kept(torch.zeros_like(kept, dtype=self.dtype), kept, statistics=statistics)
+            keep = torch.zeros_like(logits, dtype=self.dtype).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
+            return PolicyDistribution.from_kept(torch.zeros_like(keep), keep, statistics=statistics)
         z = self._tempered(logits)
         if self.top_p >= 1.0:
             return PolicyDistribution.from_kept(torch.log_softmax(z, dim=-1), None, statistics=statistics)
         nucleus = nucleus_search(z, self.top_p)
-        kept = z.detach() >= nucleus.threshold
-        top = nucleus.head[..., :1]  # max z, always kept: exp(z - top) cannot overflow
-        log_kept = top + ((z - top).exp() * kept.to(z.dtype)).sum(-1, keepdim=True).log()
+        keep = float_mask_at_least(z, nucleus.threshold)
+        # The kept normalizer from exp(z - max): the search's weights, or the same formula again
+        # when z needs a gradient through it.
+        weights = (z - nucleus.peak).exp() if z.requires_grad else nucleus.weights
+        log_kept = nucleus.peak + (weights * keep).sum(-1, keepdim=True).log()
         if not statistics:
-            return PolicyDistribution.from_kept(z - log_kept, kept, statistics=False)
-        # exp(z_j - log_kept) is how q_j comes out of log q, so these are q's two largest
-        # probabilities (the second is 0 when it lies outside the nucleus).
+            return PolicyDistribution.from_kept(z - log_kept, keep, statistics=False)
         log_kept_values = log_kept.detach()
-        two = nucleus.head[..., :2]
-        top_two = torch.where(two >= nucleus.threshold, (two - log_kept_values).exp(), torch.zeros_like(two))
         return PolicyDistribution.from_kept(
-            z - log_kept, kept,
+            z - log_kept, keep,
             log_head_mass=(log_kept_values - nucleus.log_norm).squeeze(-1),
-            top_two=top_two if two.shape[-1] == 2 else None,
+            top_two=_top_two_kept(nucleus, keep, log_kept_values),
         )
 
     # ------------------------------------------------------------------ drawing
@@ -166,13 +164,14 @@ class SamplingPolicy:
 class PolicyDistribution:
     """q over the vocabulary and what several statistics reuse.
 
-    Excluded tokens are marked by a mask, not by -inf entries: on CPU, elementwise ops over -inf
-    entries (exp, logsumexp) run 10-30x slower than over finite ones, so every statistic is formed
-    from finite tensors and :attr:`log_q` (with its -inf entries) is built only when asked for.
+    Excluded tokens are marked by a 0/1 float mask, not by -inf entries: on CPU, elementwise ops
+    over -inf entries (exp, logsumexp) run 10-30x slower than over finite ones, and bool masks are
+    slow to form and to apply (``masked_fill`` / ``where``), so every statistic is formed from finite
+    tensors by multiplication and :attr:`log_q` (with its -inf entries) is built only when asked for.
 
     Attributes:
         shifted_log_q: ``[..., v]`` equal to log q on the kept set; finite but meaningless elsewhere.
-        kept: ``[..., v]`` bool, the tokens q can draw (None: every token).
+        keep: ``[..., v]`` 1.0 on the tokens q can draw, 0.0 elsewhere (None: every token).
         q: ``[..., v]`` probabilities, 0 outside the kept set (None when built without statistics).
         safe_log_q: ``[..., v]`` log q on the kept set, 0 elsewhere (finite, safe to multiply).
         entropy: ``[...]`` H(q) in nats.
@@ -183,7 +182,7 @@ class PolicyDistribution:
     """
 
     shifted_log_q: torch.Tensor
-    kept: Optional[torch.Tensor]
+    keep: Optional[torch.Tensor]
     q: Optional[torch.Tensor]
     safe_log_q: Optional[torch.Tensor]
     entropy: Optional[torch.Tensor]
@@ -194,48 +193,47 @@ class PolicyDistribution:
     def from_kept(
         cls,
         shifted_log_q: torch.Tensor,
-        kept: Optional[torch.Tensor],
+        keep: Optional[torch.Tensor],
         *,
         statistics: bool = True,
         log_head_mass: Optional[torch.Tensor] = None,
         top_two: Optional[torch.Tensor] = None,
     ) -> "PolicyDistribution":
-        """q from log q on the kept set (``shifted_log_q``, finite) and the kept mask (None: all)."""
+        """q from log q on the kept set (``shifted_log_q``, finite) and the 0/1 ``keep`` mask (None: all)."""
         if not statistics:
-            return cls(shifted_log_q, kept, None, None, None)
-        if kept is None:
+            return cls(shifted_log_q, keep, None, None, None)
+        if keep is None:
             safe, q = shifted_log_q, shifted_log_q.exp()
         else:
-            keep = kept.to(shifted_log_q.dtype)
             safe = shifted_log_q * keep
             q = safe.exp() * keep
-        return cls(shifted_log_q, kept, q, safe, -(q * safe).sum(-1), log_head_mass, top_two)
+        return cls(shifted_log_q, keep, q, safe, -(q * safe).sum(-1), log_head_mass, top_two)
 
     @classmethod
     def from_log_probs(cls, log_q: torch.Tensor) -> "PolicyDistribution":
         """q from log-probabilities that hold -inf on excluded tokens (a NaN stays NaN)."""
-        kept = log_q != float("-inf")
-        return cls.from_kept(log_q.nan_to_num(nan=float("nan"), neginf=0.0, posinf=float("inf")), kept)
+        keep = torch.ne(log_q.detach(), float("-inf"), out=torch.empty_like(log_q.detach()))
+        return cls.from_kept(log_q.nan_to_num(nan=float("nan"), neginf=0.0, posinf=float("inf")), keep)
 
     @cached_property
     def log_q(self) -> torch.Tensor:
         """``[..., v]`` log q, -inf outside the kept set."""
-        if self.kept is None:
+        if self.keep is None:
             return self.shifted_log_q
-        return self.shifted_log_q.masked_fill(~self.kept, float("-inf"))
+        return self.shifted_log_q.masked_fill(self.keep == 0, float("-inf"))
 
     def token_log_q(self, tokens: torch.Tensor) -> torch.Tensor:
         """log q of ``tokens`` ``[...]`` (-inf for a token outside the kept set)."""
         index = tokens.unsqueeze(-1)
         values = self.shifted_log_q.gather(-1, index).squeeze(-1)
-        if self.kept is None:
+        if self.keep is None:
             return values
-        return values.masked_fill(~self.kept.gather(-1, index).squeeze(-1), float("-inf"))
+        return values.masked_fill(self.keep.gather(-1, index).squeeze(-1) == 0, float("-inf"))
 
     def detach(self) -> "PolicyDistribution":
         """The same values without a graph."""
         return PolicyDistribution(*(None if v is None else v.detach() for v in (
-            self.shifted_log_q, self.kept, self.q, self.safe_log_q, self.entropy, self.log_head_mass, self.top_two
+            self.shifted_log_q, self.keep, self.q, self.safe_log_q, self.entropy, self.log_head_mass, self.top_two
         )))
 
     def varentropy(self) -> torch.Tensor:
@@ -254,16 +252,16 @@ class PolicyDistribution:
 
     def kept_count(self) -> torch.Tensor:
         """Number of tokens q can draw, ``[...]`` (long)."""
-        if self.kept is None:
+        if self.keep is None:
             return torch.full(self.shifted_log_q.shape[:-1], self.shifted_log_q.shape[-1], device=self.shifted_log_q.device)
-        return self.kept.sum(-1)
+        return self.keep.sum(-1).long()
 
 
 NUCLEUS_FIRST_K = 4
 NUCLEUS_SECOND_K = 64
 SORT_WHOLE_ROWS_MAX_VOCAB = 4096
-"""On CPU, rows of at most this many float32/float64 values are sorted whole up front (numpy's SIMD
-sort of a 471-token row costs less than torch's top-4); longer rows take ``topk`` per stage."""
+"""On CPU, rows of at most this many float32/float64 values are sorted whole (numpy's SIMD sort of a
+471-token row costs less than torch's top-4); longer rows take ``topk`` per stage."""
 
 
 def _nucleus_threshold(sorted_head: torch.Tensor, log_norm: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -294,18 +292,44 @@ def _numpy_sorts(rows: torch.Tensor) -> bool:
     return rows.device.type == "cpu" and rows.dtype in (torch.float32, torch.float64)
 
 
+def _top_two_kept(nucleus: NucleusSearch, keep: torch.Tensor, log_kept: torch.Tensor) -> torch.Tensor:
+    """q's two largest probabilities ``[..., 2]`` (q_j = exp(z_j - log_kept) on the kept set).
+
+    The first is the maximum's. Where the threshold is the maximum, q keeps exactly the maximum's
+    ties: the second is the first again when there are several, else 0. Elsewhere the threshold
+    lies below the second-largest value, which the search found."""
+    tied = keep.sum(-1, keepdim=True) > 1
+    second = torch.where(nucleus.threshold < nucleus.peak, nucleus.second,
+                         torch.where(tied, nucleus.peak, torch.full_like(nucleus.peak, float("-inf"))))
+    return (torch.cat([nucleus.peak, second], dim=-1) - log_kept).exp()
+
+
+def float_mask_at_least(values: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    """``values >= threshold`` as 1.0 / 0.0 in ``values``' dtype (no gradient).
+
+    Written straight into a float tensor: on CPU that is about 4x faster than forming a bool mask
+    (11 vs 44 us for 224 x 471), and converting a bool mask to float costs more again."""
+    values = values.detach()
+    return torch.ge(values, threshold, out=torch.empty_like(values))
+
+
 class NucleusSearch(NamedTuple):
-    """What finding the nucleus of softmax(z) yields, per row of ``z`` ``[..., v]``.
+    """What finding the nucleus of softmax(z) yields, per row of ``z`` ``[..., v]`` (no gradient).
 
     Attributes:
         threshold: ``[..., 1]`` the smallest kept value: token j is kept iff ``z_j >= threshold``.
-        log_norm: ``[..., 1]`` logsumexp(z) over the whole vocabulary.
-        head: ``[..., k]`` the k = min(4, v) largest values of z, descending.
+        peak: ``[..., 1]`` max z.
+        weights: ``[..., v]`` exp(z - peak), the unnormalized softmax (1 at the maximum).
+        log_norm: ``[..., 1]`` logsumexp(z) over the whole vocabulary (= peak + log sum weights).
+        second: ``[..., 1]`` the second-largest value of z (ties counted) in rows whose search
+            went past the maximum, -inf in rows the maximum settled (threshold = peak there).
     """
 
     threshold: torch.Tensor
+    peak: torch.Tensor
+    weights: torch.Tensor
     log_norm: torch.Tensor
-    head: torch.Tensor
+    second: torch.Tensor
 
 
 def nucleus_mask(scaled_logits: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -324,15 +348,31 @@ def nucleus_search(scaled_logits: torch.Tensor, top_p: float) -> NucleusSearch:
     Implementation: in descending order the inclusive cumulative mass ``c`` is monotone, so the
     kept sorted positions are the first ``m + 1`` where ``m = #{k : c_k < top_p}``; every token
     whose logit is >= the logit at sorted position ``m`` is kept (this adds the boundary's ties).
-    Only the head of the order is needed: the top 4 values settle most rows of a peaked
-    distribution, the top 64 most others; only the rest (flat distributions) need the whole row.
-    The 64-stage is skipped for rows that cannot reach ``top_p`` in it (64 tokens hold at most
-    16 x the mass of the top 4). The heads come from one whole-row sort up front (CPU rows of at
-    most :data:`SORT_WHOLE_ROWS_MAX_VOCAB` values) or from ``topk`` per stage; both give the same mask.
+    Only the head of the order is needed: the maximum alone settles most rows of a peaked
+    distribution (``c_0 >= top_p``: threshold = max), the top 4 and then the top 64 values most
+    others; only the rest (flat distributions) need the whole row. The 64-stage is skipped for
+    rows that cannot reach ``top_p`` in it (64 tokens hold at most 16 x the mass of the top 4).
+    Unsettled rows are sorted whole (CPU rows of at most :data:`SORT_WHOLE_ROWS_MAX_VOCAB`
+    values) or searched with ``topk`` per stage; both give the same mask.
     """
     shape, v = scaled_logits.shape, scaled_logits.shape[-1]
     flat = scaled_logits.detach().reshape(-1, v)  # the kept set is piecewise constant: no gradient
-    log_norm = torch.logsumexp(flat, dim=-1, keepdim=True)
+    peak = flat.amax(-1, keepdim=True)
+    weights = (flat - peak).exp()
+    log_norm = peak + weights.sum(-1, keepdim=True).log()
+    threshold, second = peak.clone(), torch.full_like(peak, float("-inf"))
+    pending = ((peak - log_norm).exp() < top_p).view(-1).nonzero().squeeze(-1)
+    if pending.numel():
+        threshold[pending], second[pending] = _threshold_of_flatter_rows(flat[pending], log_norm[pending], top_p)
+    batch = shape[:-1]
+    return NucleusSearch(*(t.view(*batch, 1) for t in (threshold, peak)), weights.view(shape),
+                         *(t.view(*batch, 1) for t in (log_norm, second)))
+
+
+def _threshold_of_flatter_rows(flat: torch.Tensor, log_norm: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Thresholds ``[r, 1]`` of rows ``[r, v]`` whose maximum alone holds less than ``top_p``, and
+    their second-largest values ``[r, 1]`` (v >= 2 in such rows)."""
+    v = flat.shape[-1]
     ordered = sorted_descending(flat) if _numpy_sorts(flat) and v <= SORT_WHOLE_ROWS_MAX_VOCAB else None
 
     def top_values(rows: Optional[torch.Tensor], k: int) -> torch.Tensor:
@@ -356,8 +396,7 @@ def nucleus_search(scaled_logits: torch.Tensor, top_p: float) -> NucleusSearch:
             pending = (~resolved).nonzero().squeeze(-1)
     if pending.numel():
         threshold[pending] = _nucleus_threshold(top_values(pending, v), log_norm[pending], top_p)[0]
-    batch = shape[:-1]
-    return NucleusSearch(threshold.view(*batch, 1), log_norm.view(*batch, 1), head.view(*batch, first_k))
+    return threshold, head[:, 1:2]
 
 
 def entropy_of_log_probs(log_q: torch.Tensor) -> torch.Tensor:
@@ -376,6 +415,7 @@ __all__ = [
     "PolicyDistribution",
     "SamplingPolicy",
     "entropy_of_log_probs",
+    "float_mask_at_least",
     "nucleus_mask",
     "nucleus_search",
 ]

@@ -286,9 +286,11 @@ class SequenceProcessor:
                 step_diagnostics.append(scores.diagnostics)
 
         starts = range(0, rows.shape[0], batch_size)
-        for start in tqdm(starts, desc="teacher-force", disable=not self.progress or len(starts) < 2, leave=False):
-            stop = start + batch_size
-            with self._forward_scope(with_grad, params_override is not None):
+        if self.progress and len(starts) > 1:
+            starts = tqdm(starts, desc="teacher-force", leave=False)
+        with self._forward_scope(with_grad, params_override is not None):
+            for start in starts:
+                stop = start + batch_size
                 waiting.append(self._region_tokens(rows[start:stop], masks[start:stop], lengths[start:stop], prompt_width, params_override))
                 if stop >= rows.shape[0] or sum(part.logits.numel() for part in waiting) >= DEFAULT_CHUNK_ELEMENTS:
                     score_waiting()

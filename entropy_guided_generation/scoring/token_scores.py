@@ -126,11 +126,16 @@ class RealTokens(NamedTuple):
     def from_region(cls, logits: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor) -> "RealTokens":
         """From a batch's region logits ``[n, T, v]`` (column t produced ``tokens[:, t]``), tokens
         ``[n, T]`` and lengths ``[n]``: columns t >= length are dropped."""
-        n, width, _ = logits.shape
+        n, width, vocab = logits.shape
         lengths = lengths.to(logits.device)
         position = torch.arange(width, device=logits.device).expand(n, width)
-        valid = position < lengths.unsqueeze(1)
-        return cls(logits[valid], tokens.to(logits.device)[valid], position[valid], lengths)
+        real = (position < lengths.unsqueeze(1)).view(-1).nonzero().squeeze(-1)  # row-major flat indices
+        return cls(
+            logits.reshape(n * width, vocab).index_select(0, real),
+            tokens.to(logits.device).reshape(-1).index_select(0, real),
+            real.remainder(width),
+            lengths,
+        )
 
     @classmethod
     def cat(cls, parts: list["RealTokens"]) -> "RealTokens":
