@@ -212,22 +212,23 @@ def filtered_probs(logits: torch.Tensor, params: SamplingParams, k_cap: Optional
         k_cap: columns kept (default: the largest ``top_k``); a temperature > 0 keeps the order.
 
     Returns:
-        ``weights`` ``[b, k]`` (unnormalised kept probabilities, 0 where dropped) and ``ids`` ``[b, k]``
-        (the vocabulary ids of those columns, most likely first), k = min(v, k_cap).
+        ``weights`` ``[b, k]``: the kept probabilities times a per-row constant (the most likely
+        token's weight is 1), 0 where dropped; and ``ids`` ``[b, k]``, the vocabulary ids of those
+        columns, most likely first; k = min(v, k_cap).
     """
     k = min(k_cap if k_cap is not None else int(params.top_k.max()), logits.shape[-1])
     z = logits.float()
     inv_t = params.temperature.reciprocal().unsqueeze(-1)
     top, ids = torch.topk(z, k, dim=-1)
-    # softmax(z / T) over the k columns, shifted by the row's max logit (top[:, :1]): no overflow
-    # and no infinities to special-case, as a logsumexp would.
+    # exp((z - max) / T): p times the row's normalizer, 1 at the most likely token; no overflow.
     peak = top[:, :1]
-    probs = ((top - peak) * inv_t).exp() / ((z - peak) * inv_t).exp().sum(-1, keepdim=True)
+    weights = ((top - peak) * inv_t).exp()
+    normalizer = ((z - peak) * inv_t).exp().sum(-1, keepdim=True)
     # Column 0 always passes all three tests (min_p < 1, top_k >= 1, top_p > 0 are validated).
-    keep = probs >= params.min_p.unsqueeze(-1) * probs[:, :1]
+    keep = weights >= params.min_p.unsqueeze(-1)
     keep &= torch.arange(k, device=z.device) < params.top_k.unsqueeze(-1)
-    keep &= (probs.cumsum(-1) - probs) < params.top_p.unsqueeze(-1)
-    return probs * keep, ids
+    keep &= (weights.cumsum(-1) - weights) < params.top_p.unsqueeze(-1) * normalizer
+    return weights * keep, ids
 
 
 def sample_candidates(
@@ -377,7 +378,7 @@ class _EntropixLoop:
         self.records: list[dict[str, torch.Tensor]] = []
 
     def __call__(self, *, logits: torch.Tensor, step: int) -> torch.Tensor:
-        metrics = entropix_metrics(logits, self.observer.scores, self.observer.visible)
+        metrics = entropix_metrics(logits, self.observer.scores, self.observer.visible, validate=False)
         decision = entropix_step(logits, metrics, self.config, self.prev, self.clarifying_id, self.rng)
         p = decision.params
         self.records.append({**metrics.as_dict(), "temperature": p.temperature, "top_p": p.top_p, "min_p": p.min_p,

@@ -163,7 +163,7 @@ class HookBasedEntropySampler(LogitsProcessor):
                 "no attention of the current step was observed; call the sampler inside model.generate of the "
                 "model it was built with"
             )
-        metrics = entropix_metrics(scores, observed.scores, observed.visible)
+        metrics = entropix_metrics(scores, observed.scores, observed.visible, validate=False)
         decision = entropix_step(scores, metrics, self.config, input_ids[:, -1], self.clarifying_id, self.rng)
         p = decision.params
         self.history.append(

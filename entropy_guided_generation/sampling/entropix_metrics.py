@@ -49,7 +49,7 @@ class EntropixMetrics:
 def logit_metrics(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Entropy (bits) and varentropy (bits^2) of softmax(logits) ``[..., v]``, float32, shape ``[...]``."""
     h_nats, v_nats = entropy_and_varentropy(logits)
-    return h_nats / LN2, v_nats / (LN2 * LN2)
+    return h_nats * (1 / LN2), v_nats * (1 / (LN2 * LN2))
 
 
 def attention_metrics(scores: torch.Tensor, visible: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -74,6 +74,11 @@ def attention_metrics(scores: torch.Tensor, visible: torch.Tensor) -> dict[str, 
     if int(n_visible.min()) == 0:
         rows = (n_visible == 0).nonzero().flatten().tolist()
         raise ValueError(f"rows {rows} have no visible key; the current query always sees at least itself")
+    return _attention_metrics(scores, visible, n_visible)
+
+
+def _attention_metrics(scores: torch.Tensor, visible: torch.Tensor, n_visible: torch.Tensor) -> dict[str, torch.Tensor]:
+    """:func:`attention_metrics` without its input checks; ``n_visible`` ``[b]`` = ``visible.sum(-1)`` >= 1."""
     keep = visible.unsqueeze(1)  # [b, 1, L]
     s = scores.float()
     p = torch.softmax(s.masked_fill(~keep, float("-inf")), dim=-1)  # exactly 0 on masked keys
@@ -95,11 +100,17 @@ def attention_metrics(scores: torch.Tensor, visible: torch.Tensor) -> dict[str, 
     }
 
 
-def entropix_metrics(logits: torch.Tensor, scores: torch.Tensor, visible: torch.Tensor) -> EntropixMetrics:
+def entropix_metrics(logits: torch.Tensor, scores: torch.Tensor, visible: torch.Tensor, *, validate: bool = True) -> EntropixMetrics:
     """All of one step's metrics from its logits ``[b, v]`` and the current query's attention
-    scores ``[b, h, L]`` over ``visible`` keys ``[b, L]``."""
+    scores ``[b, h, L]`` over ``visible`` keys ``[b, L]``.
+
+    ``validate=False`` skips the shape and visible-key checks of :func:`attention_metrics` (and
+    their host sync, a stall per step on an accelerator): for visibility read from the model's
+    own causal mask, where the current query always sees itself.
+    """
     entropy, varentropy = logit_metrics(logits)
-    return EntropixMetrics(entropy=entropy, varentropy=varentropy, **attention_metrics(scores, visible))
+    attention = attention_metrics(scores, visible) if validate else _attention_metrics(scores, visible, visible.sum(-1))
+    return EntropixMetrics(entropy=entropy, varentropy=varentropy, **attention)
 
 
 METRIC_NAMES = EntropixMetrics.NAMES
