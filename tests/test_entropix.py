@@ -83,6 +83,12 @@ def test_attention_metrics_equal_brute_force_over_visible_keys_only(heads):
         for name, value in want.items():
             assert got[name][b].item() == pytest.approx(value, rel=1e-4, abs=1e-5), (name, b)
     assert all(bool(torch.isfinite(t).all()) for t in got.values())
+    # the decoders' unchecked path computes the same values
+    logits = torch.randn(4, 11, generator=gen)
+    checked = entropix_metrics(logits, scores, visible).as_dict()
+    unchecked = entropix_metrics(logits, scores, visible, validate=False).as_dict()
+    assert all(torch.equal(checked[name], unchecked[name]) for name in checked)
+    assert torch.equal(checked["attn_entropy"], got["attn_entropy"])
 
 
 def test_attention_metrics_reject_a_row_without_visible_keys():
