@@ -8,7 +8,7 @@ set to -inf before the softmax), which is how confidence tokens are kept out of 
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Union
+from typing import Sequence, Union
 
 import torch
 

@@ -11,7 +11,6 @@ from entropy_guided_generation.generation import (
     filter_top_p,
     generate_answer_interleaved,
     generate_answer_interleaved_marker,
-    generate_full_interleaved,
     generate_plain,
     get_decoder,
     sample_next_token,

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from entropy_guided_generation import kit
-from entropy_guided_generation.kit import cache, data, lm_eval_tasks, models, train_base
+from entropy_guided_generation.kit import cache, lm_eval_tasks, train_base
 from entropy_guided_generation.kit import tokenizer as kit_tokenizer
 
 # The shipped base reaches 0.52 on these 200 held-out problems (base_card.json; chance is ~0); the floor

@@ -278,6 +278,8 @@ def test_dict_config_sections_and_bad_keys(model, tokenizer):
         SequenceProcessor(model, tokenizer, {"precision": {"tf_nograd": {"autocast": True, "dtype": "float32"}}})
     with pytest.raises(ValueError, match="top_p must lie in"):
         GenerationConfig(top_p=0.0)
+    with pytest.raises(ValueError, match=r"no responses \(shape \(2, 0, 5\)\)"):
+        BatchedSequences(torch.zeros(2, 0, 5, dtype=torch.long), [3, 3], [[], []], torch.zeros(2, 0, 5), [[], []])
 
 
 # ---------------------------------------------------------------- text paths with a scripted model

@@ -28,7 +28,6 @@ from entropy_guided_generation.training.kit_paths import resolve_kit_reference, 
 from entropy_guided_generation.training.loss_step import (
     ConfidenceLayout,
     LossStep,
-    ModelBatch,
     check_no_confidence_ids,
     shifted_labels,
     summed_token_loss,

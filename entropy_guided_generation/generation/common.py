@@ -18,7 +18,7 @@ from entropy_guided_generation import signals
 from entropy_guided_generation.confidence import ConfidenceCodec
 from entropy_guided_generation.generation.sampling import sample_next_token
 from entropy_guided_generation.layout import compute_bins, confidence_slots, interleave
-from entropy_guided_generation.modeling import is_torchtune_decoder, logits_at, positions_from_padding
+from entropy_guided_generation.modeling import is_torchtune_decoder, logits_at
 
 
 @dataclass

@@ -44,6 +44,8 @@ class BatchedSequences:
         if self.sequences.dim() != 3:
             raise ValueError(f"sequences must be [B, G, L], got shape {tuple(self.sequences.shape)}")
         b, g, width = self.sequences.shape
+        if b == 0 or g == 0:
+            raise ValueError(f"sequences hold no responses (shape {tuple(self.sequences.shape)}); expected B >= 1 prompts x G >= 1")
         if tuple(self.attention_masks.shape) != (b, g, width):
             raise ValueError(f"attention_masks has shape {tuple(self.attention_masks.shape)}, expected {(b, g, width)}")
         if len(self.prompt_lens) != b or len(set(self.prompt_lens)) > 1:

@@ -4,7 +4,7 @@ fitted on the training data's signals before training when the config gives none
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable, Iterable, Mapping, Optional
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 from torch import nn
