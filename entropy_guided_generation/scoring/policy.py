@@ -109,10 +109,10 @@ class SamplingPolicy:
         """q on ``logits`` ``[..., v]`` with the intermediates that entropies and diagnostics share.
 
         log q = z / tau - log(kept normalizer) on the kept set (the nucleus of softmax(z / tau)).
-        The nucleus search already has each row's full normalizer and largest values, so it also
-        yields the log head mass and the two largest probabilities at no extra pass over the
-        vocabulary. With ``statistics=False`` only log q is formed (what sampling and token
-        log-probs need).
+        The nucleus search already has each row's maximum, exp(z - max) and full normalizer (and,
+        where it searched past the maximum, the second-largest value), so the kept normalizer, the
+        log head mass and the two largest probabilities need no further sort. With
+        ``statistics=False`` only log q is formed (what sampling and token log-probs need).
         """
         if self.greedy:
             keep = torch.zeros_like(logits, dtype=self.dtype).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
