@@ -61,9 +61,10 @@ class SamplingPolicy:
         return nucleus_mask(self._tempered(logits), self.top_p)
 
     def _tempered(self, logits: torch.Tensor) -> torch.Tensor:
-        """z / tau in the policy dtype, ``[..., v]``."""
+        """z / tau in the policy dtype, ``[..., v]`` (as z * (1 / tau): a multiplication costs a
+        third of a division on CPU, and generation and scoring both go through here)."""
         z = logits.to(self.dtype)
-        return z / self.temperature if self.temperature != 1.0 else z
+        return z * (1.0 / self.temperature) if self.temperature != 1.0 else z
 
     def log_probs(self, logits: torch.Tensor) -> torch.Tensor:
         """log q over the vocabulary: ``[..., v]`` in ``self.dtype``, -inf outside the kept set.

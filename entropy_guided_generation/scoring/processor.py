@@ -270,7 +270,7 @@ class SequenceProcessor:
         diagnostics = self.distribution_diagnostics if with_diagnostics else None
         keep_rb_graph = with_grad and compute_rb and self.config.rb_requires_grad
 
-        per_row: dict[str, list] = {k: [] for k in ("log_p", "log_q", "rb", "rb_torch", "baseline", "sum_p", "sum_q")}
+        per_row: dict[str, list] = {k: [] for k in ("log_p", "surprisal", "log_q", "rb", "rb_torch", "baseline", "sum_p", "sum_q")}
         step_diagnostics: list[dict[str, torch.Tensor]] = []
         waiting: list[RealTokens] = []
 
@@ -300,7 +300,7 @@ class SequenceProcessor:
 
         results = LogprobResults(
             logprobs=nest("log_p"),
-            entropies=_nested([(-lp.detach()).cpu().numpy() for lp in per_row["log_p"]], B, G),
+            entropies=nest("surprisal"),
             sequence_logprobs=nest("sum_p"),
             rb_entropies=nest("rb") if compute_rb else None,
             rb_entropies_torch=nest("rb_torch") if keep_rb_graph else None,
@@ -322,6 +322,7 @@ class SequenceProcessor:
             return scores.per_row(values if with_grad else values.detach().cpu())
 
         per_row["log_p"].extend(as_output(scores.log_p))
+        per_row["surprisal"].extend(v.numpy() for v in scores.per_row(-scores.log_p.detach().cpu()))
         per_row["log_q"].extend(as_output(scores.log_q))
         per_row["sum_p"].extend(_row_sums(scores, scores.log_p))
         per_row["sum_q"].extend(_row_sums(scores, scores.log_q))
