@@ -83,6 +83,9 @@ def test_attention_metrics_equal_brute_force_over_visible_keys_only(heads):
         for name, value in want.items():
             assert got[name][b].item() == pytest.approx(value, rel=1e-4, abs=1e-5), (name, b)
     assert all(bool(torch.isfinite(t).all()) for t in got.values())
+    # visible=None (the query sees every key) equals an all-True mask
+    everything = attention_metrics(scores[:1], None)
+    assert all(torch.allclose(everything[name], got[name][:1], rtol=1e-6, atol=1e-7) for name in got)
     # the decoders' unchecked path computes the same values
     logits = torch.randn(4, 11, generator=gen)
     checked = entropix_metrics(logits, scores, visible).as_dict()

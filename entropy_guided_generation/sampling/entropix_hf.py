@@ -32,8 +32,8 @@ def _decoder_layers(model: Any) -> Any:
 class HFLastQueryAttention:
     """Forward hook on a transformers model's last ``self_attn``: after each forward, ``scores``
     ``[b, h, L]`` (q . k * scaling of the last input position against every cached key) and
-    ``visible`` ``[b, L]`` (that query's row of the attention mask; all True when the model
-    passes no mask)."""
+    ``visible`` ``[b, L]`` (that query's row of the attention mask; None when the model passes no
+    mask: the query sees every key)."""
 
     def __init__(self, model: Any):
         layers = _decoder_layers(model)
@@ -79,9 +79,9 @@ class HFLastQueryAttention:
         self.visible = self._visible(kwargs.get("attention_mask"), b, length, hidden.device)
 
     @staticmethod
-    def _visible(mask: Any, b: int, length: int, device: torch.device) -> torch.Tensor:
+    def _visible(mask: Any, b: int, length: int, device: torch.device) -> Optional[torch.Tensor]:
         if mask is None:  # sdpa/causal skip: the last query sees every key
-            return torch.ones(b, length, dtype=torch.bool, device=device)
+            return None
         if not isinstance(mask, torch.Tensor) or mask.dim() != 4:
             raise TypeError(
                 f"HookBasedEntropySampler needs a 4-D attention mask tensor (sdpa or eager attention), got "

@@ -52,12 +52,12 @@ def logit_metrics(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return h_nats * (1 / LN2), v_nats * (1 / (LN2 * LN2))
 
 
-def attention_metrics(scores: torch.Tensor, visible: torch.Tensor) -> dict[str, torch.Tensor]:
+def attention_metrics(scores: torch.Tensor, visible: Optional[torch.Tensor]) -> dict[str, torch.Tensor]:
     """Attention metrics of one query per row.
 
     Args:
         scores: ``[b, h, L]`` pre-softmax attention scores of the current query (any float dtype).
-        visible: ``[b, L]`` bool, True on the keys the query may attend to.
+        visible: ``[b, L]`` bool, True on the keys the query may attend to; None when it sees all L.
 
     Returns:
         ``attn_entropy``, ``attn_varentropy``, ``agreement``, ``interaction_strength`` (each ``[b]``)
@@ -66,22 +66,30 @@ def attention_metrics(scores: torch.Tensor, visible: torch.Tensor) -> dict[str, 
     Raises:
         ValueError: a row with no visible key, or mismatched shapes.
     """
-    if scores.dim() != 3 or visible.shape != (scores.shape[0], scores.shape[2]):
+    if scores.dim() != 3 or (visible is not None and visible.shape != (scores.shape[0], scores.shape[2])):
         raise ValueError(
-            f"expected scores [b, h, L] and visible [b, L]; got {tuple(scores.shape)} and {tuple(visible.shape)}"
+            f"expected scores [b, h, L] and visible [b, L] or None; got {tuple(scores.shape)} and "
+            f"{None if visible is None else tuple(visible.shape)}"
         )
-    n_visible = visible.sum(-1)
-    if int(n_visible.min()) == 0:
-        rows = (n_visible == 0).nonzero().flatten().tolist()
-        raise ValueError(f"rows {rows} have no visible key; the current query always sees at least itself")
-    return _attention_metrics(scores, visible, n_visible)
+    if visible is not None:
+        n_visible = visible.sum(-1)
+        if int(n_visible.min()) == 0:
+            rows = (n_visible == 0).nonzero().flatten().tolist()
+            raise ValueError(f"rows {rows} have no visible key; the current query always sees at least itself")
+    elif scores.shape[2] == 0:
+        raise ValueError("scores hold no key (L = 0); the current query always sees at least itself")
+    return _attention_metrics(scores, visible)
 
 
-def _attention_metrics(scores: torch.Tensor, visible: torch.Tensor, n_visible: torch.Tensor) -> dict[str, torch.Tensor]:
-    """:func:`attention_metrics` without its input checks; ``n_visible`` ``[b]`` = ``visible.sum(-1)`` >= 1."""
-    keep = visible.unsqueeze(1)  # [b, 1, L]
+def _attention_metrics(scores: torch.Tensor, visible: Optional[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """:func:`attention_metrics` without its input checks (every row sees at least one key)."""
     s = scores.float()
-    p = torch.softmax(s.masked_fill(~keep, float("-inf")), dim=-1)  # exactly 0 on masked keys
+    if visible is None:
+        p, abs_scores, n_visible = torch.softmax(s, dim=-1), s.abs(), s.shape[2]
+    else:
+        keep = visible.unsqueeze(1)  # [b, 1, L]
+        p = torch.softmax(s.masked_fill(~keep, float("-inf")), dim=-1)  # exactly 0 on masked keys
+        abs_scores, n_visible = torch.where(keep, s.abs(), 0.0), visible.sum(-1, keepdim=True).to(s.dtype)
     per_head = torch.special.entr(p).sum(-1) * (1 / LN2)  # entr(0) = 0: masked keys add nothing; [b, h]
     heads = per_head.shape[1]
     mean_entropy = per_head.mean(1, keepdim=True)
@@ -89,8 +97,8 @@ def _attention_metrics(scores: torch.Tensor, visible: torch.Tensor, n_visible: t
     attn_varentropy = (spread * spread).sum(1) / max(heads - 1, 1)  # unbiased; 0 for one head
     # Per head, the mean over visible keys of |p - mean over heads of p| (masked keys have p = 0 in
     # every head, so they add 0) and of |score|; then the mean over heads.
-    sums = torch.stack([(p - p.mean(dim=1, keepdim=True)).abs().sum(-1), torch.where(keep, s.abs(), 0.0).sum(-1)])
-    agreement, interaction = (sums.mean(-1) / n_visible.to(s.dtype)).unbind(0)
+    sums = torch.stack([(p - p.mean(dim=1, keepdim=True)).abs().sum(-1), abs_scores.sum(-1)], dim=-1)  # [b, h, 2]
+    agreement, interaction = (sums.mean(1) / n_visible).unbind(-1)
     return {
         "attn_entropy": mean_entropy.squeeze(1),
         "attn_varentropy": attn_varentropy,
@@ -100,16 +108,18 @@ def _attention_metrics(scores: torch.Tensor, visible: torch.Tensor, n_visible: t
     }
 
 
-def entropix_metrics(logits: torch.Tensor, scores: torch.Tensor, visible: torch.Tensor, *, validate: bool = True) -> EntropixMetrics:
+def entropix_metrics(
+    logits: torch.Tensor, scores: torch.Tensor, visible: Optional[torch.Tensor], *, validate: bool = True
+) -> EntropixMetrics:
     """All of one step's metrics from its logits ``[b, v]`` and the current query's attention
-    scores ``[b, h, L]`` over ``visible`` keys ``[b, L]``.
+    scores ``[b, h, L]`` over ``visible`` keys ``[b, L]`` (None: all of them).
 
     ``validate=False`` skips the shape and visible-key checks of :func:`attention_metrics` (and
     their host sync, a stall per step on an accelerator): for visibility read from the model's
     own causal mask, where the current query always sees itself.
     """
     entropy, varentropy = logit_metrics(logits)
-    attention = attention_metrics(scores, visible) if validate else _attention_metrics(scores, visible, visible.sum(-1))
+    attention = attention_metrics(scores, visible) if validate else _attention_metrics(scores, visible)
     return EntropixMetrics(entropy=entropy, varentropy=varentropy, **attention)
 
 
