@@ -82,8 +82,9 @@ class SamplingPolicy:
         return self.distribution(logits, statistics=False).token_log_q(tokens)
 
     def entropy(self, logits: torch.Tensor) -> torch.Tensor:
-        """Entropy of q in nats, ``[...]``; differentiable w.r.t. ``logits`` (see :func:`entropy_of_log_probs`)."""
-        return entropy_of_log_probs(self.log_probs(logits))
+        """Entropy of q in nats, ``[...]``; differentiable w.r.t. ``logits`` (excluded tokens add
+        nothing, to the value or to the gradient)."""
+        return self.distribution(logits).entropy
 
     @property
     def is_plain_softmax(self) -> bool:
@@ -116,7 +117,7 @@ class SamplingPolicy:
         ``statistics=False`` only log q is formed (what sampling and token log-probs need).
         """
         if self.greedy:
-            keep = torch.zeros_like(logits, dtype=self.dtype).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
+            keep = self.kept_mask(logits).to(self.dtype)
             return PolicyDistribution.from_kept(torch.zeros_like(keep), keep, statistics=statistics)
         z = self._tempered(logits)
         if self.top_p >= 1.0:
