@@ -42,7 +42,7 @@ from entropy_guided_generation.confidence import (
     find_confidence_json,
     read_confidence_json,
 )
-from entropy_guided_generation.layout import check_mode
+from entropy_guided_generation.layout import NONE, Mode, mode_named
 from entropy_guided_generation.modeling import vocab_size_of
 
 log = utils.get_logger("INFO")
@@ -62,14 +62,18 @@ class EvalInterleaving:
     """The ``interleaving`` section, reconciled with the checkpoint's ``confidence.json``.
 
     Attributes:
-        mode: none | full | answer | marker (from the config, else from confidence.json, else none).
-        marker: the marker string (mode marker).
+        mode: the registered mode the config names, else confidence.json's, else none.
+        marker: the marker string (modes that read one).
         max_passes: cap on fixed-point passes when scoring (None: exact).
     """
 
-    mode: str
+    mode: Mode
     marker: Optional[str] = None
     max_passes: Optional[int] = None
+
+    @property
+    def name(self) -> str:
+        return self.mode.name
 
 
 def _plain(node: Any) -> Any:
@@ -102,32 +106,32 @@ def eval_interleaving(cfg: DictConfig, metadata: Optional[ConfidenceMetadata], s
         raise ValueError(f"unknown interleaving keys {unknown}; expected some of {', '.join(INTERLEAVING_KEYS)}")
     mode, marker = section.get("mode"), section.get("marker")
     if mode is not None:
-        check_mode(mode)
+        mode_named(mode)
     if metadata is not None:
         check_config_matches(metadata, mode=mode, marker=marker, source=source)
         mode = mode if mode is not None else metadata.mode
         marker = marker if marker is not None else metadata.marker
-    mode = mode if mode is not None else "none"
+    mode = mode_named(mode if mode is not None else NONE.name)
     max_passes = section.get("max_passes")
     if max_passes is not None and (not isinstance(max_passes, int) or isinstance(max_passes, bool) or max_passes < 1):
         raise ValueError(f"interleaving.max_passes must be an int >= 1 or null, got {max_passes!r}")
     return EvalInterleaving(
         mode=mode,
-        marker=marker if mode == "marker" else None,
+        marker=marker if mode.needs_marker else None,
         max_passes=max_passes,
     )
 
 
 def eval_codec(
-    cfg: DictConfig, metadata: Optional[ConfidenceMetadata], tokenizer: Any, mode: str, source: str = "confidence.json"
+    cfg: DictConfig, metadata: Optional[ConfidenceMetadata], tokenizer: Any, mode: Mode, source: str = "confidence.json"
 ) -> Optional[ConfidenceCodec]:
     """The codec: confidence.json's (a ``confidence`` section, if given, must agree with it), else the
-    config's ``confidence`` section; None in mode none.
+    config's ``confidence`` section; None in a plain mode.
 
     Raises:
         ValueError: on a contradicting section, or an interleaved mode with no codec anywhere.
     """
-    if mode == "none":
+    if mode.is_plain:
         return None
     section = cfg.get("confidence", None)
     configured = ConfidenceCodec.from_config(section, tokenizer) if section is not None else None
@@ -137,7 +141,7 @@ def eval_codec(
         return metadata.to_codec()
     if configured is None:
         raise ValueError(
-            f"interleaving.mode {mode!r} needs a confidence codec: no confidence.json beside checkpoint "
+            f"interleaving.mode {mode.name!r} needs a confidence codec: no confidence.json beside checkpoint "
             f"{cfg.checkpointer.checkpoint_dir} and no `confidence` section in the config"
         )
     return configured
@@ -175,8 +179,8 @@ def build_lm(cfg: DictConfig, device: torch.device, dtype: torch.dtype):
     metadata, source = checkpoint_metadata(cfg)
     interleaving = eval_interleaving(cfg, metadata, str(source))
     sampler = _plain(cfg.get("sampler", None))
-    if sampler and interleaving.mode != "none":
-        raise ValueError(f"sampler {sampler!r} selects a decoder for mode none; interleaving.mode is {interleaving.mode!r}")
+    if sampler and not interleaving.mode.is_plain:
+        raise ValueError(f"sampler {sampler!r} selects a decoder for mode none; interleaving.mode is {interleaving.name!r}")
     tokenizer = config.instantiate(cfg.tokenizer)
     codec = eval_codec(cfg, metadata, tokenizer, interleaving.mode, str(source))
     model = load_model(cfg, device, dtype)
@@ -231,7 +235,7 @@ def run_summary(results: dict, rows: list, interleaving: EvalInterleaving, lm: A
     headline = rows[0].to_dict() if rows else {}
     stats = lm.decode_stats
     return {
-        "mode": interleaving.mode,
+        "mode": interleaving.name,
         "marker": interleaving.marker,
         "decoder": lm.decoder_name,
         "task": headline.get("task"),
@@ -282,7 +286,7 @@ class EleutherEvalRecipeDirect:
         self.include_path = _plain(cfg.get("include_path", None))
         self.checkpoint_dir = str(cfg.checkpointer.checkpoint_dir)
         self.lm, self.interleaving, self.metadata = build_lm(cfg, self.device, self.dtype)
-        log.info(f"lm-eval model {type(self.lm).__name__} in interleaving mode {self.interleaving.mode!r}, decoder {self.lm.decoder_name!r}")
+        log.info(f"lm-eval model {type(self.lm).__name__} in interleaving mode {self.interleaving.name!r}, decoder {self.lm.decoder_name!r}")
 
     def evaluate(self) -> dict:
         """Run lm-eval on the tasks; write and print results, samples, traces, calibration and summary.
@@ -309,7 +313,7 @@ class EleutherEvalRecipeDirect:
         started = time.perf_counter()
         results = simple_evaluate(
             model=self.lm,
-            model_args={"model": MODEL_NAME, "checkpoint_dir": self.checkpoint_dir, "mode": self.interleaving.mode},
+            model_args={"model": MODEL_NAME, "checkpoint_dir": self.checkpoint_dir, "mode": self.interleaving.name},
             tasks=specs,
             num_fewshot=self.num_fewshot,
             limit=self.limit,
@@ -329,7 +333,7 @@ class EleutherEvalRecipeDirect:
         rows = calibration_rows(results["samples"], output_types, self.lm.traces)
         results["confidence_calibration"] = [row.to_dict() for row in rows]
         results["interleaving"] = {
-            "mode": self.interleaving.mode,
+            "mode": self.interleaving.name,
             "marker": self.interleaving.marker,
             "decoder": self.lm.decoder_name,
             "confidence_json": self.metadata.__dict__ if self.metadata is not None else None,

@@ -22,7 +22,7 @@ from entropy_guided_generation.data import (
     tokenize_prompt_response,
     trace_response,
 )
-from entropy_guided_generation.layout import FixedPointBins, Interleaved
+from entropy_guided_generation.layout import FixedPointBins, Interleaved, Interleaving
 from entropy_guided_generation.training import checkpointing
 from entropy_guided_generation.training.kit_paths import resolve_kit_reference, resolve_kit_references
 from entropy_guided_generation.training.loss_step import (
@@ -222,14 +222,10 @@ def sharp_model(tokenizer):
 
 
 def layout_for(mode, codec, tokenizer, max_passes=4):
-    return ConfidenceLayout(
-        mode,
-        codec,
-        pad_id=tokenizer.pad_id,
-        stop_ids=tokenizer.stop_tokens,
-        marker_ids=encode_text("####", tokenizer) if mode == "marker" else None,
-        max_passes=max_passes,
+    interleaving = Interleaving.of(
+        mode, stop_ids=tokenizer.stop_tokens, marker_ids=encode_text("####", tokenizer) if mode == "marker" else None
     )
+    return ConfidenceLayout(interleaving, codec, pad_id=tokenizer.pad_id, max_passes=max_passes)
 
 
 @pytest.mark.parametrize("mode", ["full", "answer", "marker"])
@@ -386,7 +382,7 @@ def test_real_model_configs_are_complete(path):
 
     cfg = OmegaConf.load(path)
     for mode in ("full", "answer", "marker"):
-        assert interleaving_options(cfg, mode).mode == mode
+        assert interleaving_options(cfg, mode).name == mode
     loop_options(cfg)
     with torch.device("meta"):
         model = tt_config.instantiate(cfg.model)
@@ -400,7 +396,7 @@ def test_real_model_configs_are_complete(path):
 def test_tiny_configs_name_their_mode(path):
     cfg = OmegaConf.load(path)
     mode = path.name.split("_")[0]
-    assert interleaving_options(cfg).mode == mode
+    assert interleaving_options(cfg).name == mode
     loop_options(cfg)
     assert cfg.device == "cpu" and cfg.checkpointer.checkpoint_dir.startswith("kit:")
 

@@ -2,8 +2,6 @@
 
 - :func:`decode_settings` reads lm-eval's ``gen_kwargs`` (``until``, ``max_gen_toks``, ``do_sample``,
   ``temperature``, ``top_k``, ``top_p``) with lm-eval's own normalization;
-- :func:`prompt_budget` is how many prompt tokens fit the sequence length beside the generated
-  ones (each content step takes two cache columns when a confidence token follows it);
 - :func:`fill_static_batch` / :func:`first_rows` pad a short last batch to the static KV cache's
   batch size and drop the filler rows again;
 - :func:`cut_at_stop` and :func:`tokens_covering` turn content tokens into the returned text and
@@ -89,28 +87,6 @@ def decode_settings(
     )
 
 
-def prompt_budget(max_length: int, max_gen_toks: int, *, interleaved_prompt: bool, columns_per_step: int) -> int:
-    """Most plain prompt tokens that fit ``max_length`` cache columns beside ``max_gen_toks`` steps.
-
-    Args:
-        max_length: the sequence length (KV cache columns) available.
-        max_gen_toks: content tokens to generate.
-        interleaved_prompt: mode full, where a prompt of p tokens takes up to 2p - 1 columns.
-        columns_per_step: 2 when a confidence token may follow each content token, else 1.
-
-    Raises:
-        ValueError: when not even one prompt token fits.
-    """
-    room = max_length - columns_per_step * max_gen_toks
-    budget = (room + 1) // 2 if interleaved_prompt else room
-    if budget < 1:
-        raise ValueError(
-            f"max_gen_toks {max_gen_toks} leaves no room for a prompt in max_seq_length {max_length} "
-            f"({columns_per_step} cache columns per generated token); lower max_gen_toks or raise max_seq_length"
-        )
-    return budget
-
-
 def left_pad(rows: Sequence[Sequence[int]], pad_id: int, device: Optional[torch.device] = None) -> torch.Tensor:
     """``[b, max_len]`` long tensor of ``rows`` left-padded with ``pad_id``."""
     tensors = [torch.as_tensor(list(r), dtype=torch.long).flip(0) for r in rows]
@@ -174,6 +150,5 @@ __all__ = [
     "fill_static_batch",
     "first_rows",
     "left_pad",
-    "prompt_budget",
     "tokens_covering",
 ]

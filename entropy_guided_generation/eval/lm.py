@@ -29,7 +29,7 @@ from lm_eval.models.utils import Collator
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
-from entropy_guided_generation.confidence import ConfidenceCodec, encode_text
+from entropy_guided_generation.confidence import ConfidenceCodec
 from entropy_guided_generation.eval.generation import (
     DecodeSettings,
     cut_at_stop,
@@ -37,13 +37,12 @@ from entropy_guided_generation.eval.generation import (
     fill_static_batch,
     first_rows,
     left_pad,
-    prompt_budget,
     tokens_covering,
 )
 from entropy_guided_generation.eval.teacher_forcing import ContinuationScores, score_continuations
 from entropy_guided_generation.eval.traces import ConfidenceTrace
 from entropy_guided_generation.generation import DECODERS, DecodeResult, get_decoder
-from entropy_guided_generation.layout import check_mode
+from entropy_guided_generation.layout import Interleaving
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +132,7 @@ class TorchtuneLM(TemplateLM):
     Args:
         model: the decoder (eval mode, weights loaded).
         tokenizer: its torchtune tokenizer (``encode``, ``decode``, ``eos_id``, ``pad_id``, ``stop_tokens``).
-        mode: interleaving mode (none | full | answer | marker).
+        mode: interleaving mode, a name in ``layout.MODES`` (none | full | answer | marker) or a ``Mode``.
         codec: the confidence codec (required unless mode is none).
         marker: the marker string (mode marker).
         sampler: mode none only: ``{name: <registered decoder>, **settings}`` (e.g. ``{name: entropix,
@@ -154,7 +153,7 @@ class TorchtuneLM(TemplateLM):
         model: torch.nn.Module,
         tokenizer: Any,
         *,
-        mode: str = "none",
+        mode: Any = "none",
         codec: Optional[ConfidenceCodec] = None,
         marker: Optional[str] = None,
         sampler: Optional[Mapping[str, Any]] = None,
@@ -166,13 +165,15 @@ class TorchtuneLM(TemplateLM):
         seed: int = 1234,
     ):
         super().__init__()
-        check_mode(mode)
-        if mode != "none" and codec is None:
-            raise ValueError(f"interleaving.mode {mode!r} needs a confidence codec (confidence.json or a confidence section)")
-        if mode == "marker" and not marker:
-            raise ValueError("interleaving.mode 'marker' needs interleaving.marker, got none")
-        if sampler and mode != "none":
-            raise ValueError(f"sampler {dict(sampler)!r} selects a decoder for mode none; mode {mode!r} decodes with its own")
+        interleaving = Interleaving.for_tokenizer(mode, tokenizer, marker)
+        if not interleaving.is_plain and codec is None:
+            raise ValueError(
+                f"interleaving.mode {interleaving.name!r} needs a confidence codec (confidence.json or a confidence section)"
+            )
+        if sampler and not interleaving.is_plain:
+            raise ValueError(
+                f"sampler {dict(sampler)!r} selects a decoder for mode none; mode {interleaving.name!r} decodes with its own"
+            )
         for name, value in (("batch_size", batch_size), ("max_seq_length", max_seq_length), ("max_gen_toks", max_gen_toks)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
@@ -184,9 +185,8 @@ class TorchtuneLM(TemplateLM):
             )
         self.model = model
         self.tokenizer = tokenizer
-        self.mode = mode
-        self.codec = codec if mode != "none" else None
-        self.marker_ids = encode_text(marker, tokenizer) if mode == "marker" else None
+        self.interleaving = interleaving
+        self.codec = None if interleaving.is_plain else codec
         if sampler:
             self.decoder_name, self._decoder, sampler_config = sampler_decoder(sampler)
             self._decoder_kwargs = {"sampler_config": sampler_config}
@@ -194,20 +194,35 @@ class TorchtuneLM(TemplateLM):
                 # e.g. entropix resolves its clarifying token string through the tokenizer
                 self._decoder_kwargs["tokenizer"] = tokenizer
         else:
-            self.decoder_name, self._decoder, self._decoder_kwargs = mode, get_decoder(mode), {}
+            self.decoder_name, self._decoder, self._decoder_kwargs = interleaving.name, get_decoder(interleaving.name), {}
         self._batch_size = batch_size
         self._max_length = max_seq_length
         self._max_gen_toks = max_gen_toks
         self._max_passes = max_passes
         self._device = next(model.parameters()).device
         self._rng = torch.Generator(device=self._device).manual_seed(seed)
-        self.stop_ids = sorted(set(tokenizer.stop_tokens) | {tokenizer.eos_id})
         self.traces: list[ConfidenceTrace] = []
         self.decode_stats = DecodeStats()
         self.static_cache = enable_kv_cache
         if enable_kv_cache:
             param = next(model.parameters())
             model.setup_caches(batch_size=batch_size, dtype=param.dtype, decoder_max_seq_len=max_seq_length)
+
+    # ------------------------------------------------------------------ interleaving
+    @property
+    def mode(self) -> str:
+        """The interleaving mode's name."""
+        return self.interleaving.name
+
+    @property
+    def stop_ids(self) -> list[int]:
+        """Ids that end a generation and never get a confidence token."""
+        return list(self.interleaving.stop_ids)
+
+    @property
+    def marker_ids(self) -> Optional[list[int]]:
+        """The tokenized marker (modes that read one), else None."""
+        return list(self.interleaving.marker_ids) if self.interleaving.marker_ids is not None else None
 
     # ------------------------------------------------------------------ lm-eval properties
     @property
@@ -269,10 +284,11 @@ class TorchtuneLM(TemplateLM):
     def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[float]:
         """Log-likelihood of each whole string, scored in disjoint windows (lm-eval's rolling scheme).
 
-        A window is at most ``max_seq_length`` plain tokens in mode none and
-        ``(max_seq_length - 1) // 2`` in the interleaved modes, so that it fits once interleaved.
+        A window is as many plain tokens as fit ``max_seq_length`` once interleaved
+        (``Interleaving.rolling_window``: all of them in mode none, ``(max_seq_length - 1) // 2`` when
+        every token may be followed by its confidence token).
         """
-        window = self.max_length if self.mode == "none" else (self.max_length - 1) // 2
+        window = self.interleaving.rolling_window(self.max_length)
         if window < 1:
             raise ValueError(f"max_seq_length {self.max_length} is too short for rolling windows in mode {self.mode!r}")
         windows, owners = [], []
@@ -306,14 +322,11 @@ class TorchtuneLM(TemplateLM):
     def _fit_window(self, context: list[int], continuation: list[int]) -> list[int]:
         """context + continuation, left-truncated (context only) to what fits ``max_seq_length``.
 
-        Mode none keeps ``max_length + 1`` tokens (the last one is never fed, as in ``hf``);
-        answer/marker interleave every continuation token; full interleaves all but the first token.
+        The last token is never fed (as in ``hf``), so mode none keeps ``max_length + 1`` tokens;
+        interleaved modes keep what ``Interleaving.scoring_budget`` says fits once interleaved.
         """
         n_cont = len(continuation)
-        keep = {
-            "none": self.max_length + 1,
-            "full": (self.max_length + 1) // 2,
-        }.get(self.mode, self.max_length - n_cont)
+        keep = self.interleaving.scoring_budget(self.max_length, n_cont)
         if n_cont < 1 or keep < n_cont + 1:
             raise ValueError(
                 f"a continuation of {n_cont} tokens does not fit max_seq_length {self.max_length} in mode {self.mode!r} "
@@ -339,8 +352,8 @@ class TorchtuneLM(TemplateLM):
             valid = positions < lengths.unsqueeze(1)
             continuation = valid & (positions >= starts.unsqueeze(1))
             scores = score_continuations(
-                self.model, tokens, continuation, mode=self.mode, codec=self.codec, valid_mask=valid,
-                pad_id=self.pad_id, stop_ids=self.stop_ids, marker_ids=self.marker_ids, max_passes=self._max_passes,
+                self.model, tokens, continuation, interleaving=self.interleaving, codec=self.codec, valid_mask=valid,
+                pad_id=self.pad_id, max_passes=self._max_passes,
             )
             if not scores.converged:
                 log.warning("fixed-point bins did not converge within interleaving.max_passes=%s; they are approximate", self._max_passes)
@@ -381,10 +394,7 @@ class TorchtuneLM(TemplateLM):
 
     def _prompt_batch(self, contexts: Sequence[str], settings: DecodeSettings) -> torch.Tensor:
         """Left-padded ``[b, p]`` prompt ids, each left-truncated to what fits beside the generation."""
-        interleaved = self.mode != "none"
-        budget = prompt_budget(
-            self.max_length, settings.max_gen_toks, interleaved_prompt=self.mode == "full", columns_per_step=2 if interleaved else 1
-        )
+        budget = self.interleaving.prompt_budget(self.max_length, settings.max_gen_toks)
         ids = [self.tok_encode(c) for c in contexts]
         if any(len(i) > budget for i in ids):
             log.warning("prompts longer than %d tokens are left-truncated to fit max_seq_length %d", budget, self.max_length)

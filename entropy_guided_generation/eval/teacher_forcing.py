@@ -1,28 +1,28 @@
 """Log-likelihood of a continuation under interleaved teacher forcing.
 
 The plain sequence is context + continuation; the continuation plays the response. Slots come
-from :func:`~entropy_guided_generation.layout.confidence_slots` (mode full interleaves the
-context too), exact bins from :func:`~entropy_guided_generation.layout.compute_bins` run to its
+from :meth:`~entropy_guided_generation.layout.Interleaving.slots` (a prompt-interleaving mode such
+as full interleaves the context too), exact bins from :func:`~entropy_guided_generation.layout.compute_bins` run to its
 fixed point, and one more forward on the interleaved sequence gives the logits that produced each
 content token. Only content tokens of the continuation are scored; confidence tokens never are.
 
 In the interleaved modes a content token's log-probability is taken under the distribution a
 decoder samples content from at temperature 1: the logits with every confidence id masked out.
 That makes ``loglikelihood`` the log-probability that our decoder emits the continuation, and
-``is_greedy`` what greedy decoding would produce. Mode ``none`` scores with the plain softmax,
+``is_greedy`` what greedy decoding would produce. Plain mode (``none``) scores with the plain softmax,
 exactly as lm-eval's ``hf`` model and torchtune's eval recipe do.
 """
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Iterator, Optional
 
 import torch
 
 from entropy_guided_generation import signals
 from entropy_guided_generation.confidence import ConfidenceCodec
-from entropy_guided_generation.layout import Interleaved, check_mode, compute_bins, confidence_slots, interleave
+from entropy_guided_generation.layout import Interleaved, Interleaving, compute_bins, interleave
 from entropy_guided_generation.modeling import is_torchtune_decoder, logits_of
 
 
@@ -113,42 +113,36 @@ def score_continuations(
     tokens: torch.Tensor,
     continuation_mask: torch.Tensor,
     *,
-    mode: str,
+    interleaving: Interleaving,
     codec: Optional[ConfidenceCodec] = None,
     valid_mask: Optional[torch.Tensor] = None,
     pad_id: int = 0,
-    stop_ids: Sequence[int] = (),
-    marker_ids: Optional[Sequence[int]] = None,
     max_passes: Optional[int] = None,
 ) -> ContinuationScores:
-    """Teacher-forced log-likelihood of each row's continuation in ``mode``.
+    """Teacher-forced log-likelihood of each row's continuation under ``interleaving``.
 
     Args:
         model: a causal LM (torchtune decoder with or without KV caches set up, or HF model).
         tokens: ``[b, n]`` plain context + continuation ids, right-padded with ``pad_id``.
         continuation_mask: ``[b, n]`` True on continuation tokens (the response).
-        mode: none | full | answer | marker.
-        codec: the confidence codec (required unless mode is none).
+        interleaving: the mode with its stop ids (never a confidence token) and marker ids, as in
+            training and decoding.
+        codec: the confidence codec (required unless the mode is plain).
         valid_mask: ``[b, n]`` True on real tokens (default: all).
-        stop_ids: ids that never get a confidence token (EOS), as in training and decoding.
-        marker_ids: the marker's ids (mode marker).
         max_passes: cap on fixed-point forwards (default: enough to be exact).
 
     Raises:
-        ValueError: on an unknown mode, a missing codec, or a confidence id inside a continuation.
+        ValueError: on a missing codec, or a confidence id inside a continuation.
     """
-    check_mode(mode)
-    if mode != "none" and codec is None:
-        raise ValueError(f"interleaving.mode {mode!r} needs a confidence codec to score continuations")
+    if not interleaving.is_plain and codec is None:
+        raise ValueError(f"interleaving.mode {interleaving.name!r} needs a confidence codec to score continuations")
     if valid_mask is None:
         valid_mask = torch.ones_like(tokens, dtype=torch.bool)
     scored = continuation_mask.bool() & valid_mask
-    content_codec = codec if mode != "none" else None
+    content_codec = None if interleaving.is_plain else codec
     if content_codec is not None:
         _check_no_confidence_content(tokens, scored, content_codec)
-    slots = confidence_slots(
-        tokens, mode=mode, response_mask=scored, valid_mask=valid_mask, stop_ids=stop_ids, marker_ids=marker_ids
-    )
+    slots = interleaving.slots(tokens, response_mask=scored, valid_mask=valid_mask)
     with full_sequence_forwards(model) as forward:
         layout, bins, signal, passes, converged = _interleaved_layout(
             forward, tokens, slots, valid_mask, codec=content_codec, pad_id=pad_id, max_passes=max_passes

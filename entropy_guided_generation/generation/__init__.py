@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable, Dict
 
 from entropy_guided_generation.generation.answer_intl import generate_answer_interleaved
@@ -21,6 +22,8 @@ DECODERS: Dict[str, Callable[..., DecodeResult]] = {
     "answer": generate_answer_interleaved,
     "marker": generate_answer_interleaved_marker,
 }
+"""Decoders by name: the modes' public functions (the names users know) and registered samplers.
+A mode registered in ``layout.MODES`` without an entry here decodes with :func:`decode` directly."""
 
 
 def register_decoder(name: str, decoder: Callable[..., DecodeResult]) -> None:
@@ -31,10 +34,14 @@ def register_decoder(name: str, decoder: Callable[..., DecodeResult]) -> None:
 
 
 def get_decoder(mode: str) -> Callable[..., DecodeResult]:
-    """The decoder for ``interleaving.mode`` (or another registered name)."""
-    if mode not in DECODERS:
-        raise ValueError(f"unknown interleaving.mode {mode!r}; expected one of {', '.join(DECODERS)}")
-    return DECODERS[mode]
+    """The decoder for ``interleaving.mode`` (or another registered name): a registered decoder, else
+    :func:`decode` bound to the registered mode of that name."""
+    if mode in DECODERS:
+        return DECODERS[mode]
+    if mode in MODES:
+        return functools.partial(decode, interleaving=mode)
+    names = list(DECODERS) + [name for name in MODES if name not in DECODERS]
+    raise ValueError(f"unknown interleaving.mode {mode!r}; expected one of {', '.join(names)}")
 
 
 __all__ = [

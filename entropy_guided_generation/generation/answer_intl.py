@@ -39,7 +39,7 @@ def generate_answer_interleaved(
         progress: show a progress bar over decode steps.
     """
     return decode(
-        model, prompt, mode="answer", max_generated_tokens=max_generated_tokens, pad_id=pad_id,
+        model, prompt, interleaving="answer", max_generated_tokens=max_generated_tokens, pad_id=pad_id,
         temperature=temperature, top_k=top_k, top_p=top_p, stop_tokens=stop_tokens, rng=rng, codec=codec,
         progress=progress,
     )

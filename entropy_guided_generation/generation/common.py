@@ -12,12 +12,13 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
+from torchtune.modules.common_utils import disable_kv_cache, local_kv_cache
 from tqdm.auto import tqdm
 
 from entropy_guided_generation import signals
 from entropy_guided_generation.confidence import ConfidenceCodec
 from entropy_guided_generation.generation.sampling import sample_next_token
-from entropy_guided_generation.layout import compute_bins, confidence_slots, interleave
+from entropy_guided_generation.layout import Interleaving, compute_bins, interleave
 from entropy_guided_generation.modeling import is_torchtune_decoder, logits_at
 
 
@@ -103,8 +104,6 @@ class KVSession:
 def kv_session(model: Any, batch_size: int, cache_len: int) -> Iterator[KVSession]:
     """A :class:`KVSession` over ``model``'s caches: reuses caches the caller set up (same batch
     size, long enough; reset first), else sets them up for this call and deletes them after."""
-    from torchtune.modules.common_utils import local_kv_cache
-
     if not is_torchtune_decoder(model):
         raise TypeError(
             f"decoders need a torchtune TransformerDecoder (with setup_caches), got {type(model).__name__}"
@@ -127,38 +126,13 @@ def kv_session(model: Any, batch_size: int, cache_len: int) -> Iterator[KVSessio
         yield KVSession(model, batch_size, cache_len, param.device)
 
 
-# ------------------------------------------------------------------ per-mode policy
-ConfidencePolicy = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-"""(content token ids [b], step index) -> [b] bool: does the token just generated get a confidence token?"""
-
-
-class MarkerTracker:
-    """Mode marker: interleave until the row's generated content ends with the marker ids."""
-
-    def __init__(self, marker_ids: Sequence[int], batch_size: int, device: torch.device):
-        if len(marker_ids) == 0:
-            raise ValueError("the marker must tokenize to at least one id; got an empty marker")
-        self.marker = torch.tensor(list(marker_ids), dtype=torch.long, device=device)
-        self.recent = torch.full((batch_size, len(marker_ids)), -1, dtype=torch.long, device=device)
-        self.interleaving = torch.ones(batch_size, dtype=torch.bool, device=device)
-
-    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Whether ``tokens`` ``[b]`` get a confidence token; then update the marker state."""
-        wants = self.interleaving.clone()
-        self.recent = torch.cat([self.recent[:, 1:], tokens.unsqueeze(1)], dim=1)
-        # The marker's last token still gets its confidence token (training interleaves "up to and
-        # including" the marker); everything after is plain.
-        self.interleaving &= ~(self.recent == self.marker).all(-1)
-        return wants
-
-
 # ------------------------------------------------------------------ the loop
 @torch.no_grad()
 def decode(
     model: Any,
     prompt: torch.Tensor,
     *,
-    mode: str,
+    interleaving: Any,
     max_generated_tokens: int,
     pad_id: int = 0,
     temperature: float = 1.0,
@@ -172,18 +146,21 @@ def decode(
     progress: bool = False,
     step_hook: Optional[Callable[..., Any]] = None,
 ) -> DecodeResult:
-    """Generate up to ``max_generated_tokens`` content tokens per row in ``mode``.
+    """Generate up to ``max_generated_tokens`` content tokens per row under ``interleaving``.
 
     The public per-mode functions (:func:`generate_plain`, :func:`generate_answer_interleaved`, ...)
-    call this; see them for the arguments. ``step_hook(logits=..., step=...)`` may return
-    content token ids ``[b]`` to replace the built-in sampler (the entropix sampler uses it).
+    call this; see them for the arguments. ``interleaving`` is an :class:`~entropy_guided_generation.layout.Interleaving`
+    or a mode name, bound here to ``stop_tokens`` and ``marker`` (token ids). ``step_hook(logits=..., step=...)``
+    may return content token ids ``[b]`` to replace the built-in sampler (the entropix sampler uses it).
     """
     if prompt.dim() == 1:
         prompt = prompt.unsqueeze(0)
+    if not isinstance(interleaving, Interleaving):
+        interleaving = Interleaving.of(interleaving, stop_ids=stop_tokens or (), marker_ids=marker)
     if max_generated_tokens < 1:
         raise ValueError(f"max_generated_tokens must be >= 1, got {max_generated_tokens}")
-    if mode != "none" and codec is None:
-        raise ValueError(f"mode {mode!r} needs a confidence codec (codec=...)")
+    if not interleaving.is_plain and codec is None:
+        raise ValueError(f"mode {interleaving.name!r} needs a confidence codec (codec=...)")
     b, device = prompt.shape[0], prompt.device
     stops = torch.tensor(list(stop_tokens or []), dtype=torch.long, device=device)
     prompt_valid = prompt != pad_id
@@ -191,30 +168,27 @@ def decode(
         raise ValueError("every prompt row needs at least one non-pad token")
 
     prefill_tokens, prefill_valid = _prefill_sequence(
-        model, prompt, prompt_valid, mode=mode, codec=codec, pad_id=pad_id, stops=stops, max_passes=max_prompt_passes
+        model, prompt, prompt_valid, interleaving, codec=codec, pad_id=pad_id, max_passes=max_prompt_passes
     )
-    steps_cols = 2 if mode != "none" else 1
-    cache_len = prefill_tokens.shape[1] + steps_cols * max_generated_tokens
-    marker_state = MarkerTracker(marker, b, device) if mode == "marker" else None
-    if mode == "marker" and marker is None:
-        raise ValueError("mode 'marker' needs marker=... (the marker's token ids)")
+    cache_len = prefill_tokens.shape[1] + interleaving.columns_per_content_token * max_generated_tokens
+    gets_confidence = interleaving.step_policy(b, device)
 
     records: list[ContentStep] = []
     active = torch.ones(b, dtype=torch.bool, device=device)
     with kv_session(model, b, cache_len) as session:
         last_col = torch.full((b,), prefill_tokens.shape[1] - 1, dtype=torch.long, device=device)
         logits = session.feed(prefill_tokens, prefill_valid, last_col)
-        steps = tqdm(range(max_generated_tokens), desc=f"decode[{mode}]", disable=not progress, leave=False)
+        steps = tqdm(range(max_generated_tokens), desc=f"decode[{interleaving.name}]", disable=not progress, leave=False)
         for step in steps:
             out = _content_step(
-                logits, codec, mode, marker_state, active, stops, pad_id,
+                logits, codec, gets_confidence, active, pad_id,
                 temperature=temperature, top_k=top_k, top_p=top_p, rng=rng, step_hook=step_hook, step=step,
             )
             records.append(out)
             active = active & ~torch.isin(out.token, stops)
             if not bool(active.any()) or step == max_generated_tokens - 1:
                 break
-            logits = _feed_step(session, out, active, pad_id, any_conf=mode != "none")
+            logits = _feed_step(session, out, active, columns=interleaving.columns_per_content_token)
     return _assemble(prompt, prefill_tokens, prefill_valid, records, pad_id)
 
 
@@ -222,21 +196,18 @@ def _prefill_sequence(
     model: Any,
     prompt: torch.Tensor,
     prompt_valid: torch.Tensor,
+    interleaving: Interleaving,
     *,
-    mode: str,
     codec: Optional[ConfidenceCodec],
     pad_id: int,
-    stops: torch.Tensor,
     max_passes: Optional[int],
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The left-padded sequence the prefill feeds: the prompt, interleaved with exact bins in mode
-    full by the same functions the training layout uses."""
-    if mode != "full":
+    """The left-padded sequence the prefill feeds: the prompt, interleaved with exact bins when the
+    mode interleaves prompts, by the same functions the training layout uses."""
+    if not interleaving.interleaves_prompt:
         return prompt, prompt_valid
-    slots = confidence_slots(prompt, mode="full", valid_mask=prompt_valid, stop_ids=stops.tolist())
+    slots = interleaving.slots(prompt, valid_mask=prompt_valid)
     passes = max_passes if max_passes is not None else int(slots.sum(1).max()) + 1
-    from torchtune.modules.common_utils import disable_kv_cache
-
     ctx = disable_kv_cache(model) if model.caches_are_setup() else contextlib.nullcontext()
     with ctx:
         fixed = compute_bins(
@@ -265,10 +236,8 @@ class ContentStep:
 def _content_step(
     logits: torch.Tensor,
     codec: Optional[ConfidenceCodec],
-    mode: str,
-    marker_state: Optional[MarkerTracker],
+    gets_confidence: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     active: torch.Tensor,
-    stops: torch.Tensor,
     pad_id: int,
     *,
     temperature: float,
@@ -278,7 +247,8 @@ def _content_step(
     step_hook: Optional[Callable[..., Any]],
     step: int,
 ) -> ContentStep:
-    """Pick x_t from the logits that produce it and, where the mode says so, its c_t.
+    """Pick x_t from the logits that produce it and, where the interleaving's step policy
+    (``gets_confidence``) says so, its c_t.
 
     Rows that already stopped emit ``pad_id`` and no confidence token.
     """
@@ -295,9 +265,7 @@ def _content_step(
     nan = torch.full_like(step_entropy, float("nan"))
     entropy, logp = torch.where(active, step_entropy, nan), torch.where(active, logp, nan)
 
-    has_conf = active & ~torch.isin(token, stops) if mode != "none" else torch.zeros_like(active)
-    if marker_state is not None:
-        has_conf &= marker_state(token)
+    has_conf = gets_confidence(token, active)
     no_bin = torch.full_like(token, -1)
     if codec is None or not bool(has_conf.any()):
         return ContentStep(token, has_conf, torch.full_like(token, pad_id), no_bin, nan, entropy, logp, active)
@@ -309,11 +277,12 @@ def _content_step(
     return ContentStep(token, has_conf, conf, bins, signal, entropy, logp, active)
 
 
-def _feed_step(session: KVSession, step: ContentStep, active: torch.Tensor, pad_id: int, any_conf: bool) -> torch.Tensor:
-    """One forward: ``[x_t, c_t]`` (or ``[x_t, pad]``) per row; logits after the last real token.
+def _feed_step(session: KVSession, step: ContentStep, active: torch.Tensor, columns: int) -> torch.Tensor:
+    """One forward: ``[x_t, c_t]`` (or ``[x_t, pad]``) per row when content tokens take ``columns``
+    2, ``[x_t]`` when 1; logits after the last real token.
 
     ``active`` is after this step (a row whose x_t was a stop token feeds nothing real)."""
-    if not any_conf:
+    if columns == 1:
         return session.feed(step.token.unsqueeze(1), active.unsqueeze(1), torch.zeros_like(step.token))
     pair = torch.stack([step.token, step.conf], dim=1)
     valid = torch.stack([active, step.has_conf & active], dim=1)

@@ -25,7 +25,7 @@ def generate_full_interleaved(
     progress: bool = False,
 ) -> DecodeResult:
     """Decode with the prompt interleaved by the training layout's own functions
-    (``confidence_slots`` + ``compute_bins``), so the same text gives the same tokens as in training.
+    (``Interleaving.slots`` + ``compute_bins``), so the same text gives the same tokens as in training.
 
     Args:
         model: a torchtune ``TransformerDecoder``. KV caches the caller set up are reused (batch
@@ -42,7 +42,7 @@ def generate_full_interleaved(
         progress: show a progress bar over decode steps.
     """
     return decode(
-        model, prompt, mode="full", max_generated_tokens=max_generated_tokens, pad_id=pad_id,
+        model, prompt, interleaving="full", max_generated_tokens=max_generated_tokens, pad_id=pad_id,
         temperature=temperature, top_k=top_k, top_p=top_p, stop_tokens=stop_tokens, rng=rng, codec=codec,
         max_prompt_passes=max_prompt_passes, progress=progress,
     )

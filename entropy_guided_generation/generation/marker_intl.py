@@ -15,7 +15,7 @@ def generate_answer_interleaved_marker(
     *,
     max_generated_tokens: int,
     codec: ConfidenceCodec,
-    marker: Sequence[int],
+    marker: Optional[Sequence[int]] = None,
     pad_id: int = 0,
     temperature: float = 1.0,
     top_k: Optional[int] = None,
@@ -39,11 +39,12 @@ def generate_answer_interleaved_marker(
         stop_tokens: ids that end a row (the stop token is kept; it gets no confidence token).
         rng: ``torch.Generator`` for reproducible sampling.
         codec: the confidence codec (from the checkpoint's ``confidence.json``).
-        marker: the marker's token ids, e.g. the tokenized ``"####"``.
+        marker: the marker's token ids, e.g. the tokenized ``"####"`` (required: without it a
+            ``ValueError`` names it).
         progress: show a progress bar over decode steps.
     """
     return decode(
-        model, prompt, mode="marker", max_generated_tokens=max_generated_tokens, pad_id=pad_id,
+        model, prompt, interleaving="marker", max_generated_tokens=max_generated_tokens, pad_id=pad_id,
         temperature=temperature, top_k=top_k, top_p=top_p, stop_tokens=stop_tokens, rng=rng, codec=codec,
         marker=marker, progress=progress,
     )

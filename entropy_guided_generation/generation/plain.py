@@ -43,7 +43,7 @@ def generate_plain(
         :class:`DecodeResult` (``interleaved`` equals ``tokens``; ``bins`` are all -1).
     """
     return decode(
-        model, prompt, mode="none", max_generated_tokens=max_generated_tokens, pad_id=pad_id,
+        model, prompt, interleaving="none", max_generated_tokens=max_generated_tokens, pad_id=pad_id,
         temperature=temperature, top_k=top_k, top_p=top_p, stop_tokens=stop_tokens, rng=rng, codec=codec,
         progress=progress,
     )

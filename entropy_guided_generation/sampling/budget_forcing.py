@@ -684,8 +684,8 @@ def serve_generate_until(
 
 def generate_until_torchtune(lm: Any, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
     """``TorchtuneLM.generate_until`` with budget forcing for the requests whose gen_kwargs ask for it."""
-    if getattr(lm, "mode", "none") != "none":
-        raise ValueError(f"budget forcing decodes in interleaving.mode none; this model is in mode {lm.mode!r}")
+    if not lm.interleaving.is_plain:
+        raise ValueError(f"budget forcing decodes in interleaving.mode none; this model is in mode {lm.interleaving.name!r}")
 
     def force(contexts: list[str], gen_kwargs: dict) -> list[BudgetForcedOutput]:
         return budget_force_torchtune(

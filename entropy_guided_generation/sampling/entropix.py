@@ -439,7 +439,7 @@ def generate_entropix(
     loop = _EntropixLoop(observer, config, prompt, clarifying_id, rng)
     with observer.attached():
         result = decode(
-            model, prompt, mode="none", max_generated_tokens=max_generated_tokens, pad_id=pad_id,
+            model, prompt, interleaving="none", max_generated_tokens=max_generated_tokens, pad_id=pad_id,
             stop_tokens=stop_tokens, rng=rng, codec=codec, progress=progress, step_hook=loop,
         )
     result.extras.update(loop.extras(result.generated_lengths))

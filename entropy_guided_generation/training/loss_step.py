@@ -3,31 +3,25 @@
 A plain batch (``tokens``, ``labels``, ``response_mask``, ``valid_mask``, right-padded) becomes the
 sequence the model trains on in four moves, all from :mod:`entropy_guided_generation.layout`:
 
-1. slots: which content tokens get a confidence token (by mode);
+1. slots: which content tokens get a confidence token (the :class:`~entropy_guided_generation.layout.Interleaving`'s rule);
 2. bins: ``compute_bins`` by fixed-point iteration, without grad, from the model being trained
    or a frozen reference, so that the bins equal what sequential decoding would produce;
 3. interleave: confidence tokens inserted, their labels set to the ignore index;
 4. loss: next-token cross-entropy (torchtune's loss module, chunked or not), summed over targets.
 
-Mode ``none`` skips 1-3. Confidence tokens are never targets.
+A plain mode (``none``) skips 1-3. Confidence tokens are never targets.
 """
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any, ContextManager, Dict, Optional, Sequence
+from typing import Any, ContextManager, Dict, Optional
 
 import torch
 from torch import nn
 
 from entropy_guided_generation.confidence import ConfidenceCodec
-from entropy_guided_generation.layout import (
-    IGNORE_INDEX,
-    FixedPointBins,
-    compute_bins,
-    confidence_slots,
-    marker_end_positions,
-)
+from entropy_guided_generation.layout import IGNORE_INDEX, FixedPointBins, Interleaving, compute_bins, marker_end_positions
 from entropy_guided_generation.training.metrics import ConfidenceStats
 
 
@@ -76,53 +70,40 @@ class ConfidenceLayout:
     """Builds the interleaved batch of one mode (everything but the loss).
 
     Args:
-        mode: full | answer | marker.
+        interleaving: the mode bound to the tokenizer's stop and marker ids (not a plain mode).
         codec: the confidence codec.
         pad_id: padding id of the plain batch.
-        stop_ids: ids that never get a confidence token (EOS, end of turn).
-        marker_ids: the marker's ids (mode marker).
         max_passes: fixed-point pass cap (>= 1).
         ignore_index: label of untrained positions.
     """
 
     def __init__(
         self,
-        mode: str,
+        interleaving: Interleaving,
         codec: ConfidenceCodec,
         *,
         pad_id: int,
-        stop_ids: Sequence[int],
-        marker_ids: Optional[Sequence[int]] = None,
         max_passes: int = 4,
         ignore_index: int = IGNORE_INDEX,
     ):
-        if mode == "none":
-            raise ValueError("mode 'none' has no confidence layout")
-        if mode == "marker" and not marker_ids:
-            raise ValueError("mode 'marker' needs the marker's token ids")
-        self.mode = mode
+        if interleaving.is_plain:
+            raise ValueError(f"mode {interleaving.name!r} is plain: it has no confidence layout")
+        self.interleaving = interleaving
         self.codec = codec
         self.pad_id = pad_id
-        self.stop_ids = list(stop_ids)
-        self.marker_ids = list(marker_ids) if marker_ids else None
         self.max_passes = max_passes
         self.ignore_index = ignore_index
 
     def slots(self, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
         """``[b, n]`` bool: plain positions followed by their confidence token."""
-        return confidence_slots(
-            batch["tokens"],
-            mode=self.mode,
-            response_mask=batch["response_mask"],
-            valid_mask=batch["valid_mask"],
-            stop_ids=self.stop_ids,
-            marker_ids=self.marker_ids,
-        )
+        return self.interleaving.slots(batch["tokens"], response_mask=batch["response_mask"], valid_mask=batch["valid_mask"])
 
-    def marker_found(self, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
-        """``[b]`` bool: the marker occurs inside the row's response (mode marker)."""
+    def marker_found(self, batch: Dict[str, torch.Tensor]) -> Optional[torch.Tensor]:
+        """``[b]`` bool: the marker occurs inside the row's response; None when the mode reads no marker."""
+        if self.interleaving.marker_ids is None:
+            return None
         allowed = batch["response_mask"] & batch["valid_mask"]
-        return marker_end_positions(batch["tokens"], self.marker_ids, allowed) >= 0
+        return marker_end_positions(batch["tokens"], self.interleaving.marker_ids, allowed) >= 0
 
     @torch.no_grad()
     def build(self, bin_model: nn.Module, batch: Dict[str, torch.Tensor], parallel: Any) -> ModelBatch:
@@ -232,8 +213,9 @@ class LossStep:
         built = self.layout.build(self.reference if self.reference is not None else model, batch, self.parallel)
         if self.stats is not None:
             self.stats.add_batch(built.bins, built.slots)
-            if self.layout.mode == "marker":
-                self.stats.add_marker_rows(batch["tokens"].shape[0], self.layout.marker_found(batch))
+            found = self.layout.marker_found(batch)
+            if found is not None:
+                self.stats.add_marker_rows(batch["tokens"].shape[0], found)
         return built
 
     def __call__(self, model: nn.Module, batch: Dict[str, torch.Tensor]) -> StepLoss:

@@ -10,10 +10,8 @@ from typing import Any, Optional
 
 from omegaconf import DictConfig
 
-from entropy_guided_generation.layout import MODES, check_mode
+from entropy_guided_generation.layout import MODES, Mode, check_mode, mode_named
 
-# Entry-point suffix -> interleaving mode (the public CaC recipe names).
-ENTRY_POINT_MODES = {"full_intl": "full", "ans_intl": "answer", "ans_intl_mistake": "marker"}
 INTERLEAVING_KEYS = ("mode", "marker", "max_passes", "reference_checkpoint", "init_confidence_embeddings")
 EMBEDDING_INITS = (None, "mean")
 DEFAULT_MAX_PASSES = 4
@@ -24,8 +22,8 @@ class InterleavingOptions:
     """The ``interleaving`` section.
 
     Attributes:
-        mode: none | full | answer | marker.
-        marker: the string ending the interleaved reasoning (mode marker only).
+        mode: the interleaving mode (a registered :class:`~entropy_guided_generation.layout.Mode`).
+        marker: the string ending the interleaved reasoning (modes that read a marker only).
         max_passes: cap on fixed-point passes per batch (>= 1); each pass is one no-grad forward.
         reference_checkpoint: where bins come from: None = the model being trained (no grad);
             a checkpoint folder (str) or a checkpointer config = a frozen reference model.
@@ -36,7 +34,7 @@ class InterleavingOptions:
             vectors that the pre-norm layers blow up to full scale.
     """
 
-    mode: str
+    mode: Mode
     marker: Optional[str] = None
     max_passes: int = DEFAULT_MAX_PASSES
     reference_checkpoint: Any = None
@@ -44,7 +42,11 @@ class InterleavingOptions:
 
     @property
     def interleaved(self) -> bool:
-        return self.mode != "none"
+        return not self.mode.is_plain
+
+    @property
+    def name(self) -> str:
+        return self.mode.name
 
 
 def resolve_mode(entry_mode: Optional[str], config_mode: Optional[str]) -> str:
@@ -72,10 +74,10 @@ def interleaving_options(cfg: DictConfig, entry_mode: Optional[str] = None) -> I
     unknown = sorted(set(section) - set(INTERLEAVING_KEYS))
     if unknown:
         raise ValueError(f"unknown interleaving keys {unknown}; expected some of {', '.join(INTERLEAVING_KEYS)}")
-    mode = resolve_mode(entry_mode, section.get("mode", None))
+    mode = mode_named(resolve_mode(entry_mode, section.get("mode", None)))
     marker = section.get("marker", None)
-    if mode == "marker" and not marker:
-        raise ValueError("interleaving.mode 'marker' needs interleaving.marker (e.g. '####'), got none")
+    if mode.needs_marker and not marker:
+        raise ValueError(f"interleaving.mode {mode.name!r} needs interleaving.marker (e.g. '####'), got none")
     max_passes = section.get("max_passes", DEFAULT_MAX_PASSES)
     if not isinstance(max_passes, int) or isinstance(max_passes, bool) or max_passes < 1:
         raise ValueError(f"interleaving.max_passes must be an int >= 1, got {max_passes!r}")
@@ -87,7 +89,7 @@ def interleaving_options(cfg: DictConfig, entry_mode: Optional[str] = None) -> I
         )
     return InterleavingOptions(
         mode=mode,
-        marker=marker if mode == "marker" else None,
+        marker=marker if mode.needs_marker else None,
         max_passes=max_passes,
         reference_checkpoint=section.get("reference_checkpoint", None),
         init_confidence_embeddings=init_embeddings,
@@ -186,7 +188,6 @@ def loop_options(cfg: DictConfig) -> LoopOptions:
 
 __all__ = [
     "DEFAULT_MAX_PASSES",
-    "ENTRY_POINT_MODES",
     "INTERLEAVING_KEYS",
     "InterleavingOptions",
     "LoopOptions",

@@ -29,7 +29,8 @@ from torchtune.recipe_interfaces import FTRecipeInterface
 from torchtune.training.lr_schedulers import get_lr
 from tqdm import tqdm
 
-from entropy_guided_generation.confidence import ConfidenceCodec, ConfidenceMetadata, encode_text, metadata_for
+from entropy_guided_generation.confidence import ConfidenceCodec, ConfidenceMetadata, metadata_for
+from entropy_guided_generation.layout import Interleaving
 from entropy_guided_generation.modeling import vocab_size_of
 from entropy_guided_generation.training import checkpointing
 from entropy_guided_generation.training.codec_setup import (
@@ -221,7 +222,7 @@ class CaCFinetuneRecipe(FTRecipeInterface):
         section = cfg.get("confidence", None)
         if section is None:
             if self._interleaving.interleaved:
-                raise ValueError(f"interleaving.mode {self._interleaving.mode!r} needs a confidence section")
+                raise ValueError(f"interleaving.mode {self._interleaving.name!r} needs a confidence section")
             return None
         codec = codec_from_config(section, self._tokenizer, vocab_size_of(self._model))
         if needs_quantile_fit(section):
@@ -246,14 +247,10 @@ class CaCFinetuneRecipe(FTRecipeInterface):
 
     def _build_layout(self, codec: Optional[ConfidenceCodec] = None) -> ConfidenceLayout:
         codec = codec or self._codec
-        stop_ids = sorted(set(self._tokenizer.stop_tokens) | {self._tokenizer.eos_id})
-        marker = self._interleaving.marker
         return ConfidenceLayout(
-            self._interleaving.mode,
+            Interleaving.for_tokenizer(self._interleaving.mode, self._tokenizer, self._interleaving.marker),
             codec,
             pad_id=self._tokenizer.pad_id,
-            stop_ids=stop_ids,
-            marker_ids=encode_text(marker, self._tokenizer) if marker else None,
             max_passes=self._interleaving.max_passes,
             ignore_index=self._loss_fn.ignore_index,
         )
@@ -293,12 +290,12 @@ class CaCFinetuneRecipe(FTRecipeInterface):
             epochs_run=self.epochs_run,
             steps_in_epoch=self._steps_in_epoch,
             seed=self.seed,
-            mode=self._interleaving.mode,
+            mode=self._interleaving.name,
             world_size=self._parallel.world_size,
             batch_size=self._loop.batch_size,
             gradient_accumulation_steps=self._loop.gradient_accumulation_steps,
             max_steps_per_epoch=self._loop.max_steps_per_epoch,
-            confidence=metadata_for(self._codec, self._interleaving.mode, self._interleaving.marker).__dict__
+            confidence=metadata_for(self._codec, self._interleaving.name, self._interleaving.marker).__dict__
             if self._codec is not None
             else None,
         )
@@ -516,7 +513,7 @@ class CaCFinetuneRecipe(FTRecipeInterface):
                 epoch=epoch,
                 output_dir=self._output_dir,
                 codec=self._codec,
-                mode=self._interleaving.mode,
+                mode=self._interleaving.name,
                 marker=self._interleaving.marker,
             )
             log.info(f"Epoch {epoch} checkpoint written to {folder}.")
@@ -552,7 +549,7 @@ def run_recipe(cfg: DictConfig, mode: Optional[str] = None, *, distributed: bool
     cfg = resolve_kit_references(cfg)
     interleaving = interleaving_options(cfg, mode)
     parallel = parallelism_from_config(cfg, distributed)
-    config.log_config(recipe_name=f"CaCFinetuneRecipe[{interleaving.mode}, {'FSDP2' if distributed else 'single device'}]", cfg=cfg)
+    config.log_config(recipe_name=f"CaCFinetuneRecipe[{interleaving.name}, {'FSDP2' if distributed else 'single device'}]", cfg=cfg)
     recipe = CaCFinetuneRecipe(cfg, parallel=parallel, interleaving=interleaving)
     try:
         recipe.setup(cfg)
