@@ -14,7 +14,8 @@ import torch
 from diffusion_models import MASK_ID, ScriptedModel
 from entropy_guided_generation import kit
 from entropy_guided_generation.diffusion import generate, heldout_problems, monte_carlo_loglikelihood, solve
-from entropy_guided_generation.diffusion.mask_predictor import CARD_FILENAME, load_mask_predictor, trained_mask_predictor
+from entropy_guided_generation.diffusion.mask_predictor import CARD_FILENAME
+from entropy_guided_generation.diffusion.pretrained import load_mask_predictor, trained_mask_predictor
 from entropy_guided_generation.diffusion.train import EVAL_DECODING
 
 # Measured (torch 2.13 CPU, the shipped predictor, 2 build threads): 12/128 = 0.094 (the card: 0.105 on 200).

@@ -30,7 +30,8 @@ from tqdm import tqdm
 
 from entropy_guided_generation.diffusion.decoding import REMASKING_STRATEGIES, generate, predictor_logits
 from entropy_guided_generation.diffusion.likelihood import monte_carlo_loglikelihood
-from entropy_guided_generation.diffusion.mask_predictor import left_pad, load_mask_predictor, response_text
+from entropy_guided_generation.diffusion.mask_predictor import left_pad, response_text
+from entropy_guided_generation.diffusion.pretrained import load_mask_predictor
 from entropy_guided_generation.diffusion.tta import TTAOptions, generate_with_tta_uncertainty
 
 log = logging.getLogger(__name__)
