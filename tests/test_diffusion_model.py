@@ -118,8 +118,9 @@ def test_lm_eval_diffusion_model_through_the_evaluator_and_our_cli(tmp_path, sub
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    import entropy_guided_generation.diffusion.lm_eval_model  # noqa: F401  (registers "diffusion")
+    from entropy_guided_generation.lm_eval import register_models
 
+    register_models()  # "diffusion" among them
     folder, tasks = trained_mask_predictor(), kit.tasks_dir()
     baseline = simple_evaluate(
         model="diffusion", model_args=f"pretrained={folder}," + MODEL_ARGS.format("baseline"),

@@ -25,7 +25,6 @@ from typing import Any, Optional
 
 import torch
 from lm_eval.api.model import LM
-from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
 from entropy_guided_generation.diffusion.decoding import REMASKING_STRATEGIES, generate, predictor_logits
@@ -52,7 +51,6 @@ def parse_temperature_range(value: Any) -> tuple[float, float]:
     return float(low), float(high)
 
 
-@register_model(MODEL_NAME)
 class DiffusionLM(LM):
     """lm-eval ``LM`` over a mask predictor folder (default: ``trained_mask_predictor()``).
 

@@ -1,4 +1,4 @@
-"""An lm-eval model over a torchtune decoder, in any interleaving mode (registered as ``egg_torchtune``).
+"""An lm-eval model over a torchtune decoder, in any interleaving mode (lm-eval's ``egg_torchtune``).
 
 Three methods, as lm-eval's ``LM`` asks:
 
@@ -24,7 +24,6 @@ from typing import Any, Mapping, Optional, Sequence
 
 import torch
 from lm_eval.api.model import TemplateLM
-from lm_eval.api.registry import register_model
 from lm_eval.models.utils import Collator
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
@@ -126,7 +125,6 @@ def _accepts_keyword(fn: Any, name: str) -> bool:
     return name in inspect.signature(fn).parameters
 
 
-@register_model(MODEL_NAME)
 class TorchtuneLM(TemplateLM):
     """lm-eval model over a torchtune ``TransformerDecoder`` and tokenizer.
 
@@ -436,25 +434,6 @@ class TorchtuneLM(TemplateLM):
                 tokens=tokens.cpu(), bins=bins.cpu(), signal=signal.cpu(), entropy=entropy.cpu(), logprob=logprob.cpu(),
             )
         )
-
-    # ------------------------------------------------------------------ construction from lm-eval's CLI
-    @classmethod
-    def create_from_arg_obj(cls, arg_dict: dict, additional_config: Optional[dict] = None) -> "TorchtuneLM":
-        """``--model egg_torchtune --model_args config=<eval yaml>[,key=value...]``: the model,
-        tokenizer and interleaving of an eval recipe config (other keys override the config)."""
-        from entropy_guided_generation.eleuther_eval import lm_from_config_file
-
-        args = dict(arg_dict)
-        extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k != "max_batch_size"}
-        if "config" not in args:
-            raise ValueError(f"--model {MODEL_NAME} needs model_args config=<eval recipe YAML>, got {sorted(args)}")
-        return lm_from_config_file(args.pop("config"), {**args, **extra})
-
-    @classmethod
-    def create_from_arg_string(cls, arg_string: str, additional_config: Optional[dict] = None) -> "TorchtuneLM":
-        from lm_eval.utils import simple_parse_args_string
-
-        return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
 
 
 __all__ = ["MODEL_NAME", "DecodeStats", "RequestKey", "ScoredContinuation", "TorchtuneLM", "sampler_decoder"]
