@@ -15,8 +15,6 @@ truncation, prefix token, scoring and greedy decoding).
 from __future__ import annotations
 
 import inspect
-
-import importlib.util
 import logging
 import time
 from dataclasses import dataclass
@@ -28,6 +26,8 @@ from lm_eval.models.utils import Collator
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
+# Importing the sampling package registers its decoders (e.g. ``entropix``) with ``register_decoder``.
+from entropy_guided_generation import sampling  # noqa: F401
 from entropy_guided_generation.confidence import ConfidenceCodec, encode_text
 from entropy_guided_generation.eval.generation import (
     DecodeSettings,
@@ -41,21 +41,20 @@ from entropy_guided_generation.eval.generation import (
 )
 from entropy_guided_generation.eval.teacher_forcing import ContinuationScores, score_continuations
 from entropy_guided_generation.eval.traces import ConfidenceTrace
-from entropy_guided_generation.generation import DECODERS, DecodeResult, get_decoder
+from entropy_guided_generation.generation import DecodeResult, get_decoder
 from entropy_guided_generation.layout import check_mode
+from entropy_guided_generation.sampling.budget_forcing import budget_forcing_requested, generate_until_torchtune
 
 log = logging.getLogger(__name__)
 
 MODEL_NAME = "egg_torchtune"
-# Importing this package registers its decoders (e.g. ``entropix``) with ``register_decoder``.
-SAMPLERS_PACKAGE = "entropy_guided_generation.sampling"
 
 
 def sampler_decoder(sampler: Mapping[str, Any]) -> tuple[str, Any, dict]:
     """``(name, decoder, sampler_config)`` of a YAML ``sampler: {name: <registered decoder>, ...}``.
 
-    The decoder is ``get_decoder(name)``, after importing :data:`SAMPLERS_PACKAGE` (where samplers
-    register themselves) if ``name`` is not registered yet; ``sampler_config`` is the rest of the section.
+    The decoder is ``get_decoder(name)`` (the sampling package, imported above, registers its samplers);
+    ``sampler_config`` is the rest of the section.
 
     Raises:
         ValueError: without a ``name``, or naming no registered decoder (the error lists them).
@@ -64,8 +63,6 @@ def sampler_decoder(sampler: Mapping[str, Any]) -> tuple[str, Any, dict]:
     name = config.pop("name", None)
     if not isinstance(name, str) or not name:
         raise ValueError(f"sampler needs a 'name' (a registered decoder, e.g. entropix), got {dict(sampler)!r}")
-    if name not in DECODERS and importlib.util.find_spec(SAMPLERS_PACKAGE) is not None:
-        importlib.import_module(SAMPLERS_PACKAGE)
     return name, get_decoder(name), config
 
 
@@ -350,8 +347,6 @@ class TorchtuneLM(TemplateLM):
     # ------------------------------------------------------------------ generation
     def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
         """Greedy or sampled continuations of each context, cut before the first ``until`` string."""
-        from entropy_guided_generation.sampling.budget_forcing import budget_forcing_requested, generate_until_torchtune
-
         if any(budget_forcing_requested(request.args[1]) for request in requests):
             return generate_until_torchtune(self, requests, disable_tqdm)  # serves the rest through this method
         items = [(request.args[0], request.args[1], position) for position, request in enumerate(requests)]
