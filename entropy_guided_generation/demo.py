@@ -33,7 +33,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+import torch
 from omegaconf import DictConfig, OmegaConf
+
+from entropy_guided_generation import kit, visualize
+from entropy_guided_generation.confidence import ConfidenceCodec, find_confidence_json, read_confidence_json
+from entropy_guided_generation.eleuther_eval import EleutherEvalRecipeDirect
+from entropy_guided_generation.eval.report import generation_confidence_by_doc
+from entropy_guided_generation.generation import get_decoder
+from entropy_guided_generation.training import read_disk_log, run_recipe
 
 REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 MODES = ("none", "answer", "marker")
@@ -119,8 +127,6 @@ def prepare_data(out: Path, settings: DemoSettings, gsm8k_dir: Optional[Path], b
     (``mistake_index`` null), so the finetune learns correct reasoning; the held-out rows keep all
     traces and are scored against ``target``.
     """
-    from entropy_guided_generation import kit
-
     data = out / "data"
     if gsm8k_dir is not None:
         gsm8k_train = _require_file(gsm8k_dir / "train.jsonl", "GSM8K train file")
@@ -244,8 +250,6 @@ def _gen_budget(mode: str, settings: DemoSettings) -> int:
 
 def eval_config(mode: str, checkpoint: Path, base: BaseModel, files: DataFiles, settings: DemoSettings, eval_dir: Path) -> DictConfig:
     """The tiny eval config of ``mode`` on the finetuned checkpoint and the held-out task."""
-    from entropy_guided_generation import kit
-
     cfg = _load_config(f"eval_{mode}.yaml")
     if mode == "marker":
         include, tasks = kit.bigbench_mistake_tasks_dir(files.bbm_test), [kit.BIGBENCH_MISTAKE_TASK]
@@ -296,8 +300,6 @@ def final_checkpoint(run_dir: Path) -> Path:
 
 def finetune(mode: str, cfg: DictConfig, run_dir: Path, fingerprint: str) -> Path:
     """Run the recipe (or reuse its finished output); returns the final checkpoint folder."""
-    from entropy_guided_generation.training import run_recipe
-
     if _is_current(run_dir, fingerprint, "logs"):
         print(f"[demo] {mode}: reusing the finetune in {run_dir}")
         return final_checkpoint(run_dir)
@@ -309,8 +311,6 @@ def finetune(mode: str, cfg: DictConfig, run_dir: Path, fingerprint: str) -> Pat
 
 def evaluate(mode: str, cfg: DictConfig, eval_dir: Path, fingerprint: str) -> dict:
     """Run the eval recipe (or reuse its summary); returns the summary plus per-sample pairs."""
-    from entropy_guided_generation.eleuther_eval import EleutherEvalRecipeDirect
-
     summary_path = eval_dir / "demo_eval.json"
     if _is_current(eval_dir, fingerprint, summary_path.name):
         print(f"[demo] {mode}: reusing the evaluation in {eval_dir}")
@@ -329,8 +329,6 @@ def evaluate(mode: str, cfg: DictConfig, eval_dir: Path, fingerprint: str) -> di
 
 def per_sample_pairs(summary: dict, recipe: Any) -> dict:
     """(confidence, correct) per held-out sample of the headline (task, filter, metric)."""
-    from entropy_guided_generation.eval.report import generation_confidence_by_doc
-
     task, filt, metric = summary.get("task"), summary.get("filter"), summary.get("metric")
     if task is None:
         return {"confidence": [], "correct": []}
@@ -347,20 +345,12 @@ def per_sample_pairs(summary: dict, recipe: Any) -> dict:
 
 def loss_history(log_dir: Path) -> list[float]:
     """Training loss per optimizer step, from the recipe's DiskLogger files."""
-    from entropy_guided_generation.training import read_disk_log
-
     logged = read_disk_log(log_dir)
     return [logged[step]["loss"] for step in sorted(logged) if "loss" in logged[step]]
 
 
 def draw_confidence_example(mode: str, checkpoint: Path, base: BaseModel, question: str, out: Path, settings: DemoSettings) -> dict:
     """Decode one held-out question greedily in ``mode`` and write it coloured by confidence bin."""
-    import torch
-
-    from entropy_guided_generation import kit, visualize
-    from entropy_guided_generation.confidence import ConfidenceCodec, find_confidence_json, read_confidence_json
-    from entropy_guided_generation.generation import get_decoder
-
     tokenizer = kit.load_tokenizer(folder=base.tokenizer_dir)
     model = kit.load_torchtune_model(checkpoint).eval()
     found = find_confidence_json(checkpoint)
@@ -410,8 +400,6 @@ def results_table(rows: Sequence[dict]) -> str:
 
 def resolve_base(checkpoint: Optional[Path], tokenizer_dir: Optional[Path], model_type: str) -> BaseModel:
     """The demo's base model: ``checkpoint`` (a Hugging Face folder) or the kit's trained base."""
-    from entropy_guided_generation import kit
-
     folder = Path(checkpoint) if checkpoint is not None else kit.trained_base()
     tok = Path(tokenizer_dir) if tokenizer_dir is not None else folder
     missing = [name for name in TOKENIZER_FILES if not (tok / name).is_file()]
@@ -434,8 +422,6 @@ def run_demo(
     model_type: str = "QWEN2",
 ) -> dict:
     """The whole pipeline; returns what ``results.json`` holds."""
-    from entropy_guided_generation import visualize
-
     unknown = [m for m in modes if m not in MODES]
     if unknown:
         raise ValueError(f"unknown demo modes {unknown}; expected some of {', '.join(MODES)}")
