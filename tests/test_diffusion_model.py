@@ -13,7 +13,7 @@ import torch
 
 from diffusion_models import MASK_ID, ScriptedModel
 from entropy_guided_generation import kit
-from entropy_guided_generation.diffusion import generate, heldout_problems, monte_carlo_loglikelihood, solve
+from entropy_guided_generation.diffusion import experiments, generate, heldout_problems, monte_carlo_loglikelihood, solve
 from entropy_guided_generation.diffusion.mask_predictor import CARD_FILENAME, load_mask_predictor, trained_mask_predictor
 from entropy_guided_generation.diffusion.train import EVAL_DECODING
 
@@ -170,8 +170,6 @@ def test_run_benchmark_compares_baseline_and_tta_and_summarizes_with_a_plot(trai
 
 def test_seed_benchmark_names_read_the_ids_off_a_hugging_face_tokenizer(trained, capsys):
     from transformers import AutoTokenizer
-
-    from entropy_guided_generation.diffusion import experiments
 
     model, tokenizer, ids = trained
     hf_tokenizer = AutoTokenizer.from_pretrained(str(trained_mask_predictor()))

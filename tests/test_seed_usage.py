@@ -1,7 +1,7 @@
 """Every usage snippet of the seed documents (../shared/seeds/000..004), run as written.
 
-Each test body is its seed's code block, statement for statement. What differs is marked on its
-line with ``# seed: ...``: the kit's models, tokenizers, data and tasks instead of downloaded ones,
+Each test body is its seed's code block, statement for statement (its imports included, inside the
+test as in the snippet). What differs is marked on its line with ``# seed: ...``: the kit's models, tokenizers, data and tasks instead of downloaded ones,
 this package's import paths, and smaller sizes (tokens, samples, steps). Blocks that are not usage
 (seed 001's ``git clone``) are left out.
 """
@@ -17,7 +17,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from entropy_guided_generation import kit
+from entropy_guided_generation import generation, kit
+from entropy_guided_generation.diffusion import generate_with_tta_uncertainty, trained_mask_predictor
+from entropy_guided_generation.scoring import register_gsm8k_jsonl
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY_LLAMA = dict(num_layers=1, hidden_size=32, num_heads=4, num_kv_heads=2, intermediate_size=64)
@@ -53,8 +55,6 @@ def test_seed_000_eval_recipe_from_python_with_the_interleaving_yaml(tmp_path):
 
     assert summary["mode"] == "answer" and summary["num_samples"] == 2
     # "The evaluation script will automatically select": the seed's decoder names
-    from entropy_guided_generation import generation
-
     assert all(callable(getattr(generation, name)) for name in (
         "generate_full_interleaved", "generate_answer_interleaved", "generate_answer_interleaved_marker"))
 
@@ -125,8 +125,6 @@ def restore_matmul_precision():
 
 def test_seed_002_sequence_processor_with_a_hugging_face_model_and_tokenizer(llama_dir, tmp_path, restore_matmul_precision):
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from entropy_guided_generation.scoring import register_gsm8k_jsonl
 
     model = AutoModelForCausalLM.from_pretrained(str(llama_dir)).eval()  # seed: "model, tokenizer are pre-loaded"
     tokenizer = AutoTokenizer.from_pretrained(str(llama_dir))
@@ -215,8 +213,6 @@ def llada():
     from transformers import AutoTokenizer
     from transformers import ModernBertForMaskedLM as LLaDAModelLM  # seed: from modeling_llada import LLaDAModelLM
 
-    from entropy_guided_generation.diffusion import trained_mask_predictor
-
     # Load model
     model = LLaDAModelLM.from_pretrained(str(trained_mask_predictor()))  # seed: "GSAI-ML/LLaDA-8B-Base"
     tokenizer = AutoTokenizer.from_pretrained(str(trained_mask_predictor()))  # seed: "GSAI-ML/LLaDA-8B-Base"
@@ -225,7 +221,7 @@ def llada():
 
 @pytest.mark.filterwarnings("ignore:FigureCanvasAgg is non-interactive")
 def test_seed_004_basic_usage_benchmark_and_logs(llada, tmp_path, capsys):
-    from entropy_guided_generation.diffusion import generate_with_tta_uncertainty  # seed: from tta_uncertainty_sampling import ...
+    from entropy_guided_generation.diffusion import generate_with_tta_uncertainty  # noqa: F811  (seed: from tta_uncertainty_sampling import ...)
 
     model, tokenizer = llada
 
@@ -316,8 +312,6 @@ def test_seed_004_basic_usage_benchmark_and_logs(llada, tmp_path, capsys):
 
 
 def test_seed_004_configuration_constraints_and_speed_settings(llada):
-    from entropy_guided_generation.diffusion import generate_with_tta_uncertainty
-
     model, tokenizer = llada
     prompt_tokens = tokenizer.encode("The capital of France is", return_tensors='pt').to(model.device)
 
