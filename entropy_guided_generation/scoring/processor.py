@@ -61,9 +61,8 @@ class SequenceProcessor:
 
     Args:
         model: a torchtune ``TransformerDecoder`` (generation is KV-cached), a Hugging Face causal
-            LM (PEFT wrappers included), or any module mapping tokens ``[b, s]`` to logits
-            ``[b, s, v]``; DDP is unwrapped. Its train/eval mode is left as it is (use eval mode for
-            deterministic scores).
+            LM, or any module mapping tokens ``[b, s]`` to logits ``[b, s, v]``; DDP is unwrapped.
+            Its train/eval mode is left as it is (use eval mode for deterministic scores).
         tokenizer: a torchtune tokenizer (``encode(text, add_bos, add_eos)``, ``eos_id``, ``pad_id``,
             optionally ``stop_tokens``) or a Hugging Face one (``pad_token_id``, else its
             ``eos_token_id``, pads; ``eos_token_id`` stops). See :mod:`entropy_guided_generation.tokenizing`.
