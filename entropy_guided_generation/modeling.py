@@ -132,6 +132,75 @@ def logits_at(
     return logits_of(model, tokens, mask=mask, input_pos=input_pos)[rows, index]
 
 
+def is_fsdp_sharded(model: Any) -> bool:
+    """True for a module sharded by FSDP2 (``fully_shard``): only its own ``forward`` gathers the
+    parameters, so its submodules must not be called one by one."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch build without distributed
+        return False
+    return isinstance(model, FSDPModule)
+
+
+_MIN_PROJECTED = 16
+
+
+class PositionLogits:
+    """One forward over ``tokens`` ``[b, s]``; float32 logits at chosen positions on demand.
+
+    For torchtune decoders (not FSDP-sharded, no ``output_hidden_states``) the forward stops
+    before the final norm and output projection, which then run only at the positions asked for:
+    the same bits as :func:`logits_of` there (both are per-position maps), at a fraction of the
+    cost and memory when the vocabulary is large. Other models run :func:`logits_of` once.
+
+    Args:
+        model: see :func:`logits_of`.
+        tokens: ``[b, s]``.
+        padding_mask: as in :func:`logits_of`.
+    """
+
+    def __init__(self, model: Any, tokens: torch.Tensor, *, padding_mask: Optional[torch.Tensor] = None):
+        self.model = model
+        self.projects = (
+            is_torchtune_decoder(model) and not getattr(model, "output_hidden_states", None) and not is_fsdp_sharded(model)
+        )
+        if not self.projects:
+            self.hidden = logits_of(model, tokens, padding_mask=padding_mask)
+            return
+        mask = input_pos = None
+        if padding_mask is not None:
+            mask, input_pos = causal_mask_from_padding(padding_mask), positions_from_padding(padding_mask)
+        h = model.tok_embeddings(tokens)
+        for layer in model.layers:
+            h = layer(h, mask=mask, input_pos=input_pos)
+        self.hidden = h
+
+    def __call__(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """Logits ``[k, v]`` at positions ``(rows[i], cols[i])`` (``[k]`` long each)."""
+        if not self.projects:
+            return self.hidden[rows, cols]
+        k = rows.shape[0]
+        # BLAS libraries multiply a handful of rows by another code path (another summation order)
+        # than many rows: project at least _MIN_PROJECTED positions, repeating the last one.
+        if 0 < k < _MIN_PROJECTED:
+            pick = torch.arange(_MIN_PROJECTED, device=rows.device).clamp(max=k - 1)
+            rows, cols = rows[pick], cols[pick]
+        return self.model.output(self.model.norm(self.hidden[rows, cols].unsqueeze(0))).float()[0, :k]
+
+
+def logits_at_positions(
+    model: Any,
+    tokens: torch.Tensor,
+    rows: torch.Tensor,
+    cols: torch.Tensor,
+    *,
+    padding_mask: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Float32 logits ``[k, v]`` at positions ``(rows[i], cols[i])`` of a forward over ``tokens``
+    ``[b, s]`` (see :class:`PositionLogits`)."""
+    return PositionLogits(model, tokens, padding_mask=padding_mask)(rows, cols)
+
+
 class KVSession:
     """A torchtune decoder's static KV cache, filled column by column.
 
@@ -217,12 +286,15 @@ def vocab_size_of(model: Any) -> Optional[int]:
 
 __all__ = [
     "KVSession",
+    "PositionLogits",
     "causal_mask_from_padding",
+    "is_fsdp_sharded",
     "is_hf_model",
     "is_torchtune_decoder",
     "kv_session",
     "last_logits_of",
     "logits_at",
+    "logits_at_positions",
     "logits_of",
     "positions_from_padding",
     "vocab_size_of",
