@@ -278,9 +278,16 @@ def _slots_in_order(slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.where(in_row, order, torch.zeros_like(order)), in_row
 
 
-# Logits per chunk of a pass, at most this many values ([positions, vocabulary]): bounds memory
+# Logits per chunk of a pass, at most this many values ([positions, vocabulary]): small enough to
+# stay in cache through the signal's elementwise steps (and to bound memory),
 # and lets a pass stop at each row's first changed slot without projecting the rest.
-_CHUNK_LOGITS = 1 << 24
+_CHUNK_LOGITS = 1 << 20
+
+
+def _chunk_slots(model: Any, rows: int, most: int) -> int:
+    """Slots per row in one chunk of ``rows`` rows (``most``, all of them, when the vocabulary is unknown)."""
+    vocab = vocab_size_of(model)
+    return min(most, max(1, _CHUNK_LOGITS // (vocab * rows))) if vocab else most
 
 
 def _run_pass(
@@ -293,14 +300,20 @@ def _run_pass(
     bins: torch.Tensor,
     signal: torch.Tensor,
     codec: ConfidenceCodec,
+    guessed: torch.Tensor,
     *,
     left_pad: bool,
     lazy: bool,
 ) -> tuple[torch.Tensor, int, int]:
     """One pass: a forward over ``active`` rows of ``layout`` (whole rows, the columns a full pass
     sees), then the signal of each row's slots from slot index ``start[r]`` on, a chunk of slots at
-    a time. With ``lazy`` a row stops at its first changed bin (what comes after it is not final
-    and the next pass recomputes it). Writes ``bins`` and ``signal``.
+    a time. Writes ``bins`` and ``signal``, and ``guessed`` (``[b]``: leading slots that hold a
+    computed bin, final or not).
+
+    A slot without a bin yet counts as changed (it is final if it comes first, a guess after).
+    With ``lazy`` a row stops at the first bin it changes, and computes at most
+    ``max(chunk, start)`` slots that had no bin (the window grows as the row settles): with a large
+    vocabulary, guessing a whole row's bins costs about as much as stepping through it.
 
     Returns:
         ``(settled, computed, changed)``: per active row the number of leading slots now final
@@ -309,16 +322,18 @@ def _run_pass(
     logits_at = PositionLogits(model, layout.tokens[active], padding_mask=layout.valid_mask[active] if left_pad else None)
     count = counts[active]
     slot_index = torch.arange(order.shape[1], device=order.device).unsqueeze(0)
-    vocab = vocab_size_of(model)
-    chunk = max(1, _CHUNK_LOGITS // (vocab * active.numel())) if vocab else order.shape[1]
+    chunk = _chunk_slots(model, active.numel(), order.shape[1])
     first_change = torch.full_like(count, -1)
+    had = guessed[active]
+    stop = torch.minimum(count, had + start.clamp(min=chunk)) if lazy else count
+    refuted = torch.zeros_like(count, dtype=torch.bool)  # a bin computed before changed
     start = start.clone()
     computed = changed = 0
     while True:
-        pending = (start < count) & (first_change < 0) if lazy else start < count
+        pending = (start < stop) & ~refuted if lazy else start < stop
         if not bool(pending.any()):
             break
-        todo = pending.unsqueeze(1) & (slot_index >= start.unsqueeze(1)) & (slot_index < (start + chunk).clamp(max=count).unsqueeze(1))
+        todo = pending.unsqueeze(1) & (slot_index >= start.unsqueeze(1)) & (slot_index < (start + chunk).clamp(max=stop).unsqueeze(1))
         local, i = todo.nonzero(as_tuple=True)
         rows = active[local]
         t = order[rows, i]
@@ -326,13 +341,16 @@ def _run_pass(
         new_signal = codec.signal_from_logits(logits_at(local, producing))
         new_bins = codec.bins_from_signal(new_signal)
         moved = torch.zeros_like(todo)
-        moved[local, i] = new_bins != bins[rows, t]
+        fresh = i >= had[local]
+        moved[local, i] = (new_bins != bins[rows, t]) | fresh
+        refuted |= (moved & (slot_index < had.unsqueeze(1))).any(1)
         bins[rows, t], signal[rows, t] = new_bins, new_signal
+        guessed[rows] = torch.maximum(guessed[rows], i + 1)
         first_change = torch.where(moved.any(1) & (first_change < 0), moved.long().argmax(1), first_change)
         start = start + chunk
         computed += int(local.numel())
         changed += int(moved.sum())
-    settled = torch.where(first_change >= 0, first_change + 1, count)
+    settled = torch.where(first_change >= 0, first_change + 1, stop)
     return settled, computed, changed
 
 
@@ -465,18 +483,23 @@ def compute_bins(
     # Pass 0: the plain sequence. A row's first slot is final at once (no confidence token precedes it).
     plain = interleave(tokens, torch.zeros_like(slots), tokens, pad_id=pad_id, valid_mask=valid_mask, left_pad=left_pad)
     zeros = torch.zeros_like(counts)
-    _, computed, _ = _run_pass(model, plain, everyone, zeros, order, counts, bins, signal, codec, left_pad=left_pad, lazy=False)
+    guessed = torch.zeros_like(counts)  # [b] leading slots of each row that hold a computed bin
+    lazy = max_passes is None
+    _, computed, _ = _run_pass(
+        model, plain, everyone, zeros, order, counts, bins, signal, codec, guessed, left_pad=left_pad, lazy=lazy
+    )
     final = counts.clamp(max=1)  # [b] leading slots of each row whose bins are final
     passes, pass_rows, pass_slots = 1, [b], [computed]
     changed = math.nan
     stepped = 0
     # Each pass settles >= 1 slot of every row it runs, so m passes always reach the fixed point.
     limit = order.shape[1] if max_passes is None else min(max_passes, order.shape[1])
+    min_progress = _chunk_slots(model, b, order.shape[1])
     while passes < limit and bool((final < counts).any()):
         active = (final < counts).nonzero().squeeze(1)
         settled, computed, n_changed = _run_pass(
-            model, build(bins), active, final[active], order, counts, bins, signal, codec,
-            left_pad=left_pad, lazy=max_passes is None,
+            model, build(bins), active, final[active], order, counts, bins, signal, codec, guessed,
+            left_pad=left_pad, lazy=lazy,
         )
         progress = settled - final[active]
         final[active] = settled
@@ -484,7 +507,9 @@ def compute_bins(
         pass_rows.append(int(active.numel()))
         pass_slots.append(computed)
         changed = n_changed / int(counts.sum())
-        slow = bool((counts[active] - settled > _STEP_AFTER_PASSES * progress).any())
+        # Slow: at this progress more than a few passes would remain, and the pass settled fewer
+        # slots than a chunk (lazy passes of a large vocabulary settle at most their window).
+        slow = bool(((counts[active] - settled > _STEP_AFTER_PASSES * progress) & (progress < min_progress)).any())
         if max_passes is None and sequential_fallback and slow and _can_step(model):
             behind = (final < counts).nonzero().squeeze(1)
             _step_to_the_end(model, build(bins), behind, order, final, counts, bins, signal, codec)
