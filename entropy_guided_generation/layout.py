@@ -308,19 +308,12 @@ class Interleaving:
         return slots
 
     def advances_position(self, valid_mask: torch.Tensor, is_confidence: torch.Tensor) -> torch.Tensor:
-        """``[b, L]`` bool: the tokens that move the position counter on. ``sequential``: every real
-        token, confidence tokens included (as the public CaC code). ``shared``: content tokens only,
-        so a confidence token takes the position of the content token it follows and content keeps
-        the plain model's relative positions under RoPE."""
-        if self.positions == "shared":
-            return valid_mask & ~is_confidence
-        return valid_mask.clone()
+        """See :func:`advances_position` under this interleaving's rule."""
+        return advances_position(self.positions, valid_mask, is_confidence)
 
     def position_ids(self, valid_mask: torch.Tensor, is_confidence: torch.Tensor) -> torch.Tensor:
-        """Position id ``[b, L]`` of each token of an interleaved sequence (any padding side): 0 at
-        the row's first real token (padding gets 0 before it, and is never attended)."""
-        advances = self.advances_position(valid_mask, is_confidence)
-        return (advances.long().cumsum(1) - 1).clamp(min=0)
+        """See :func:`position_ids` under this interleaving's rule."""
+        return position_ids(self.positions, valid_mask, is_confidence)
 
     def step_policy(self, batch_size: int, device: torch.device) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         """The decoding side of :meth:`slots`: a fresh callable ``(token [b], active [b]) -> [b]`` bool,
@@ -383,6 +376,22 @@ MARKER = register_mode(
 )
 PLAIN = Interleaving(NONE)
 """Mode none bound to no ids: plain generation and plain scoring."""
+
+
+def advances_position(rule: str, valid_mask: torch.Tensor, is_confidence: torch.Tensor) -> torch.Tensor:
+    """``[b, L]`` bool: the tokens that move the position id on. ``sequential``: every real token,
+    confidence tokens included (as the public CaC code). ``shared``: content tokens only, so a
+    confidence token takes the position of the content token it follows and content keeps the
+    plain model's relative positions under RoPE."""
+    if rule == "shared":
+        return valid_mask & ~is_confidence
+    return valid_mask
+
+
+def position_ids(rule: str, valid_mask: torch.Tensor, is_confidence: torch.Tensor) -> torch.Tensor:
+    """Position id ``[b, L]`` of each token of an interleaved sequence (any padding side) under
+    ``rule``: 0 at the row's first real token (padding before it gets 0 and is never attended)."""
+    return (advances_position(rule, valid_mask, is_confidence).long().cumsum(1) - 1).clamp(min=0)
 
 
 def check_position_rule(positions: Any) -> str:
@@ -611,6 +620,7 @@ def _run_pass(
     *,
     left_pad: bool,
     lazy: bool,
+    positions: str,
 ) -> tuple[torch.Tensor, int, int]:
     """One pass: a forward over ``active`` rows of ``layout`` (whole rows, the columns a full pass
     sees), then the signal of each row's slots from slot index ``start[r]`` on, a chunk of slots at
@@ -626,7 +636,13 @@ def _run_pass(
         ``(settled, computed, changed)``: per active row the number of leading slots now final
         (those before and including the first changed one), the signals computed, the bins changed.
     """
-    logits_at = PositionLogits(model, layout.tokens[active], padding_mask=layout.valid_mask[active] if left_pad else None)
+    # Sequential positions are the model's own (right padding) or the padding mask's (left padding).
+    input_pos = None
+    if positions != "sequential":
+        input_pos = position_ids(positions, layout.valid_mask[active], layout.is_confidence[active])
+    logits_at = PositionLogits(
+        model, layout.tokens[active], padding_mask=layout.valid_mask[active] if left_pad else None, input_pos=input_pos
+    )
     count = counts[active]
     slot_index = torch.arange(order.shape[1], device=order.device).unsqueeze(0)
     chunk = _chunk_slots(model, active.numel(), order.shape[1])
@@ -682,12 +698,14 @@ def _step_to_the_end(
     bins: torch.Tensor,
     signal: torch.Tensor,
     codec: ConfidenceCodec,
+    positions: str,
 ) -> None:
     """Bins of ``rows``' slots from their first non-final one on, as a decoder finds them: prefill
     the final prefix into a KV cache, then one forward per slot feeding the content token, its
     new confidence token and any plain tokens up to the next slot. Writes ``bins`` and ``signal``."""
     tokens = layout.tokens[rows].clone()
     valid = layout.valid_mask[rows]
+    advances = advances_position(positions, valid, layout.is_confidence[rows])
     first, count = final[rows], counts[rows]
     content_col = layout.plain_index[rows].gather(1, order[rows])  # [r, m]: column of slot i's token
     steps = int((count - first).max())
@@ -705,7 +723,11 @@ def _step_to_the_end(
     conf_ids = codec.token_ids.to(tokens.device)
     with kv_session(model, rows.shape[0], cache_len) as session:
         cols = torch.arange(prefill_width, device=rows.device)
-        logits = session.feed(tokens[:, :prefill_width], valid[:, :prefill_width] & (cols < start.unsqueeze(1)), start - 1)
+        in_prefill = cols < start.unsqueeze(1)
+        logits = session.feed(
+            tokens[:, :prefill_width], valid[:, :prefill_width] & in_prefill, start - 1,
+            advances=advances[:, :prefill_width] & in_prefill,
+        )
         for j in range(steps):
             now = live[:, j]
             new_signal = codec.signal_from_logits(logits[now])
@@ -718,7 +740,10 @@ def _step_to_the_end(
             k = int(widths[:, j].max())
             feed_cols = (at[:, j].unsqueeze(1) + torch.arange(k, device=rows.device)).clamp(max=tokens.shape[1] - 1)
             feed_valid = torch.arange(k, device=rows.device).unsqueeze(0) < widths[:, j].unsqueeze(1)
-            logits = session.feed(tokens.gather(1, feed_cols), feed_valid, (widths[:, j] - 1).clamp(min=0))
+            logits = session.feed(
+                tokens.gather(1, feed_cols), feed_valid, (widths[:, j] - 1).clamp(min=0),
+                advances=advances.gather(1, feed_cols) & feed_valid,
+            )
 
 
 @torch.no_grad()
@@ -734,6 +759,7 @@ def compute_bins(
     max_passes: Optional[int] = None,
     left_pad: bool = False,
     sequential_fallback: bool = True,
+    positions: str = "sequential",
 ) -> FixedPointBins:
     """Exact bins of every slot by fixed-point iteration, and the batch interleaved with them.
 
@@ -753,7 +779,7 @@ def compute_bins(
 
     Args:
         model: a causal LM (see :mod:`entropy_guided_generation.modeling`); run without grad. With
-            torchtune KV caches enabled, call it inside ``disable_kv_cache``.
+            torchtune KV caches set up, call it inside ``modeling.caches_set_aside``.
         tokens: ``[b, n]`` plain ids; right-padded, or left-padded with ``left_pad=True``.
         codec: the confidence codec.
         slots: ``[b, n]`` from :func:`confidence_slots`.
@@ -762,6 +788,8 @@ def compute_bins(
         max_passes: None (default) iterates until every bin is final (exact); an int >= 1 caps the
             passes (the bins may then be approximate: see ``converged`` and ``unconverged_rows``).
         sequential_fallback: allow the stepping described above (only when ``max_passes`` is None).
+        positions: the position rule of every forward, ``sequential`` or ``shared`` (see
+            :func:`advances_position`); training, decoding and eval pass their interleaving's.
 
     Returns:
         :class:`FixedPointBins`.
@@ -770,6 +798,7 @@ def compute_bins(
         ValueError: when ``max_passes`` is neither None nor an int >= 1.
     """
     _check_max_passes(max_passes)
+    check_position_rule(positions)
     if valid_mask is None:
         valid_mask = (tokens != pad_id) if left_pad else torch.ones_like(tokens, dtype=torch.bool)
     b = tokens.shape[0]
@@ -793,7 +822,8 @@ def compute_bins(
     guessed = torch.zeros_like(counts)  # [b] leading slots of each row that hold a computed bin
     lazy = max_passes is None
     _, computed, _ = _run_pass(
-        model, plain, everyone, zeros, order, counts, bins, signal, codec, guessed, left_pad=left_pad, lazy=lazy
+        model, plain, everyone, zeros, order, counts, bins, signal, codec, guessed, left_pad=left_pad, lazy=lazy,
+        positions=positions,
     )
     final = counts.clamp(max=1)  # [b] leading slots of each row whose bins are final
     passes, pass_rows, pass_slots = 1, [b], [computed]
@@ -806,7 +836,7 @@ def compute_bins(
         active = (final < counts).nonzero().squeeze(1)
         settled, computed, n_changed = _run_pass(
             model, build(bins), active, final[active], order, counts, bins, signal, codec, guessed,
-            left_pad=left_pad, lazy=lazy,
+            left_pad=left_pad, lazy=lazy, positions=positions,
         )
         progress = settled - final[active]
         final[active] = settled
@@ -819,7 +849,7 @@ def compute_bins(
         slow = bool(((counts[active] - settled > _STEP_AFTER_PASSES * progress) & (progress < min_progress)).any())
         if max_passes is None and sequential_fallback and slow and _can_step(model):
             behind = (final < counts).nonzero().squeeze(1)
-            _step_to_the_end(model, build(bins), behind, order, final, counts, bins, signal, codec)
+            _step_to_the_end(model, build(bins), behind, order, final, counts, bins, signal, codec, positions)
             stepped = int((counts - final)[behind].sum())
             final[behind] = counts[behind]
     unconverged = int((final < counts).sum())
@@ -858,6 +888,8 @@ __all__ = [
     "UntilMarker",
     "check_mode",
     "check_position_rule",
+    "advances_position",
+    "position_ids",
     "compute_bins",
     "confidence_slots",
     "first_real_position",

@@ -156,20 +156,29 @@ class PositionLogits:
     Args:
         model: see :func:`logits_of`.
         tokens: ``[b, s]``.
-        padding_mask: as in :func:`logits_of`.
+        padding_mask, input_pos: as in :func:`logits_of` (``input_pos`` overrides the positions
+            ``padding_mask`` implies).
     """
 
-    def __init__(self, model: Any, tokens: torch.Tensor, *, padding_mask: Optional[torch.Tensor] = None):
+    def __init__(
+        self,
+        model: Any,
+        tokens: torch.Tensor,
+        *,
+        padding_mask: Optional[torch.Tensor] = None,
+        input_pos: Optional[torch.Tensor] = None,
+    ):
         self.model = model
         self.projects = (
             is_torchtune_decoder(model) and not getattr(model, "output_hidden_states", None) and not is_fsdp_sharded(model)
         )
         if not self.projects:
-            self.hidden = logits_of(model, tokens, padding_mask=padding_mask)
+            self.hidden = logits_of(model, tokens, padding_mask=padding_mask, input_pos=input_pos)
             return
-        mask = input_pos = None
+        mask = None
         if padding_mask is not None:
-            mask, input_pos = causal_mask_from_padding(padding_mask), positions_from_padding(padding_mask)
+            mask = causal_mask_from_padding(padding_mask)
+            input_pos = positions_from_padding(padding_mask) if input_pos is None else input_pos
         h = model.tok_embeddings(tokens)
         for layer in model.layers:
             h = layer(h, mask=mask, input_pos=input_pos)
@@ -205,8 +214,10 @@ class KVSession:
     """A torchtune decoder's static KV cache, filled column by column.
 
     ``key_valid[b, j]`` says whether cache column j holds a real token of row b; ``next_pos[b]``
-    is the position id the row's next real token gets (positions count real tokens only, so
-    training's right-padded layout and left-padded decoding see the same positions).
+    is the position id the row's next position-advancing token gets (positions count real tokens
+    only, so training's right-padded layout and left-padded decoding see the same positions; under
+    ``interleaving.positions: shared`` a confidence token does not advance and takes the position
+    of the content token before it).
     """
 
     def __init__(self, model: Any, batch_size: int, cache_len: int, device: torch.device):
@@ -225,21 +236,53 @@ class KVSession:
         itself = self._cols.unsqueeze(0) == query_cols.unsqueeze(1)
         return (self.key_valid.unsqueeze(1) & causal.unsqueeze(0)) | itself.unsqueeze(0)
 
-    def feed(self, tokens: torch.Tensor, valid: torch.Tensor, use_col: torch.Tensor) -> torch.Tensor:
+    def feed(
+        self,
+        tokens: torch.Tensor,
+        valid: torch.Tensor,
+        use_col: torch.Tensor,
+        advances: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
         """Append ``tokens`` ``[b, k]`` (``valid`` marks real ones) and return the logits ``[b, v]``
-        at column ``use_col[b]`` of this feed."""
+        at column ``use_col[b]`` of this feed. ``advances`` ``[b, k]`` marks the tokens that move the
+        position on (default: every real token); one that does not repeats the position before it."""
         k = tokens.shape[1]
         if self.filled + k > self.cache_len:
             raise RuntimeError(f"KV cache of {self.cache_len} columns is full ({self.filled} used, {k} more asked)")
         self.key_valid[:, self.filled : self.filled + k] = valid
+        advances = valid if advances is None else advances
         if k == 1:
             pos = self.next_pos.unsqueeze(1)
         else:
-            pos = self.next_pos.unsqueeze(1) + (valid.long().cumsum(1) - 1).clamp(min=0)
+            pos = (self.next_pos.unsqueeze(1) + advances.long().cumsum(1) - 1).clamp(min=0)
         logits = logits_at(self.model, tokens, use_col, mask=self._mask(k), input_pos=pos)
-        self.next_pos += valid.long().sum(1)
+        self.next_pos += advances.long().sum(1)
         self.filled += k
         return logits
+
+
+@contextlib.contextmanager
+def caches_set_aside(model: Any) -> Iterator[Any]:
+    """Yield ``model`` as if its KV caches had never been set up, and put them back untouched after.
+
+    Whole-sequence forwards (the fixed point's passes, teacher forcing) then attend causally with
+    no cache, and a :func:`kv_session` opened inside sets up caches of its own size (the fixed
+    point's sequential fallback). Models without torchtune caches pass through.
+    """
+    if not (is_torchtune_decoder(model) and model.caches_are_setup()):
+        yield model
+        return
+    attention = [m for m in model.modules() if hasattr(m, "kv_cache") and callable(m.kv_cache)]
+    saved = [(m, m.kv_cache, m.cache_enabled) for m in attention]
+    max_cache_len = getattr(model, "decoder_max_cache_seq_len", None)
+    for m in attention:
+        m.kv_cache, m.cache_enabled = None, False
+    try:
+        yield model
+    finally:
+        for m, cache, enabled in saved:
+            m.kv_cache, m.cache_enabled = cache, enabled
+        model.decoder_max_cache_seq_len = max_cache_len
 
 
 @contextlib.contextmanager
@@ -287,6 +330,7 @@ def vocab_size_of(model: Any) -> Optional[int]:
 __all__ = [
     "KVSession",
     "PositionLogits",
+    "caches_set_aside",
     "causal_mask_from_padding",
     "is_fsdp_sharded",
     "is_hf_model",

@@ -7,19 +7,17 @@ batch shares the same forward. Logits are computed only at the column each row u
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
 import torch
-from torchtune.modules.common_utils import disable_kv_cache
 from tqdm.auto import tqdm
 
 from entropy_guided_generation import signals
 from entropy_guided_generation.confidence import ConfidenceCodec
 from entropy_guided_generation.generation.sampling import sample_next_token
 from entropy_guided_generation.layout import Interleaving, compute_bins, interleave
-from entropy_guided_generation.modeling import KVSession, kv_session
+from entropy_guided_generation.modeling import KVSession, caches_set_aside, kv_session
 
 
 @dataclass
@@ -100,7 +98,7 @@ def decode(
     if not bool(prompt_valid.any(1).all()):
         raise ValueError("every prompt row needs at least one non-pad token")
 
-    prefill_tokens, prefill_valid = _prefill_sequence(
+    prefill_tokens, prefill_valid, prefill_conf = _prefill_sequence(
         model, prompt, prompt_valid, interleaving, codec=codec, pad_id=pad_id, max_passes=max_prompt_passes
     )
     cache_len = prefill_tokens.shape[1] + interleaving.columns_per_content_token * max_generated_tokens
@@ -110,7 +108,9 @@ def decode(
     active = torch.ones(b, dtype=torch.bool, device=device)
     with kv_session(model, b, cache_len) as session:
         last_col = torch.full((b,), prefill_tokens.shape[1] - 1, dtype=torch.long, device=device)
-        logits = session.feed(prefill_tokens, prefill_valid, last_col)
+        logits = session.feed(
+            prefill_tokens, prefill_valid, last_col, advances=interleaving.advances_position(prefill_valid, prefill_conf)
+        )
         steps = tqdm(range(max_generated_tokens), desc=f"decode[{interleaving.name}]", disable=not progress, leave=False)
         for step in steps:
             out = _content_step(
@@ -121,7 +121,7 @@ def decode(
             active = active & ~torch.isin(out.token, stops)
             if not bool(active.any()) or step == max_generated_tokens - 1:
                 break
-            logits = _feed_step(session, out, active, columns=interleaving.columns_per_content_token)
+            logits = _feed_step(session, out, active, interleaving)
     return _assemble(prompt, prefill_tokens, prefill_valid, records, pad_id)
 
 
@@ -134,19 +134,20 @@ def _prefill_sequence(
     codec: Optional[ConfidenceCodec],
     pad_id: int,
     max_passes: Optional[int],
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The left-padded sequence the prefill feeds: the prompt, interleaved with exact bins when the
-    mode interleaves prompts, by the same functions the training layout uses."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(tokens, valid, is_confidence)``, each ``[b, P]``: the left-padded sequence the prefill
+    feeds, i.e. the prompt, interleaved with exact bins when the mode interleaves prompts, by the
+    same functions the training layout uses (the decode session's caches set aside meanwhile)."""
     if not interleaving.interleaves_prompt:
-        return prompt, prompt_valid
+        return prompt, prompt_valid, torch.zeros_like(prompt_valid)
     slots = interleaving.slots(prompt, valid_mask=prompt_valid)
-    passes = max_passes if max_passes is not None else int(slots.sum(1).max()) + 1
-    ctx = disable_kv_cache(model) if model.caches_are_setup() else contextlib.nullcontext()
-    with ctx:
+    with caches_set_aside(model):
         fixed = compute_bins(
-            model, prompt, codec=codec, slots=slots, valid_mask=prompt_valid, pad_id=pad_id, max_passes=passes, left_pad=True
+            model, prompt, codec=codec, slots=slots, valid_mask=prompt_valid, pad_id=pad_id, max_passes=max_passes,
+            left_pad=True, positions=interleaving.positions,
         )
-    return fixed.interleaved.tokens, fixed.interleaved.valid_mask
+    layout = fixed.interleaved
+    return layout.tokens, layout.valid_mask, layout.is_confidence
 
 
 @dataclass
@@ -210,16 +211,19 @@ def _content_step(
     return ContentStep(token, has_conf, conf, bins, signal, entropy, logp, active)
 
 
-def _feed_step(session: KVSession, step: ContentStep, active: torch.Tensor, columns: int) -> torch.Tensor:
-    """One forward: ``[x_t, c_t]`` (or ``[x_t, pad]``) per row when content tokens take ``columns``
-    2, ``[x_t]`` when 1; logits after the last real token.
+def _feed_step(session: KVSession, step: ContentStep, active: torch.Tensor, interleaving: Interleaving) -> torch.Tensor:
+    """One forward: ``[x_t, c_t]`` (or ``[x_t, pad]``) per row when a confidence token may follow
+    content tokens, ``[x_t]`` otherwise; logits after the last real token, positions by the
+    interleaving's rule.
 
     ``active`` is after this step (a row whose x_t was a stop token feeds nothing real)."""
-    if columns == 1:
+    if interleaving.columns_per_content_token == 1:
         return session.feed(step.token.unsqueeze(1), active.unsqueeze(1), torch.zeros_like(step.token))
     pair = torch.stack([step.token, step.conf], dim=1)
     valid = torch.stack([active, step.has_conf & active], dim=1)
-    return session.feed(pair, valid, (step.has_conf & active).long())
+    is_conf = torch.stack([torch.zeros_like(active), torch.ones_like(active)], dim=1)
+    advances = interleaving.advances_position(valid, is_conf)
+    return session.feed(pair, valid, (step.has_conf & active).long(), advances=advances)
 
 
 def _assemble(
