@@ -13,8 +13,9 @@ import torch
 
 from entropy_guided_generation import kit
 from entropy_guided_generation.diffusion.decoding import generate
-from entropy_guided_generation.diffusion.mask_predictor import TokenIds, left_pad, response_text
+from entropy_guided_generation.diffusion.mask_predictor import TokenIds, response_text
 from entropy_guided_generation.diffusion.tta import generate_with_tta_uncertainty
+from entropy_guided_generation.generation import left_pad
 
 DecodeFn = Callable[..., tuple[torch.Tensor, dict[str, Any]]]
 HELDOUT_SEED = 1

@@ -111,13 +111,6 @@ def prompt_budget(max_length: int, max_gen_toks: int, *, interleaved_prompt: boo
     return budget
 
 
-def left_pad(rows: Sequence[Sequence[int]], pad_id: int, device: Optional[torch.device] = None) -> torch.Tensor:
-    """``[b, max_len]`` long tensor of ``rows`` left-padded with ``pad_id``."""
-    tensors = [torch.as_tensor(list(r), dtype=torch.long).flip(0) for r in rows]
-    padded = torch.nn.utils.rnn.pad_sequence(tensors, batch_first=True, padding_value=pad_id).flip(1)
-    return padded.to(device) if device is not None else padded
-
-
 def fill_static_batch(prompt: torch.Tensor, batch_size: int) -> torch.Tensor:
     """``[batch_size, p]``: ``prompt`` ``[b, p]`` followed by copies of its first row.
 
@@ -173,7 +166,6 @@ __all__ = [
     "decode_settings",
     "fill_static_batch",
     "first_rows",
-    "left_pad",
     "prompt_budget",
     "tokens_covering",
 ]

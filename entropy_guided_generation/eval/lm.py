@@ -36,13 +36,12 @@ from entropy_guided_generation.eval.generation import (
     decode_settings,
     fill_static_batch,
     first_rows,
-    left_pad,
     prompt_budget,
     tokens_covering,
 )
 from entropy_guided_generation.eval.teacher_forcing import ContinuationScores, score_continuations
 from entropy_guided_generation.eval.traces import ConfidenceTrace
-from entropy_guided_generation.generation import DECODERS, DecodeResult, get_decoder
+from entropy_guided_generation.generation import DECODERS, DecodeResult, get_decoder, left_pad
 from entropy_guided_generation.layout import check_mode
 
 log = logging.getLogger(__name__)
@@ -388,7 +387,7 @@ class TorchtuneLM(TemplateLM):
         ids = [self.tok_encode(c) for c in contexts]
         if any(len(i) > budget for i in ids):
             log.warning("prompts longer than %d tokens are left-truncated to fit max_seq_length %d", budget, self.max_length)
-        return left_pad([i[-budget:] for i in ids], self.pad_id, self.device)
+        return left_pad([i[-budget:] for i in ids], self.pad_id, device=self.device)
 
     def _decode(self, prompt: torch.Tensor, settings: DecodeSettings) -> DecodeResult:
         """Run the decoder on ``prompt`` ``[b, p]`` (filled to the static batch size when caches are static)."""

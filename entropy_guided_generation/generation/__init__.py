@@ -11,6 +11,7 @@ from entropy_guided_generation.generation.answer_intl import generate_answer_int
 from entropy_guided_generation.generation.common import DecodeResult, KVSession, decode, kv_session
 from entropy_guided_generation.generation.full_intl import generate_full_interleaved
 from entropy_guided_generation.generation.marker_intl import generate_answer_interleaved_marker
+from entropy_guided_generation.generation.padding import left_pad, left_padded_mask
 from entropy_guided_generation.generation.plain import generate_plain
 from entropy_guided_generation.generation.sampling import filter_top_k, filter_top_p, sample_next_token
 from entropy_guided_generation.layout import MODES
@@ -51,6 +52,8 @@ __all__ = [
     "generate_plain",
     "get_decoder",
     "kv_session",
+    "left_pad",
+    "left_padded_mask",
     "register_decoder",
     "sample_next_token",
 ]

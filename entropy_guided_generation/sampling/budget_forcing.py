@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from entropy_guided_generation import signals
-from entropy_guided_generation.generation import kv_session, sample_next_token
+from entropy_guided_generation.generation import kv_session, left_pad, left_padded_mask, sample_next_token
 from entropy_guided_generation.sampling import scalers
 
 BUDGET_FORCING_KEYS = (
@@ -479,11 +479,6 @@ def _with_start(prompts: Sequence[Sequence[int]], config: BudgetForcingConfig, i
     return [list(p)[-keep:] + ids.start for p in prompts]
 
 
-def _left_pad(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> torch.Tensor:
-    width = max(len(r) for r in rows)
-    return torch.tensor([[pad_id] * (width - len(r)) + list(r) for r in rows], dtype=torch.long, device=device)
-
-
 def run_budget_forcing(
     open_stepper: Callable[[int, int], Any],
     prompts: Sequence[Sequence[int]],
@@ -541,9 +536,8 @@ def run_budget_forcing(
         rows = rows + [rows[0]] * fill
         thinking = torch.cat([thinking, thinking[:1].expand(fill)])
         generation = torch.cat([generation, generation[:1].expand(fill)])
-    prompt = _left_pad(rows, pad_id, device)
-    row_lengths = torch.tensor([len(r) for r in rows], dtype=torch.long, device=device)
-    valid = torch.arange(prompt.shape[1], device=device).unsqueeze(0) >= (prompt.shape[1] - row_lengths).unsqueeze(1)
+    prompt = left_pad(rows, pad_id, device=device)
+    valid = left_padded_mask(torch.tensor([len(r) for r in rows], device=device), prompt.shape[1])
     cache_len = prompt.shape[1] + int(generation.max()) + dropped_columns
     with open_stepper(prompt.shape[0], cache_len) as stepper:
         outputs = force_budget(
