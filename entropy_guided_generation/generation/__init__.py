@@ -8,12 +8,13 @@ from __future__ import annotations
 from typing import Callable, Dict
 
 from entropy_guided_generation.generation.answer_intl import generate_answer_interleaved
-from entropy_guided_generation.generation.common import DecodeResult, KVSession, decode, kv_session
+from entropy_guided_generation.generation.common import DecodeResult, decode
 from entropy_guided_generation.generation.full_intl import generate_full_interleaved
 from entropy_guided_generation.generation.marker_intl import generate_answer_interleaved_marker
 from entropy_guided_generation.generation.padding import left_pad, left_padded_mask
 from entropy_guided_generation.generation.plain import generate_plain
 from entropy_guided_generation.generation.sampling import filter_top_k, filter_top_p, sample_next_token
+from entropy_guided_generation.generation.session import DecodeSession, HFSession, KVSession, PrefixSession, kv_session, open_session
 from entropy_guided_generation.layout import MODES
 
 DECODERS: Dict[str, Callable[..., DecodeResult]] = {
@@ -42,7 +43,10 @@ __all__ = [
     "DECODERS",
     "MODES",
     "DecodeResult",
+    "DecodeSession",
+    "HFSession",
     "KVSession",
+    "PrefixSession",
     "decode",
     "filter_top_k",
     "filter_top_p",
@@ -54,6 +58,7 @@ __all__ = [
     "kv_session",
     "left_pad",
     "left_padded_mask",
+    "open_session",
     "register_decoder",
     "sample_next_token",
 ]

@@ -1,4 +1,5 @@
-"""The decode loop shared by every mode: a KV-cached session and one short loop of small steps.
+"""The decode loop shared by every mode: one short loop of small steps on a KV-cached session
+(:mod:`~entropy_guided_generation.generation.session`).
 
 Each content step is one forward. A row that gets a confidence token this step feeds
 ``[x_t, c_t]``; a row that does not (mode none, marker after its marker, a stop token) feeds
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -17,8 +18,8 @@ from tqdm.auto import tqdm
 from entropy_guided_generation import signals
 from entropy_guided_generation.confidence import ConfidenceCodec
 from entropy_guided_generation.generation.sampling import sample_next_token
+from entropy_guided_generation.generation.session import KVSession, kv_session
 from entropy_guided_generation.layout import compute_bins, confidence_slots, interleave
-from entropy_guided_generation.modeling import is_torchtune_decoder, logits_at
 
 
 @dataclass
@@ -56,75 +57,6 @@ class DecodeResult:
     def content(self) -> torch.Tensor:
         """``[b, T]`` the generated content tokens only."""
         return self.tokens[:, self.prompt_length :]
-
-
-class KVSession:
-    """A torchtune decoder's static KV cache, filled column by column.
-
-    ``key_valid[b, j]`` says whether cache column j holds a real token of row b; ``next_pos[b]``
-    is the position id the row's next real token gets (positions count real tokens only, so
-    training's right-padded layout and left-padded decoding see the same positions).
-    """
-
-    def __init__(self, model: Any, batch_size: int, cache_len: int, device: torch.device):
-        self.model = model
-        self.cache_len = cache_len
-        self.key_valid = torch.zeros(batch_size, cache_len, dtype=torch.bool, device=device)
-        self.next_pos = torch.zeros(batch_size, dtype=torch.long, device=device)
-        self.filled = 0
-        self._cols = torch.arange(cache_len, device=device)
-
-    def _mask(self, k: int) -> torch.Tensor:
-        """``[b, k, cache_len]``: query column ``filled + i`` sees the real keys at or before it."""
-        query_cols = self.filled + self._cols[:k]
-        causal = self._cols.unsqueeze(0) <= query_cols.unsqueeze(1)  # [k, cache_len]
-        # A padding query still sees itself, so no attention row is empty.
-        itself = self._cols.unsqueeze(0) == query_cols.unsqueeze(1)
-        return (self.key_valid.unsqueeze(1) & causal.unsqueeze(0)) | itself.unsqueeze(0)
-
-    def feed(self, tokens: torch.Tensor, valid: torch.Tensor, use_col: torch.Tensor) -> torch.Tensor:
-        """Append ``tokens`` ``[b, k]`` (``valid`` marks real ones) and return the logits ``[b, v]``
-        at column ``use_col[b]`` of this feed."""
-        k = tokens.shape[1]
-        if self.filled + k > self.cache_len:
-            raise RuntimeError(f"KV cache of {self.cache_len} columns is full ({self.filled} used, {k} more asked)")
-        self.key_valid[:, self.filled : self.filled + k] = valid
-        if k == 1:
-            pos = self.next_pos.unsqueeze(1)
-        else:
-            pos = self.next_pos.unsqueeze(1) + (valid.long().cumsum(1) - 1).clamp(min=0)
-        logits = logits_at(self.model, tokens, use_col, mask=self._mask(k), input_pos=pos)
-        self.next_pos += valid.long().sum(1)
-        self.filled += k
-        return logits
-
-
-@contextlib.contextmanager
-def kv_session(model: Any, batch_size: int, cache_len: int) -> Iterator[KVSession]:
-    """A :class:`KVSession` over ``model``'s caches: reuses caches the caller set up (same batch
-    size, long enough; reset first), else sets them up for this call and deletes them after."""
-    from torchtune.modules.common_utils import local_kv_cache
-
-    if not is_torchtune_decoder(model):
-        raise TypeError(
-            f"decoders need a torchtune TransformerDecoder (with setup_caches), got {type(model).__name__}"
-        )
-    param = next(model.parameters())
-    if model.caches_are_setup():
-        cache = model.layers[0].attn.kv_cache
-        have_len = int(cache.k_cache.shape[2])
-        if cache.batch_size != batch_size or have_len < cache_len:
-            raise ValueError(
-                f"the model's KV caches are set up for batch {cache.batch_size} x {have_len} positions, but this "
-                f"call needs batch {batch_size} x {cache_len}; pad the batch or set up larger caches"
-            )
-        model.reset_caches()
-        yield KVSession(model, batch_size, have_len, param.device)
-        return
-    with local_kv_cache(
-        model, batch_size=batch_size, device=param.device, dtype=param.dtype, decoder_max_seq_len=cache_len
-    ):
-        yield KVSession(model, batch_size, cache_len, param.device)
 
 
 # ------------------------------------------------------------------ per-mode policy
