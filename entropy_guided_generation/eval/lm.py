@@ -6,7 +6,8 @@ Three methods, as lm-eval's ``LM`` asks:
   fixed-point bins (:func:`~entropy_guided_generation.eval.teacher_forcing.score_continuations`);
 - ``generate_until``: our decoders (``get_decoder(mode)``, or in mode none the decoder a YAML
   ``sampler: {name: ..., <its settings>}`` names, called with ``sampler_config=<its settings>``),
-  batched and left-padded; confidence tokens never reach the returned text.
+  batched and left-padded; confidence tokens never reach the returned text. Requests whose
+  gen_kwargs name budget forcing are served by it (:mod:`~entropy_guided_generation.sampling.budget_forcing`).
 
 Every request also leaves a :class:`~entropy_guided_generation.eval.traces.ConfidenceTrace` in
 :attr:`TorchtuneLM.traces`. Mode ``none`` reproduces lm-eval's ``hf`` model (same tokenization,
@@ -43,6 +44,12 @@ from entropy_guided_generation.eval.teacher_forcing import ContinuationScores, s
 from entropy_guided_generation.eval.traces import ConfidenceTrace
 from entropy_guided_generation.generation import DECODERS, DecodeResult, get_decoder, left_pad
 from entropy_guided_generation.layout import check_mode
+from entropy_guided_generation.sampling.budget_forcing import (
+    BudgetForcedOutput,
+    budget_force_torchtune,
+    budget_forcing_requested,
+    serve_generate_until,
+)
 
 log = logging.getLogger(__name__)
 
@@ -350,11 +357,27 @@ class TorchtuneLM(TemplateLM):
 
     # ------------------------------------------------------------------ generation
     def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
-        """Greedy or sampled continuations of each context, cut before the first ``until`` string."""
-        from entropy_guided_generation.sampling.budget_forcing import budget_forcing_requested, generate_until_torchtune
+        """Greedy or sampled continuations of each context, cut before the first ``until`` string.
 
-        if any(budget_forcing_requested(request.args[1]) for request in requests):
-            return generate_until_torchtune(self, requests, disable_tqdm)  # serves the rest through this method
+        Requests whose gen_kwargs ask for budget forcing (mode none only) are served by it, the
+        others by this model's decoder.
+        """
+        if self.mode != "none" and any(budget_forcing_requested(request.args[1]) for request in requests):
+            raise ValueError(f"budget forcing decodes in interleaving.mode none; this model is in mode {self.mode!r}")
+        return serve_generate_until(
+            self, requests, plain=lambda others: self._decode_requests(others, disable_tqdm), force=self._force_budget,
+            batch_size=self.batch_size, disable_tqdm=disable_tqdm,
+        )
+
+    def _force_budget(self, contexts: list[str], gen_kwargs: dict) -> list[BudgetForcedOutput]:
+        """Budget forcing for ``contexts`` that share ``gen_kwargs``, on this model's KV caches."""
+        return budget_force_torchtune(
+            self.model, self.tokenizer, [self.tok_encode(c) for c in contexts], gen_kwargs, pad_id=self.pad_id,
+            stop_tokens=self.stop_ids, rng=self._rng, max_length=self.max_length, default_max_gen_toks=self.max_gen_toks,
+        )
+
+    def _decode_requests(self, requests: list[Any], disable_tqdm: bool) -> list[str]:
+        """``generate_until`` for requests without budget forcing: batches for this model's decoder."""
         items = [(request.args[0], request.args[1], position) for position, request in enumerate(requests)]
         collator = Collator(
             items,

@@ -25,6 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from entropy_guided_generation import signals
+from entropy_guided_generation.eval.generation import cut_at_stop, decode_settings
 from entropy_guided_generation.generation import DecodeSession, left_pad, left_padded_mask, open_session, sample_next_token
 from entropy_guided_generation.sampling import scalers
 
@@ -500,8 +501,6 @@ def run_budget_forcing(
         One output per prompt with ``text`` = thinking section + delimiter + prefix + the answer
         cut before the first ``until`` string.
     """
-    from entropy_guided_generation.eval.generation import cut_at_stop, decode_settings
-
     if not prompts:
         return []
     ours = set(consumed_keys(gen_kwargs))
@@ -634,24 +633,6 @@ def serve_generate_until(
     return texts  # type: ignore[return-value]
 
 
-def generate_until_torchtune(lm: Any, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
-    """``TorchtuneLM.generate_until`` with budget forcing for the requests whose gen_kwargs ask for it."""
-    if getattr(lm, "mode", "none") != "none":
-        raise ValueError(f"budget forcing decodes in interleaving.mode none; this model is in mode {lm.mode!r}")
-
-    def force(contexts: list[str], gen_kwargs: dict) -> list[BudgetForcedOutput]:
-        return budget_force_torchtune(
-            lm.model, lm.tokenizer, [lm.tok_encode(c) for c in contexts], gen_kwargs, pad_id=lm.pad_id,
-            stop_tokens=lm.stop_ids, rng=getattr(lm, "_rng", None), max_length=lm.max_length,
-            default_max_gen_toks=lm.max_gen_toks,
-        )
-
-    return serve_generate_until(
-        lm, requests, plain=lambda reqs: lm.generate_until(reqs, disable_tqdm), force=force,
-        batch_size=lm.batch_size, disable_tqdm=disable_tqdm,
-    )
-
-
 __all__ = [
     "ANSWER",
     "BUDGET_FORCING_KEYS",
@@ -666,7 +647,6 @@ __all__ = [
     "budget_forcing_config",
     "budget_forcing_requested",
     "force_budget",
-    "generate_until_torchtune",
     "generation_budgets",
     "run_budget_forcing",
     "serve_generate_until",
