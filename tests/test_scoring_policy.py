@@ -252,10 +252,11 @@ def test_nucleus_mask_is_exact_in_every_stage_on_a_large_vocabulary(top_p, heads
     # Peaked rows settle in the top-4 stage, medium rows in the top-64 stage, flat rows need the
     # full sort; quantized logits put ties at every boundary. Both ways of finding the heads
     # (CPU rows sorted whole up front, or topk per stage as on long rows) give the exact mask.
-    from entropy_guided_generation.scoring import nucleus_mask, policy
+    from entropy_guided_generation.generation import nucleus
+    from entropy_guided_generation.scoring import nucleus_mask
 
     if heads_from == "topk per stage":
-        monkeypatch.setattr(policy, "SORT_WHOLE_ROWS_MAX_VOCAB", 0)
+        monkeypatch.setattr(nucleus, "SORT_WHOLE_ROWS_MAX_VOCAB", 0)
 
     g = torch.Generator().manual_seed(7)
     v = 300

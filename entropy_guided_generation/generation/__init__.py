@@ -11,6 +11,7 @@ from entropy_guided_generation.generation.answer_intl import generate_answer_int
 from entropy_guided_generation.generation.common import DecodeResult, decode
 from entropy_guided_generation.generation.full_intl import generate_full_interleaved
 from entropy_guided_generation.generation.marker_intl import generate_answer_interleaved_marker
+from entropy_guided_generation.generation.nucleus import nucleus_mask
 from entropy_guided_generation.generation.padding import left_pad, left_padded_mask
 from entropy_guided_generation.generation.plain import generate_plain
 from entropy_guided_generation.generation.sampling import filter_top_k, filter_top_p, sample_next_token
@@ -58,6 +59,7 @@ __all__ = [
     "kv_session",
     "left_pad",
     "left_padded_mask",
+    "nucleus_mask",
     "open_session",
     "register_decoder",
     "sample_next_token",
