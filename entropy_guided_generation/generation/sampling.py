@@ -9,7 +9,7 @@ from typing import Optional
 
 import torch
 
-from entropy_guided_generation.generation.nucleus import nucleus_mask
+from entropy_guided_generation.generation.nucleus import nucleus_search
 
 
 def filter_top_k(logits: torch.Tensor, top_k: Optional[int]) -> torch.Tensor:
@@ -33,7 +33,7 @@ def filter_top_p(logits: torch.Tensor, top_p: Optional[float]) -> torch.Tensor:
         return logits
     if not 0.0 < top_p:
         raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
-    return logits.masked_fill(~nucleus_mask(logits, top_p), float("-inf"))
+    return logits.masked_fill(logits < nucleus_search(logits, top_p).threshold, float("-inf"))
 
 
 def sample_next_token(
