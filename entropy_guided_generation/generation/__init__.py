@@ -1,5 +1,9 @@
 """Decoders for every interleaving mode, and the registry that maps ``interleaving.mode`` to one.
 
+Beneath them, what every decode loop of the library shares: the decode session a loop steps a
+model through (``session.py``), left-padded prompt batches (``padding.py``) and the nucleus
+(top-p) rule the decoders sample under and the scorer computes log q under (``nucleus.py``).
+
 >>> from entropy_guided_generation.generation import get_decoder
 >>> decoder = get_decoder("answer")   # generate_answer_interleaved
 """
