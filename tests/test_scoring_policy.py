@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from entropy_guided_generation.scoring import DistributionDiagnostics, SamplingPolicy, StopStringMatcher
+from entropy_guided_generation.generation import nucleus
+from entropy_guided_generation.scoring import DistributionDiagnostics, SamplingPolicy, StopStringMatcher, nucleus_mask
 from entropy_guided_generation.scoring.diagnostics import STEP_FIELDS, TokenStepDiagnostics
 from entropy_guided_generation.scoring.stopping import decode_ids, token_texts
 
@@ -253,9 +254,6 @@ def test_nucleus_mask_is_exact_in_every_stage_on_a_large_vocabulary(top_p, heads
     # full sort; quantized logits put ties at every boundary. Every way of finding the heads (CPU
     # rows sorted whole up front, all of a small batch or the rows the maximum leaves unsettled, or
     # topk per stage as on long rows) gives the exact mask.
-    from entropy_guided_generation.generation import nucleus
-    from entropy_guided_generation.scoring import nucleus_mask
-
     if heads_from == "whole-row sort of unsettled rows":
         monkeypatch.setattr(nucleus, "SEARCH_ALL_ROWS_MAX_BATCH", 0)
     if heads_from == "topk per stage":
