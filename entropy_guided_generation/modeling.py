@@ -260,6 +260,22 @@ class KVSession:
         self.filled += k
         return logits
 
+    def prefill(self, prompt: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Feed the left-padded ``prompt`` ``[b, p]``; the logits ``[b, v]`` after its last column."""
+        last = torch.full((prompt.shape[0],), prompt.shape[1] - 1, dtype=torch.long, device=prompt.device)
+        return self.feed(prompt, valid, last)
+
+    def step(self, tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Feed one token ``[b]`` per row; the next logits ``[b, v]``."""
+        return self.feed(tokens.unsqueeze(1), valid.unsqueeze(1), torch.zeros_like(tokens))
+
+    def drop_last(self, rows: torch.Tensor, n: int) -> None:
+        """Forget the last ``n`` columns of ``rows`` ``[b]`` bool: masked out from now on, and the
+        row's next position rewound by the real tokens among them."""
+        dropped = self.key_valid[:, self.filled - n : self.filled] & rows.unsqueeze(1)
+        self.key_valid[:, self.filled - n : self.filled] &= ~dropped
+        self.next_pos -= dropped.long().sum(1)
+
 
 @contextlib.contextmanager
 def caches_set_aside(model: Any) -> Iterator[Any]:

@@ -1,4 +1,5 @@
-"""The decode loop shared by every mode: a KV-cached session and one short loop of small steps.
+"""The decode loop shared by every mode: one short loop of small steps on a KV-cached session
+(:mod:`~entropy_guided_generation.generation.session`).
 
 Each content step is one forward. A row that gets a confidence token this step feeds
 ``[x_t, c_t]``; a row that does not (mode none, marker after its marker, a stop token) feeds
