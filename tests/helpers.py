@@ -3,6 +3,10 @@ from __future__ import annotations
 
 import torch
 
+from entropy_guided_generation import signals
+from entropy_guided_generation.confidence import ConfidenceCodec, fit_quantile_edges
+from entropy_guided_generation.modeling import logits_of
+
 
 def tiny_decoder(vocab_size: int = 64, seed: int = 0, embed_dim: int = 32, num_layers: int = 2, weight_scale: float = 1.0):
     """A random torchtune Qwen2 decoder (fp32, eval mode). ``weight_scale`` sharpens its distributions
@@ -26,3 +30,12 @@ def tiny_decoder(vocab_size: int = 64, seed: int = 0, embed_dim: int = 32, num_l
                 p.normal_(0.0, weight_scale / p.shape[-1] ** 0.5)
         model.tok_embeddings.weight.normal_(0.0, weight_scale)
     return model.eval()
+
+
+def quantile_codec(model, vocab_size: int, conf_ids: list[int], seed: int = 0):
+    """A confidence codec over ``conf_ids`` whose edges are the quantiles of ``model``'s own
+    entropies on random tokens, so that bins vary from token to token."""
+    tokens = torch.randint(2, vocab_size - len(conf_ids), (4, 24), generator=torch.Generator().manual_seed(seed))
+    h = signals.entropy(logits_of(model, tokens), exclude_ids=conf_ids)
+    return ConfidenceCodec(signal="entropy", edges=fit_quantile_edges(h, len(conf_ids)), token_ids=torch.tensor(conf_ids))
+

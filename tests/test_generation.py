@@ -4,8 +4,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from entropy_guided_generation import signals
-from entropy_guided_generation.confidence import ConfidenceCodec, fit_quantile_edges
 from entropy_guided_generation.generation import (
     filter_top_k,
     filter_top_p,
@@ -16,10 +14,9 @@ from entropy_guided_generation.generation import (
     sample_next_token,
 )
 from entropy_guided_generation.layout import compute_bins, confidence_slots
-from entropy_guided_generation.modeling import logits_of
 from entropy_guided_generation.scoring import SamplingPolicy
 
-from helpers import tiny_decoder
+from helpers import quantile_codec, tiny_decoder
 
 VOCAB = 64
 CONF_IDS = list(range(VOCAB - 11, VOCAB))
@@ -39,10 +36,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def codec(model):
-    """Edges at the quantiles of the model's own signals, so bins vary from token to token."""
-    tokens = torch.randint(2, VOCAB - 11, (4, 24), generator=torch.Generator().manual_seed(0))
-    h = signals.entropy(logits_of(model, tokens), exclude_ids=CONF_IDS)
-    return ConfidenceCodec(signal="entropy", edges=fit_quantile_edges(h, 11), token_ids=torch.tensor(CONF_IDS))
+    return quantile_codec(model, VOCAB, CONF_IDS)
 
 
 def decode_mode(mode, model, codec, prompt, marker=None, **kw):

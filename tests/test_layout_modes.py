@@ -7,11 +7,10 @@ import torch
 from lm_eval.api.instance import Instance
 from omegaconf import OmegaConf
 
-from entropy_guided_generation import kit, signals
+from entropy_guided_generation import kit
 from entropy_guided_generation.confidence import (
     ConfidenceCodec,
     check_config_matches,
-    fit_quantile_edges,
     read_confidence_json,
     write_confidence_json,
 )
@@ -27,12 +26,11 @@ from entropy_guided_generation.layout import (
     compute_bins,
     register_mode,
 )
-from entropy_guided_generation.modeling import logits_of
 from entropy_guided_generation.training.loss_step import ConfidenceLayout, shifted_labels, summed_token_loss
 from entropy_guided_generation.training.options import interleaving_options
 from entropy_guided_generation.training.parallelism import SingleDevice
 
-from helpers import tiny_decoder
+from helpers import quantile_codec, tiny_decoder
 
 VOCAB = 64
 CONF_IDS = list(range(VOCAB - 11, VOCAB))
@@ -75,9 +73,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def codec(model):
-    tokens = torch.randint(2, VOCAB - 11, (4, 24), generator=torch.Generator().manual_seed(0))
-    h = signals.entropy(logits_of(model, tokens), exclude_ids=CONF_IDS)
-    return ConfidenceCodec(signal="entropy", edges=fit_quantile_edges(h, 11), token_ids=torch.tensor(CONF_IDS))
+    return quantile_codec(model, VOCAB, CONF_IDS)
 
 
 def random_responses(seed: int, rows: int = 16, prompt: int = 5, response: int = 14):
