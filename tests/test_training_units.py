@@ -130,6 +130,18 @@ def test_gsm8k_answer_without_final_line_is_refused(tmp_path, tokenizer):
         gsm8k_dataset(tokenizer, data_files=str(path))[0]
 
 
+def test_empty_training_file_is_an_error_naming_it(tmp_path, tokenizer, gsm8k_file):
+    """datasets' JSON reader gives a bare StopIteration on a file without rows."""
+    empty = tmp_path / "train.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(ValueError, match=rf"data file {empty} is empty"):
+        gsm8k_dataset(tokenizer, data_files=str(empty))
+    with pytest.raises(ValueError, match=rf"data file {empty} is empty"):
+        instruct_dataset(tokenizer, source="json", data_files={"train": [str(gsm8k_file), str(empty)]})
+    with pytest.raises(ValueError, match=rf"data_files \['{gsm8k_file}'\], split 'train'\) has no rows after filter_fn"):
+        gsm8k_dataset(tokenizer, data_files=str(gsm8k_file), filter_fn=lambda row: False)
+
+
 def test_bigbench_mistake_reads_the_five_task_files(shared_data):
     from entropy_guided_generation.kit.tokenizer import load_tokenizer
 
