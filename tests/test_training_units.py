@@ -33,8 +33,9 @@ from entropy_guided_generation.training.loss_step import (
     summed_token_loss,
 )
 from entropy_guided_generation.training.metrics import ConfidenceStats
+from entropy_guided_generation.training.config_keys import check_finetune_keys
 from entropy_guided_generation.training.options import interleaving_options, loop_options, resolve_mode
-from entropy_guided_generation.training.parallelism import SingleDevice
+from entropy_guided_generation.training.parallelism import SingleDevice, parallelism_from_config
 
 from helpers import tiny_decoder
 
@@ -204,6 +205,38 @@ def test_interleaving_section_is_checked():
         interleaving_options(OmegaConf.create({"interleaving": {"max_passes": 0}}), "full")
     with pytest.raises(ValueError, match="gradient_accumulation_steps must be 1"):
         loop_options(OmegaConf.create({"epochs": 1, "batch_size": 2, "optimizer_in_bwd": True, "gradient_accumulation_steps": 2}))
+
+
+@pytest.mark.parametrize("value", ["False", "true", 0, 1])
+def test_booleans_must_be_real_booleans(value):
+    """``resume_from_checkpoint="False"`` would count as True under ``bool()``."""
+    base = {"epochs": 1, "batch_size": 2}
+    for key in ("resume_from_checkpoint", "shuffle", "compile", "optimizer_in_bwd"):
+        with pytest.raises(ValueError, match=rf"{key} must be True or False, got {value!r} \(a {type(value).__name__}\)"):
+            loop_options(OmegaConf.create({**base, key: value}))
+    with pytest.raises(ValueError, match=rf"fsdp_cpu_offload must be True or False, got {value!r}"):
+        parallelism_from_config(OmegaConf.create({"device": "cpu", "fsdp_cpu_offload": value}), distributed=True)
+    assert loop_options(OmegaConf.create({**base, "resume_from_checkpoint": False, "shuffle": None})).shuffle is True
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_unavailable_device_is_refused_not_replaced_by_the_cpu():
+    for distributed in (False, True):
+        with pytest.raises(ValueError, match=r"device 'cuda' is not available on this machine"):
+            parallelism_from_config(OmegaConf.create({"device": "cuda"}), distributed=distributed)
+    with pytest.raises(ValueError, match="unknown device 'gpu'"):
+        parallelism_from_config(OmegaConf.create({"device": "gpu"}), distributed=False)
+
+
+def test_misspelled_top_level_key_is_refused_naming_it():
+    cfg = OmegaConf.load(REPO / "configs" / "tiny" / "answer_single_device.yaml")
+    cfg.epoch = 3
+    with pytest.raises(ValueError, match=r"unknown finetune config keys 'epoch' \(did you mean 'epochs'\?\)"):
+        check_finetune_keys(cfg)
+    from entropy_guided_generation.training import run_recipe
+
+    with pytest.raises(ValueError, match="unknown finetune config keys 'epoch'"):
+        run_recipe(cfg)  # refused before anything is built
 
 
 def test_kit_references_resolve_to_built_files(kit_cache):
@@ -386,6 +419,20 @@ REAL_CONFIGS = [
     if p.stem.endswith(("_single_device", "_distributed"))
 ]
 TINY_CONFIGS = sorted((REPO / "configs" / "tiny").glob("*_single_device.yaml")) + sorted((REPO / "configs" / "tiny").glob("*_distributed.yaml"))
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").rglob("*.yaml")), ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_every_shipped_config_uses_only_its_recipes_keys(path):
+    """Finetune configs through the finetune recipe's key check, eval configs through the eval
+    recipe's: no shipped config is refused."""
+    from entropy_guided_generation.eval.from_config import check_recipe_keys
+
+    cfg = OmegaConf.load(path)
+    if "eval" in path.stem:
+        check_recipe_keys(cfg)
+        return
+    assert path in REAL_CONFIGS + TINY_CONFIGS
+    check_finetune_keys(cfg)
 
 
 @pytest.mark.parametrize("path", REAL_CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")

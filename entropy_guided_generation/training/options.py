@@ -100,6 +100,21 @@ def interleaving_options(cfg: DictConfig, entry_mode: Optional[str] = None) -> I
     )
 
 
+def config_bool(cfg: DictConfig, key: str, default: bool, *, section: str = "") -> bool:
+    """``cfg[key]`` as a real boolean (unset or null: ``default``); ``section`` prefixes the key in errors.
+
+    Raises:
+        ValueError: on anything else, e.g. the string ``"False"``, which Python would count as True.
+    """
+    value = cfg.get(key, None)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        name = f"{section}.{key}" if section else key
+        raise ValueError(f"{name} must be True or False, got {value!r} (a {type(value).__name__}); write it unquoted, e.g. {name}=True")
+    return value
+
+
 def _positive_int(cfg: DictConfig, key: str, default: Any, *, allow_none: bool = False) -> Optional[int]:
     value = cfg.get(key, default)
     if value is None and allow_none:
@@ -162,14 +177,14 @@ def loop_options(cfg: DictConfig) -> LoopOptions:
         gradient_accumulation_steps=_positive_int(cfg, "gradient_accumulation_steps", 1),
         max_steps_per_epoch=_positive_int(cfg, "max_steps_per_epoch", None, allow_none=True),
         clip_grad_norm=clip,
-        optimizer_in_bwd=bool(cfg.get("optimizer_in_bwd", False)),
-        compile=bool(cfg.get("compile", False)),
-        enable_activation_checkpointing=bool(cfg.get("enable_activation_checkpointing", False)),
-        enable_activation_offloading=bool(cfg.get("enable_activation_offloading", False)),
-        shuffle=bool(cfg.get("shuffle", True)),
+        optimizer_in_bwd=config_bool(cfg, "optimizer_in_bwd", False),
+        compile=config_bool(cfg, "compile", False),
+        enable_activation_checkpointing=config_bool(cfg, "enable_activation_checkpointing", False),
+        enable_activation_offloading=config_bool(cfg, "enable_activation_offloading", False),
+        shuffle=config_bool(cfg, "shuffle", True),
         log_every_n_steps=_positive_int(cfg, "log_every_n_steps", 1),
-        log_peak_memory_stats=bool(cfg.get("log_peak_memory_stats", False)),
-        resume_from_checkpoint=bool(cfg.get("resume_from_checkpoint", False)),
+        log_peak_memory_stats=config_bool(cfg, "log_peak_memory_stats", False),
+        resume_from_checkpoint=config_bool(cfg, "resume_from_checkpoint", False),
         save_every_n_steps=_positive_int(cfg, "save_every_n_steps", None, allow_none=True),
         keep_last_n_checkpoints=_positive_int(cfg, "keep_last_n_checkpoints", 2),
         stop_after_steps=_positive_int(cfg, "stop_after_steps", None, allow_none=True),
@@ -185,7 +200,7 @@ def loop_options(cfg: DictConfig) -> LoopOptions:
         raise ValueError(f"optimizer_in_bwd cannot clip gradients; set clip_grad_norm: null (got {options.clip_grad_norm})")
     if options.enable_activation_offloading and not options.enable_activation_checkpointing:
         raise ValueError("enable_activation_offloading needs enable_activation_checkpointing: True")
-    if cfg.get("profiler", None) is not None and cfg.profiler.get("enabled", False):
+    if cfg.get("profiler", None) is not None and config_bool(cfg.profiler, "enabled", False, section="profiler"):
         raise ValueError("profiler.enabled is not supported by these recipes; remove the profiler section")
     return options
 
@@ -195,6 +210,7 @@ __all__ = [
     "INTERLEAVING_KEYS",
     "InterleavingOptions",
     "LoopOptions",
+    "config_bool",
     "interleaving_options",
     "loop_options",
     "resolve_mode",

@@ -39,6 +39,7 @@ from entropy_guided_generation.training.codec_setup import (
     fit_samples,
     needs_quantile_fit,
 )
+from entropy_guided_generation.training.config_keys import check_finetune_keys
 from entropy_guided_generation.training.embeddings import EMBEDDING_KEY, init_confidence_embeddings
 from entropy_guided_generation.training.kit_paths import resolve_kit_references
 from entropy_guided_generation.training.loss_step import ConfidenceLayout, LossStep
@@ -551,6 +552,7 @@ def run_recipe(cfg: DictConfig, mode: Optional[str] = None, *, distributed: bool
         ``cfg.output_dir``: it holds ``epoch_<N>/`` (Hugging Face weights + ``confidence.json``) and
         ``step_checkpoints/``.
     """
+    check_finetune_keys(cfg)
     cfg = resolve_kit_references(cfg)
     interleaving = interleaving_options(cfg, mode)
     parallel = parallelism_from_config(cfg, distributed)
