@@ -245,7 +245,19 @@ def test_mode_none_from_python_equals_torchtunes_stock_recipe(tmp_path, kit_cach
     recipe.cleanup()
     assert len(losses(ours)) == 3
     assert losses(ours) == pytest.approx(losses(stock), rel=1e-6)
-    assert (ours / "epoch_0" / "config.json").is_file() and not (ours / "epoch_0" / "confidence.json").exists()
+    assert (ours / "epoch_0" / "config.json").is_file()
+    # Every finetune records its mode, none included (no confidence section: no codec) ...
+    meta = read_confidence_json(ours / "epoch_0")
+    assert meta.mode == "none" and not meta.has_codec
+    # ... so an eval config asking for another mode is refused, naming both.
+    from entropy_guided_generation.eleuther_eval import EleutherEvalRecipeDirect
+
+    eval_cfg = OmegaConf.load(REPO / "configs" / "tiny" / "eval_answer.yaml")
+    eval_cfg.merge_with({"output_dir": str(tmp_path / "eval"), "checkpointer": {"checkpoint_dir": str(ours / "epoch_0")}})
+    with pytest.raises(ValueError, match=r"config interleaving.mode is 'answer' but .*epoch_0/confidence.json says 'none'"):
+        EleutherEvalRecipeDirect(eval_cfg).setup(eval_cfg)
+
+
 
 
 def test_entry_point_and_yaml_mode_conflict_is_an_error_naming_both(monkeypatch):

@@ -228,15 +228,15 @@ def save_hf_checkpoint(
     positions: str = "sequential",
 ) -> Path:
     """Write ``<output_dir>/epoch_<epoch>/`` through torchtune's checkpointer (HF format for
-    ``FullModelHFCheckpointer``) and ``confidence.json`` beside the weights.
+    ``FullModelHFCheckpointer``) and ``confidence.json`` beside the weights (every mode: without a
+    codec it records the mode, codec fields null).
 
     Returns:
         The epoch folder.
     """
     checkpointer.save_checkpoint({training.MODEL_KEY: model_state}, epoch=epoch, intermediate_checkpoint=False)
     folder = Path(output_dir) / f"epoch_{epoch}"
-    if codec is not None:
-        write_confidence_json(folder, codec, mode, marker, positions=positions)
+    write_confidence_json(folder, codec, mode, marker, positions=positions)
     return folder
 
 
