@@ -259,6 +259,14 @@ def test_mode_none_from_python_equals_torchtunes_stock_recipe(tmp_path, kit_cach
 
 
 
+def test_marker_missing_from_the_data_fails_at_setup_naming_it(tmp_path):
+    """The kit's GSM8K responses carry '####', not the configured marker: training would
+    interleave every response whole, as mode answer."""
+    cfg = tiny_config("marker_single_device", tmp_path / "m", "dataset.split=train[:32]")
+    cfg.interleaving.marker = "So the answer is:"
+    with pytest.raises(ValueError, match=r"interleaving.marker 'So the answer is:' \(token ids \[[\d, ]+\]\) occurs in the response of only 0 of the first 32 training examples \(0%\)"):
+        run_recipe(cfg)
+    assert not (tmp_path / "m" / "step_checkpoints").exists()
 
 def test_entry_point_and_yaml_mode_conflict_is_an_error_naming_both(monkeypatch):
     """The answer entry point, run as users run it (argv parsed by torchtune), refuses a YAML

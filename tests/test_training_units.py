@@ -34,6 +34,7 @@ from entropy_guided_generation.training.loss_step import (
 )
 from entropy_guided_generation.training.metrics import ConfidenceStats
 from entropy_guided_generation.training.config_keys import check_finetune_keys
+from entropy_guided_generation.training.data_checks import check_marker_fraction, count_marker_rows
 from entropy_guided_generation.training.options import interleaving_options, loop_options, resolve_mode
 from entropy_guided_generation.training.parallelism import SingleDevice, parallelism_from_config
 
@@ -237,6 +238,22 @@ def test_misspelled_top_level_key_is_refused_naming_it():
 
     with pytest.raises(ValueError, match="unknown finetune config keys 'epoch'"):
         run_recipe(cfg)  # refused before anything is built
+
+
+def test_marker_fraction_below_the_minimum_names_marker_and_counts(tokenizer, plain_batch, codec):
+    """Counted on collated batches as the recipe does: '####' introduces every GSM8K answer line,
+    'The answer is' occurs in no response."""
+    for marker, expected in (("####", 4), ("The answer is", 0)):
+        layout = ConfidenceLayout(Interleaving.of("marker", stop_ids=tokenizer.stop_tokens, marker_ids=encode_text(marker, tokenizer)), codec, pad_id=tokenizer.pad_id)
+        assert count_marker_rows([plain_batch, plain_batch], layout.marker_found) == (2 * expected, 8)
+    check_marker_fraction(4, 8, marker="####", marker_ids=[1], min_fraction=0.5)
+    check_marker_fraction(0, 8, marker="####", marker_ids=[1], min_fraction=0.0)
+    with pytest.raises(ValueError, match=r"interleaving.marker 'Answer:' \(token ids \[7, 8\]\) occurs in the response of only 3 of the first 8 training examples \(38%\), below interleaving.min_marker_fraction 0.5"):
+        check_marker_fraction(3, 8, marker="Answer:", marker_ids=[7, 8], min_fraction=0.5)
+    with pytest.raises(ValueError, match=r"interleaving.marker must be a string, got \{'So the answer is': None\}"):
+        interleaving_options(OmegaConf.from_dotlist(["interleaving.mode=marker", "interleaving.marker=So the answer is:"]))
+    with pytest.raises(ValueError, match=r"min_marker_fraction must be a number in \[0, 1\], got 2"):
+        interleaving_options(OmegaConf.create({"interleaving": {"mode": "marker", "marker": "####", "min_marker_fraction": 2}}))
 
 
 def test_kit_references_resolve_to_built_files(kit_cache):

@@ -12,9 +12,11 @@ from omegaconf import DictConfig
 
 from entropy_guided_generation.layout import MODES, Mode, check_mode, check_position_rule, mode_named
 
-INTERLEAVING_KEYS = ("mode", "marker", "positions", "max_passes", "reference_checkpoint", "init_confidence_embeddings")
+INTERLEAVING_KEYS = ("mode", "marker", "positions", "max_passes", "reference_checkpoint", "init_confidence_embeddings", "min_marker_fraction")
 EMBEDDING_INITS = (None, "mean")
 DEFAULT_MAX_PASSES = 4
+# Mode marker: setup fails when fewer of the first training examples hold the marker in their response.
+DEFAULT_MIN_MARKER_FRACTION = 0.5
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,9 @@ class InterleavingOptions:
             embedding of the other tokens (see ``training.embeddings``). Tokens a base model never
             saw (Llama-3 reserved tokens, the kit's ``<|conf_k|>``) otherwise enter with arbitrary
             vectors that the pre-norm layers blow up to full scale.
+        min_marker_fraction: modes that read a marker: the least share of the first training
+            examples whose response holds the marker (as the tokenizer encodes it in context);
+            below it setup fails, since a row without its marker is interleaved whole. 0 disables.
     """
 
     mode: Mode
@@ -42,6 +47,7 @@ class InterleavingOptions:
     max_passes: int = DEFAULT_MAX_PASSES
     reference_checkpoint: Any = None
     init_confidence_embeddings: Optional[str] = None
+    min_marker_fraction: float = DEFAULT_MIN_MARKER_FRACTION
 
     @property
     def interleaved(self) -> bool:
@@ -81,6 +87,9 @@ def interleaving_options(cfg: DictConfig, entry_mode: Optional[str] = None) -> I
     marker = section.get("marker", None)
     if mode.needs_marker and not marker:
         raise ValueError(f"interleaving.mode {mode.name!r} needs interleaving.marker (e.g. '####'), got none")
+    if marker is not None and not isinstance(marker, str):
+        # e.g. `interleaving.marker=So the answer is:` on the command line parses as a mapping
+        raise ValueError(f"interleaving.marker must be a string, got {marker!r}; quote it on the command line")
     max_passes = section.get("max_passes", DEFAULT_MAX_PASSES)
     if not isinstance(max_passes, int) or isinstance(max_passes, bool) or max_passes < 1:
         raise ValueError(f"interleaving.max_passes must be an int >= 1, got {max_passes!r}")
@@ -90,6 +99,9 @@ def interleaving_options(cfg: DictConfig, entry_mode: Optional[str] = None) -> I
             f"unknown interleaving.init_confidence_embeddings {init_embeddings!r}; expected null or one of "
             f"{', '.join(repr(k) for k in EMBEDDING_INITS if k is not None)}"
         )
+    min_marker_fraction = section.get("min_marker_fraction", DEFAULT_MIN_MARKER_FRACTION)
+    if isinstance(min_marker_fraction, bool) or not isinstance(min_marker_fraction, (int, float)) or not 0 <= min_marker_fraction <= 1:
+        raise ValueError(f"interleaving.min_marker_fraction must be a number in [0, 1], got {min_marker_fraction!r}")
     return InterleavingOptions(
         mode=mode,
         marker=marker if mode.needs_marker else None,
@@ -97,6 +109,7 @@ def interleaving_options(cfg: DictConfig, entry_mode: Optional[str] = None) -> I
         max_passes=max_passes,
         reference_checkpoint=section.get("reference_checkpoint", None),
         init_confidence_embeddings=init_embeddings,
+        min_marker_fraction=float(min_marker_fraction),
     )
 
 
@@ -207,6 +220,7 @@ def loop_options(cfg: DictConfig) -> LoopOptions:
 
 __all__ = [
     "DEFAULT_MAX_PASSES",
+    "DEFAULT_MIN_MARKER_FRACTION",
     "INTERLEAVING_KEYS",
     "InterleavingOptions",
     "LoopOptions",

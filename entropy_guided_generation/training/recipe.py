@@ -40,6 +40,7 @@ from entropy_guided_generation.training.codec_setup import (
     needs_quantile_fit,
 )
 from entropy_guided_generation.training.config_keys import check_finetune_keys
+from entropy_guided_generation.training.data_checks import MARKER_CHECK_EXAMPLES, check_marker_fraction, count_marker_rows
 from entropy_guided_generation.training.embeddings import EMBEDDING_KEY, init_confidence_embeddings
 from entropy_guided_generation.training.kit_paths import resolve_kit_references
 from entropy_guided_generation.training.loss_step import ConfidenceLayout, LossStep
@@ -122,6 +123,8 @@ class CaCFinetuneRecipe(FTRecipeInterface):
         self._codec = self._setup_codec(cfg, resume)
         self._stats = ConfidenceStats(self._codec.num_bins, self._device) if self._interleaving.interleaved else None
         layout = self._build_layout() if self._interleaving.interleaved else None
+        if layout is not None and layout.interleaving.marker_ids is not None:
+            self._check_marker_fraction(layout)
         ctx = training.get_act_offloading_ctx_manager(self._model, self._loop.enable_activation_offloading)
         self._loss_step = LossStep(layout, self._loss_fn, self._parallel, reference=self._reference, activations_ctx=ctx, stats=self._stats)
         self._val_loss_step = LossStep(layout, self._loss_fn, self._parallel, reference=self._reference)
@@ -230,21 +233,38 @@ class CaCFinetuneRecipe(FTRecipeInterface):
             codec = self._fit_quantile_edges(codec, fit_samples(section))
         return codec
 
-    def _fit_quantile_edges(self, codec: ConfidenceCodec, num_samples: int) -> ConfidenceCodec:
-        """Fit quantile edges on the first ``num_samples`` training examples (same on every rank)."""
+    def _first_examples(self, num_examples: int) -> DataLoader:
+        """Batches of the first ``num_examples`` training examples, in order (the same on every rank)."""
         dataset = self._dataloader.dataset
-        first = list(range(min(num_samples, len(dataset))))
-        loader = DataLoader(
+        first = list(range(min(num_examples, len(dataset))))
+        return DataLoader(
             torch.utils.data.Subset(dataset, first),
             batch_size=self._loop.batch_size,
             collate_fn=self._dataloader.collate_fn,
         )
+
+    def _fit_quantile_edges(self, codec: ConfidenceCodec, num_samples: int) -> ConfidenceCodec:
+        """Fit quantile edges on the first ``num_samples`` training examples (same on every rank)."""
+        loader = self._first_examples(num_samples)
         layout = self._build_layout(codec)
         batches = (self._to_device(batch) for batch in loader)
         bin_model = self._reference if self._reference is not None else self._model
         fitted = fit_quantile_codec(codec, bin_model, batches, layout.slots, self._tokenizer.pad_id)
-        utils.log_rank_zero(log, f"Quantile confidence edges fitted on {len(first)} examples: {fitted.edges.tolist()}")
+        utils.log_rank_zero(log, f"Quantile confidence edges fitted on {len(loader.dataset)} examples: {fitted.edges.tolist()}")
         return fitted
+
+    def _check_marker_fraction(self, layout: ConfidenceLayout) -> None:
+        """Fail now when too few of the first training examples hold the marker in their response
+        (``interleaving.min_marker_fraction``)."""
+        found, total = count_marker_rows(self._first_examples(MARKER_CHECK_EXAMPLES), layout.marker_found)
+        check_marker_fraction(
+            found,
+            total,
+            marker=self._interleaving.marker,
+            marker_ids=layout.interleaving.marker_ids,
+            min_fraction=self._interleaving.min_marker_fraction,
+        )
+        utils.log_rank_zero(log, f"interleaving.marker {self._interleaving.marker!r} found in {found} of the first {total} training examples.")
 
     def _build_layout(self, codec: Optional[ConfidenceCodec] = None) -> ConfidenceLayout:
         codec = codec or self._codec
