@@ -258,6 +258,24 @@ def test_mode_none_from_python_equals_torchtunes_stock_recipe(tmp_path, kit_cach
         EleutherEvalRecipeDirect(eval_cfg).setup(eval_cfg)
 
 
+def short_none_run(out: Path, *overrides: str):
+    """Mode none from Python on 32 examples: 4 steps of 8, a step checkpoint after each (2 kept)."""
+    return tiny_config(
+        "none_single_device", out, "dataset.split=train[:32]", "max_steps_per_epoch=4", "save_every_n_steps=1", "dataset_val=null", *overrides
+    )
+
+
+def step_folders(out: Path) -> List[str]:
+    return sorted(p.name for p in (out / "step_checkpoints").iterdir())
+
+
+def test_non_finite_loss_stops_the_run_before_its_checkpoint(tmp_path):
+    """lr 1e30 blows the weights up after step 2 (step 1 has lr 0 under the warm-up)."""
+    out = tmp_path / "blowup"
+    with pytest.raises(FloatingPointError, match=r"step 3 \(epoch 1\): the training loss is (nan|inf) \(non-finite on rank 0 of 1\); .*last step checkpoint: step 2"):
+        run_recipe(short_none_run(out, "optimizer.lr=1e30", "clip_grad_norm=null"))
+    assert step_folders(out) == ["step_00000001", "step_00000002"] and not (out / "epoch_0").exists()
+
 
 def test_marker_missing_from_the_data_fails_at_setup_naming_it(tmp_path):
     """The kit's GSM8K responses carry '####', not the configured marker: training would
@@ -267,6 +285,7 @@ def test_marker_missing_from_the_data_fails_at_setup_naming_it(tmp_path):
     with pytest.raises(ValueError, match=r"interleaving.marker 'So the answer is:' \(token ids \[[\d, ]+\]\) occurs in the response of only 0 of the first 32 training examples \(0%\)"):
         run_recipe(cfg)
     assert not (tmp_path / "m" / "step_checkpoints").exists()
+
 
 def test_entry_point_and_yaml_mode_conflict_is_an_error_naming_both(monkeypatch):
     """The answer entry point, run as users run it (argv parsed by torchtune), refuses a YAML

@@ -11,6 +11,7 @@ layout's data (which positions are slots), never in this loop.
 """
 from __future__ import annotations
 
+import math
 import time
 from functools import partial
 from pathlib import Path
@@ -391,7 +392,10 @@ class CaCFinetuneRecipe(FTRecipeInterface):
         loss_sum = torch.zeros((), dtype=torch.float64, device=self._device)
         tokens = torch.zeros((), dtype=torch.long, device=self._device)
         for batch in window:
-            step = self._loss_step(self._model, self._to_device(batch))
+            try:
+                step = self._loss_step(self._model, self._to_device(batch))
+            except FloatingPointError as err:
+                raise FloatingPointError(f"step {self.global_step + 1} (rank {self._parallel.rank}): {err}") from err
             loss_sum += step.loss.detach().double()
             tokens += step.num_tokens
             if self._loop.optimizer_in_bwd:
@@ -403,17 +407,43 @@ class CaCFinetuneRecipe(FTRecipeInterface):
         global_loss, global_tokens = totals[0].item(), int(totals[1].item())
         if global_tokens == 0:
             raise ValueError(f"step {self.global_step + 1}: no target token in the whole batch (all labels ignored)")
+        if not math.isfinite(global_loss):
+            self._stop_on_non_finite("training loss", global_loss, bool(torch.isfinite(loss_sum)))
         metrics = {"loss": global_loss / global_tokens, "num_tokens": float(global_tokens)}
         if not self._loop.optimizer_in_bwd:
             training.scale_grads(self._model, torch.tensor(self._parallel.world_size / global_tokens))
             if self._loop.clip_grad_norm is not None:
                 norm = torch.nn.utils.clip_grad_norm_(self._model.parameters(), max_norm=self._loop.clip_grad_norm)
                 metrics["grad_norm"] = float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+                if not math.isfinite(metrics["grad_norm"]):
+                    self._stop_on_non_finite("gradient norm", metrics["grad_norm"], None)
             self._optimizer.step()
             self._optimizer.zero_grad(set_to_none=True)
         if self._lr_scheduler is not None:
             self._lr_scheduler.step()
         return metrics
+
+    def _stop_on_non_finite(self, what: str, value: float, finite_here: Optional[bool]) -> None:
+        """Raise before this step is checkpointed (and, unless ``optimizer_in_bwd``, before its
+        optimizer step). Every rank gets here
+        together (``value`` is summed over ranks); ``finite_here`` (this rank's own share, when
+        known) names the ranks where it went bad.
+
+        Raises:
+            FloatingPointError: naming the step, the value and the ranks.
+        """
+        where = ""
+        if finite_here is not None:
+            flags = torch.zeros(self._parallel.world_size, dtype=torch.float64, device=self._device)
+            flags[self._parallel.rank] = 0.0 if finite_here else 1.0
+            ranks = [rank for rank, bad in enumerate(self._parallel.all_reduce_sum(flags).tolist()) if bad]
+            where = f" (non-finite on rank {', '.join(map(str, ranks))} of {self._parallel.world_size})"
+        saved = f"step {self._last_saved_step}" if self._last_saved_step is not None else "none yet"
+        raise FloatingPointError(
+            f"step {self.global_step + 1} (epoch {self.epochs_run + 1}): the {what} is {value}{where}; stopped, no "
+            f"checkpoint holds this step (last step checkpoint: {saved}). Lower the learning rate, "
+            "clip gradients (clip_grad_norm) or check the data and starting weights"
+        )
 
     def train(self) -> None:
         """Train until ``epochs`` are done (or ``stop_after_steps``), checkpointing on the way."""
