@@ -12,6 +12,9 @@ Each test shares its subprocess runs across several assertions to keep the file 
 from __future__ import annotations
 
 import importlib.util
+import json
+import logging
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -267,6 +270,37 @@ def short_none_run(out: Path, *overrides: str):
 
 def step_folders(out: Path) -> List[str]:
     return sorted(p.name for p in (out / "step_checkpoints").iterdir())
+
+
+def test_output_dir_belongs_to_one_run_and_resume_names_it(tmp_path, caplog):
+    """Run A stops after step 3. A fresh run B in A's folder is refused before it writes anything;
+    a resume under a changed config is refused naming both runs and what changed; with the newest
+    checkpoint corrupt, a resume that names A's hash starts from the previous one, saying so;
+    ``overwrite_output_dir`` starts over."""
+    out = tmp_path / "run"
+    run_recipe(short_none_run(out, "stop_after_steps=3"))
+    assert step_folders(out) == ["step_00000002", "step_00000003"]
+    run_a = json.loads((out / "step_checkpoints" / "step_00000003" / "progress.json").read_text())["config_hash"]
+
+    with pytest.raises(FileExistsError, match=rf"output_dir {out} holds another run's checkpoints \(step_checkpoints/step_00000002, .*\); continue that run with resume_from_checkpoint=True, start over with overwrite_output_dir=True"):
+        run_recipe(short_none_run(out, "optimizer.lr=0.01"))
+    assert step_folders(out) == ["step_00000002", "step_00000003"] and not (out / "epoch_0").exists()
+
+    with pytest.raises(ValueError, match=rf"written by run '{run_a}', and this config \(hash 'cfg-\w+'\) differs in optimizer.lr: 0.001 -> 0.01\. Resume it anyway with resume_config_hash={run_a}"):
+        run_recipe(short_none_run(out, "resume_from_checkpoint=True", "optimizer.lr=0.01"))
+
+    model_file = out / "step_checkpoints" / "step_00000003" / "model.pt"
+    model_file.write_bytes(model_file.read_bytes()[:100])
+    with caplog.at_level(logging.WARNING):
+        run_recipe(short_none_run(out, "resume_from_checkpoint=True", "optimizer.lr=0.01", f"resume_config_hash={run_a}"))
+    assert re.search(r"resuming from the previous complete checkpoint \S*step_00000002 instead of \S*step_00000003", caplog.text)
+    assert f"resuming run {run_a}" in caplog.text and "optimizer.lr: 0.001 -> 0.01" in caplog.text
+    assert step_folders(out) == ["step_00000003", "step_00000003.corrupt", "step_00000004"]  # step 3 redone
+    run_b = json.loads((out / "step_checkpoints" / "step_00000004" / "progress.json").read_text())["config_hash"]
+    assert run_b != run_a and read_confidence_json(out / "epoch_0").mode == "none"
+
+    run_recipe(short_none_run(out, "overwrite_output_dir=True", "max_steps_per_epoch=2"))
+    assert step_folders(out) == ["step_00000001", "step_00000002"]
 
 
 def test_non_finite_loss_stops_the_run_before_its_checkpoint(tmp_path):

@@ -37,6 +37,7 @@ from entropy_guided_generation.training.config_keys import check_finetune_keys
 from entropy_guided_generation.training.data_checks import check_marker_fraction, count_marker_rows
 from entropy_guided_generation.training.options import interleaving_options, loop_options, resolve_mode
 from entropy_guided_generation.training.parallelism import SingleDevice, parallelism_from_config
+from entropy_guided_generation.training.run_dir import config_hash, output_dir_options
 
 from helpers import tiny_decoder
 
@@ -215,9 +216,16 @@ def test_booleans_must_be_real_booleans(value):
     for key in ("resume_from_checkpoint", "shuffle", "compile", "optimizer_in_bwd"):
         with pytest.raises(ValueError, match=rf"{key} must be True or False, got {value!r} \(a {type(value).__name__}\)"):
             loop_options(OmegaConf.create({**base, key: value}))
+    with pytest.raises(ValueError, match=rf"overwrite_output_dir must be True or False, got {value!r}"):
+        output_dir_options(OmegaConf.create({"overwrite_output_dir": value}))
     with pytest.raises(ValueError, match=rf"fsdp_cpu_offload must be True or False, got {value!r}"):
         parallelism_from_config(OmegaConf.create({"device": "cpu", "fsdp_cpu_offload": value}), distributed=True)
     assert loop_options(OmegaConf.create({**base, "resume_from_checkpoint": False, "shuffle": None})).shuffle is True
+
+
+def test_resume_and_overwrite_together_are_refused():
+    with pytest.raises(ValueError, match="resume_from_checkpoint=True continues .* overwrite_output_dir=True deletes it"):
+        output_dir_options(OmegaConf.create({"resume_from_checkpoint": True, "overwrite_output_dir": True}))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
@@ -238,6 +246,14 @@ def test_misspelled_top_level_key_is_refused_naming_it():
 
     with pytest.raises(ValueError, match="unknown finetune config keys 'epoch'"):
         run_recipe(cfg)  # refused before anything is built
+
+
+def test_config_hash_ignores_where_and_when_to_save_but_not_what_is_trained():
+    cfg = OmegaConf.load(REPO / "configs" / "tiny" / "answer_single_device.yaml")
+    same = OmegaConf.merge(cfg, {"output_dir": "/elsewhere", "resume_from_checkpoint": True, "stop_after_steps": 3,
+                                 "save_every_n_steps": 1, "metric_logger": {"log_dir": "/logs"}})
+    assert config_hash(same) == config_hash(cfg) and config_hash(cfg).startswith("cfg-")
+    assert config_hash(OmegaConf.merge(cfg, {"optimizer": {"lr": 0.5}})) != config_hash(cfg)
 
 
 def test_marker_fraction_below_the_minimum_names_marker_and_counts(tokenizer, plain_batch, codec):
@@ -419,6 +435,44 @@ def test_old_step_checkpoints_are_pruned(tmp_path):
     assert [p.name for p in checkpointing.complete_step_checkpoints(root)] == ["step_00000003", "step_00000004"]
 
 
+def test_pruning_never_deletes_the_checkpoint_just_written(tmp_path):
+    """A higher-numbered folder (another timeline) must not make the new save the oldest one."""
+    root = tmp_path / "ckpts"
+    for step in (20, 3, 4):
+        save(root, step, torch.zeros(1), keep_last=2)
+    save(root, 5, torch.zeros(1), keep_last=2)
+    assert [p.name for p in checkpointing.complete_step_checkpoints(root)] == ["step_00000004", "step_00000005", "step_00000020"]
+
+
+def test_world_size_change_on_resume_names_both_sizes(tmp_path):
+    path = save(tmp_path / "ckpts", 3, torch.zeros(1))  # saved by 1 rank
+    with pytest.raises(ValueError, match=r"saved by 1 rank\(s\) and this run has 2; resume with 1 process"):
+        checkpointing.load_step_checkpoint(path, rank=1, world_size=2)
+
+
+@pytest.mark.parametrize("damage", ["truncate_model", "truncate_progress", "drop_rank_file"])
+def test_unreadable_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, damage):
+    root = tmp_path / "ckpts"
+    save(root, 2, torch.full((4,), 2.0))
+    newest = save(root, 3, torch.full((4,), 3.0))
+    if damage == "drop_rank_file":
+        (newest / checkpointing.rank_file(0)).unlink()
+    else:
+        name = checkpointing.MODEL_FILE if damage == "truncate_model" else checkpointing.PROGRESS_FILE
+        data = (newest / name).read_bytes()
+        (newest / name).write_bytes(data[: len(data) // 2])
+    with pytest.raises(checkpointing.UnreadableCheckpointError, match=str(newest)):
+        checkpointing.load_step_checkpoint(newest, rank=0, world_size=1)
+    loaded, skipped = checkpointing.load_newest_readable(root, rank=0, world_size=1)
+    assert loaded.path == root / "step_00000002" and torch.equal(loaded.model_state["w"], torch.full((4,), 2.0))
+    assert [path for path, _ in skipped] == [newest]
+    moved = checkpointing.set_aside(newest)
+    assert moved.name == "step_00000003.corrupt" and checkpointing.latest_step_checkpoint(root) == root / "step_00000002"
+    (root / "step_00000002" / checkpointing.MODEL_FILE).write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match=r"no step checkpoint under .* is readable: step_00000002: .*model.pt is unreadable"):
+        checkpointing.load_newest_readable(root, rank=0, world_size=1)
+
+
 def test_rng_state_round_trip_replays_the_same_draws():
     state = checkpointing.rng_state()
     first = (torch.rand(3), torch.randint(0, 10**6, (1,)).item())
@@ -450,6 +504,7 @@ def test_every_shipped_config_uses_only_its_recipes_keys(path):
         return
     assert path in REAL_CONFIGS + TINY_CONFIGS
     check_finetune_keys(cfg)
+    output_dir_options(cfg)
 
 
 @pytest.mark.parametrize("path", REAL_CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")

@@ -33,7 +33,7 @@ from tqdm import tqdm
 from entropy_guided_generation.confidence import ConfidenceCodec, ConfidenceMetadata, metadata_for
 from entropy_guided_generation.layout import Interleaving
 from entropy_guided_generation.modeling import vocab_size_of
-from entropy_guided_generation.training import checkpointing
+from entropy_guided_generation.training import checkpointing, run_dir
 from entropy_guided_generation.training.codec_setup import (
     codec_from_config,
     fit_quantile_codec,
@@ -83,6 +83,9 @@ class CaCFinetuneRecipe(FTRecipeInterface):
         if self._loop.enable_activation_offloading and self._device.type != "cuda":
             raise ValueError(f"enable_activation_offloading needs device cuda, got {self._device.type}")
         self._output_dir = Path(cfg.output_dir)
+        self._output_dir_options = run_dir.output_dir_options(cfg)
+        self._config_hash = run_dir.config_hash(cfg)  # names this run in its step checkpoints
+        self._run_config = run_dir.hashed_config(cfg)
         self._collate_name = cfg.get("collate_fn", DEFAULT_COLLATE)
         self._step_root = self._output_dir / checkpointing.STEP_CHECKPOINTS_DIRNAME
         self.seed = training.set_seed(seed=cfg.get("seed", None), debug_mode=cfg.get("cudnn_deterministic_mode", None))
@@ -95,7 +98,10 @@ class CaCFinetuneRecipe(FTRecipeInterface):
 
     # ------------------------------------------------------------------ setup
     def setup(self, cfg: DictConfig) -> None:
-        """Build everything; on ``resume_from_checkpoint`` restore the newest step checkpoint."""
+        """Build everything; on ``resume_from_checkpoint`` restore the newest readable step checkpoint
+        of this run, else claim ``output_dir`` for a fresh run."""
+        if not self._loop.resume_from_checkpoint:
+            self._claim_output_dir()
         if self._parallel.is_rank_zero:
             self._metric_logger = config.instantiate(cfg.metric_logger)
             self._metric_logger.log_config(cfg)
@@ -324,16 +330,49 @@ class CaCFinetuneRecipe(FTRecipeInterface):
             ).__dict__
             if self._codec is not None
             else None,
+            config_hash=self._config_hash,
+            run_config=self._run_config,
         )
 
+    def _claim_output_dir(self) -> None:
+        """A fresh run: refuse an ``output_dir`` holding another run's checkpoints (or, with
+        ``overwrite_output_dir``, delete them)."""
+        deleted = run_dir.claim_output_dir(
+            self._output_dir, self._output_dir_options, is_rank_zero=self._parallel.is_rank_zero, barrier=self._parallel.barrier
+        )
+        if deleted:
+            utils.log_rank_zero(log, f"overwrite_output_dir: deleted the previous run's {', '.join(p.name for p in deleted)} in {self._output_dir}.")
+        utils.log_rank_zero(log, f"Run {self._config_hash} starts in {self._output_dir}.")
+
+    def _all_ranks(self, ok: bool) -> bool:
+        """True when ``ok`` holds on every rank (a collective under FSDP2)."""
+        flag = torch.tensor([1.0 if ok else 0.0], device=self._device)
+        return int(self._parallel.all_reduce_sum(flag).item()) == self._parallel.world_size
+
     def _load_resume_checkpoint(self) -> checkpointing.StepCheckpoint:
-        path = checkpointing.latest_step_checkpoint(self._step_root)
-        if path is None:
-            raise FileNotFoundError(
-                f"resume_from_checkpoint is True but there is no complete step checkpoint under {self._step_root}"
-            )
-        utils.log_rank_zero(log, f"Resuming from {path}.")
-        return checkpointing.load_step_checkpoint(path, self._parallel.rank)
+        """The newest step checkpoint every rank can read (unreadable newer ones are set aside,
+        with a warning), refused when written by another config or another number of ranks."""
+        resume, skipped = checkpointing.load_newest_readable(
+            self._step_root, self._parallel.rank, self._parallel.world_size, self._all_ranks
+        )
+        warning = run_dir.check_resumed_run(
+            resume.path, resume.progress, self._config_hash, self._run_config, self._output_dir_options
+        )
+        if skipped:
+            for path, why in skipped:
+                log.warning(f"rank {self._parallel.rank}: cannot resume from {path}: {why}")
+            if self._parallel.is_rank_zero:
+                moved = [checkpointing.set_aside(path) for path, _ in skipped]
+                log.warning(
+                    f"resuming from the previous complete checkpoint {resume.path} instead of {skipped[0][0]}; "
+                    f"unreadable checkpoints moved to {', '.join(p.name for p in moved)}"
+                )
+            self._parallel.barrier()
+        if warning is not None and self._parallel.is_rank_zero:
+            log.warning(warning)
+        run_name = resume.progress.config_hash or "of unknown config"
+        utils.log_rank_zero(log, f"Resuming run {run_name} from step {resume.progress.global_step} ({resume.path}).")
+        return resume
 
     def _restore_progress(self, resume: checkpointing.StepCheckpoint) -> None:
         """Take the saved position; refuse settings that would change what the data position means."""
