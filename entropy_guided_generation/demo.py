@@ -304,7 +304,8 @@ def finetune(mode: str, cfg: DictConfig, run_dir: Path, fingerprint: str) -> Pat
         print(f"[demo] {mode}: reusing the finetune in {run_dir}")
         return final_checkpoint(run_dir)
     print(f"[demo] {mode}: finetuning ({cfg.epochs * cfg.max_steps_per_epoch} steps) -> {run_dir}", flush=True)
-    run_recipe(cfg, mode=mode, distributed=False)
+    # The folder is the demo's own: what an unfinished or outdated earlier demo left there goes.
+    run_recipe(OmegaConf.merge(cfg, {"overwrite_output_dir": True}), mode=mode, distributed=False)
     _write_stamp(run_dir, fingerprint)
     return final_checkpoint(run_dir)
 
