@@ -248,6 +248,19 @@ def test_misspelled_top_level_key_is_refused_naming_it():
         run_recipe(cfg)  # refused before anything is built
 
 
+def test_overwrite_deletes_only_the_previous_runs_checkpoints(tmp_path):
+    from entropy_guided_generation.training.run_dir import OutputDirOptions, claim_output_dir
+
+    for name in ("step_checkpoints/step_00000002", "step_checkpoints/step_00000003.partial", "epoch_0", "logs"):
+        (tmp_path / name).mkdir(parents=True)
+    (tmp_path / "step_checkpoints" / "stray.txt").write_text("x")
+    with pytest.raises(FileExistsError, match=r"holds another run's checkpoints \(step_checkpoints/step_00000002, step_checkpoints/step_00000003.partial, step_checkpoints/stray.txt, epoch_0\)"):
+        claim_output_dir(tmp_path, OutputDirOptions(), is_rank_zero=True, barrier=lambda: None)
+    deleted = claim_output_dir(tmp_path, OutputDirOptions(overwrite=True), is_rank_zero=True, barrier=lambda: None)
+    assert len(deleted) == 4 and sorted(p.name for p in tmp_path.rglob("*")) == ["logs", "step_checkpoints"]
+    assert claim_output_dir(tmp_path, OutputDirOptions(), is_rank_zero=True, barrier=lambda: None) == []
+
+
 def test_config_hash_ignores_where_and_when_to_save_but_not_what_is_trained():
     cfg = OmegaConf.load(REPO / "configs" / "tiny" / "answer_single_device.yaml")
     same = OmegaConf.merge(cfg, {"output_dir": "/elsewhere", "resume_from_checkpoint": True, "stop_after_steps": 3,

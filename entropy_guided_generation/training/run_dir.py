@@ -95,6 +95,7 @@ def config_hash(cfg: DictConfig) -> str:
 
 
 def _flatten(node: Any, prefix: str = "") -> Dict[str, Any]:
+    """Nested dicts -> ``{"a.b.c": leaf}`` (an empty dict is a leaf; lists are leaves)."""
     if isinstance(node, dict):
         flat: Dict[str, Any] = {}
         for key, value in node.items():
@@ -140,7 +141,10 @@ def claim_output_dir(output_dir: Path, options: OutputDirOptions, *, is_rank_zer
         )
     if found and is_rank_zero:
         for path in found:
-            shutil.rmtree(path)
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
     barrier()
     return found
 
