@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
 
@@ -351,6 +351,12 @@ def _tokens_from_config(
         return ids, None
     tokens = cfg.get("tokens", {"preset": "kit"})
     if isinstance(tokens, Mapping):
+        unknown = sorted(set(tokens) - {"preset"})
+        if unknown:
+            raise ValueError(
+                f"unknown confidence.tokens keys {unknown}; a mapping takes only 'preset' (one of "
+                f"{', '.join(TOKEN_PRESETS)}), or give a list of token strings"
+            )
         preset = tokens.get("preset")
         if preset not in _PRESET_TOKENS:
             raise ValueError(f"unknown confidence.tokens.preset {preset!r}; expected one of {', '.join(TOKEN_PRESETS)}")
@@ -404,26 +410,51 @@ def encode_text(text: str, tokenizer: Any) -> list[int]:
 
 
 # -------------------------------------------------------------------- metadata
+# The fields that describe the codec: all null in a checkpoint trained without one (mode none
+# with no ``confidence`` section).
+CODEC_FIELDS = ("signal", "temperature", "scale", "edges", "edge_scheme", "token_ids", "token_strings", "dtype")
+
+
 @dataclass
 class ConfidenceMetadata:
-    """What ``confidence.json`` holds: everything a decoder needs to reproduce training's layout."""
+    """What ``confidence.json`` holds: everything a decoder needs to reproduce training's layout.
+
+    A finetune without a codec (mode none, no ``confidence`` section) records its mode with the
+    codec fields null: :attr:`has_codec` is False and :meth:`to_codec` raises.
+    """
 
     mode: str
-    signal: str
-    temperature: float
-    scale: float
-    edges: list[float]
-    edge_scheme: str
-    token_ids: list[int]
+    signal: Optional[str]
+    temperature: Optional[float]
+    scale: Optional[float]
+    edges: Optional[list[float]]
+    edge_scheme: Optional[str]
+    token_ids: Optional[list[int]]
     token_strings: Optional[list[str]]
     marker: Optional[str]
     # Written since interleaving.positions exists; files without it were all trained sequential.
     positions: str = "sequential"
-    dtype: str = "float32"
+    dtype: Optional[str] = "float32"
     format_version: int = FORMAT_VERSION
     extra: dict = field(default_factory=dict)
 
+    @property
+    def has_codec(self) -> bool:
+        """False when the checkpoint was trained without a confidence codec (codec fields null)."""
+        return self.token_ids is not None
+
     def to_codec(self) -> ConfidenceCodec:
+        """The codec the checkpoint was trained with.
+
+        Raises:
+            ValueError: when the metadata records no codec (a mode-none finetune without a
+                ``confidence`` section).
+        """
+        if not self.has_codec:
+            raise ValueError(
+                f"this confidence.json (mode {self.mode!r}) records no confidence codec: the checkpoint was "
+                "finetuned without a `confidence` section; give one in the config to decode with confidence tokens"
+            )
         return ConfidenceCodec(
             signal=self.signal,
             edges=torch.tensor(self.edges, dtype=torch.float64),
@@ -437,10 +468,13 @@ class ConfidenceMetadata:
 
 
 def metadata_for(
-    codec: ConfidenceCodec, mode: str, marker: Optional[str] = None, *, positions: str = "sequential", **extra: Any
+    codec: Optional[ConfidenceCodec], mode: str, marker: Optional[str] = None, *, positions: str = "sequential", **extra: Any
 ) -> ConfidenceMetadata:
     """The metadata describing ``codec`` used in ``mode`` (with ``marker`` for mode marker) under the
-    position rule ``positions``."""
+    position rule ``positions``; ``codec=None`` (mode none without a codec) leaves the codec fields null."""
+    if codec is None:
+        empty = dict.fromkeys(CODEC_FIELDS)
+        return ConfidenceMetadata(mode=mode, marker=marker, positions=positions, extra=dict(extra), **empty)
     dtype = next(k for k, v in _DTYPES.items() if v == codec.compute_dtype)
     return ConfidenceMetadata(
         mode=mode,
@@ -461,14 +495,15 @@ def metadata_for(
 
 def write_confidence_json(
     directory: Union[str, Path],
-    codec: ConfidenceCodec,
+    codec: Optional[ConfidenceCodec],
     mode: str,
     marker: Optional[str] = None,
     *,
     positions: str = "sequential",
     **extra: Any,
 ) -> Path:
-    """Write ``confidence.json`` into ``directory`` (atomically) and return its path."""
+    """Write ``confidence.json`` into ``directory`` (atomically) and return its path (``codec=None``:
+    the mode alone, codec fields null)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / METADATA_FILENAME
@@ -479,16 +514,32 @@ def write_confidence_json(
 
 
 def read_confidence_json(path: Union[str, Path]) -> ConfidenceMetadata:
-    """Read ``confidence.json`` (``path`` is the file or the checkpoint folder holding it)."""
+    """Read ``confidence.json`` (``path`` is the file or the checkpoint folder holding it).
+
+    Raises:
+        FileNotFoundError: when there is no such file. ValueError: naming the file when it is not
+            valid JSON (e.g. truncated), has another format version, or has unknown or missing fields.
+    """
     path = Path(path)
     if path.is_dir():
         path = path / METADATA_FILENAME
     if not path.is_file():
         raise FileNotFoundError(f"no {METADATA_FILENAME} at {path}")
-    data = json.loads(path.read_text())
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); it may be truncated: rewrite it or restore it from the run") from err
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} holds a {type(data).__name__}, expected a JSON object of confidence metadata")
     version = data.get("format_version")
     if version != FORMAT_VERSION:
         raise ValueError(f"{path} has format_version {version!r}; this library reads version {FORMAT_VERSION}")
+    known = {f.name for f in fields(ConfidenceMetadata)}
+    required = {f.name for f in fields(ConfidenceMetadata) if f.default is MISSING and f.default_factory is MISSING}
+    problems = [f"unknown fields {sorted(set(data) - known)}"] if set(data) - known else []
+    problems += [f"missing fields {sorted(required - set(data))}"] if required - set(data) else []
+    if problems:
+        raise ValueError(f"{path} is not confidence metadata of format_version {FORMAT_VERSION}: {'; '.join(problems)}")
     return ConfidenceMetadata(**data)
 
 
@@ -525,6 +576,11 @@ def check_config_matches(
     if positions is not None:
         pairs.append(("interleaving.positions", positions, metadata.positions))
     if codec is not None:
+        if not metadata.has_codec:
+            raise ValueError(
+                f"config gives a confidence codec but {source} records none (mode {metadata.mode!r} finetuned "
+                "without a `confidence` section); remove the config's confidence section or use another checkpoint"
+            )
         ref = metadata.to_codec()
         pairs += [
             ("confidence.signal", codec.signal, ref.signal),
@@ -539,6 +595,7 @@ def check_config_matches(
 
 
 __all__ = [
+    "CODEC_FIELDS",
     "EDGE_SCHEMES",
     "METADATA_FILENAME",
     "SIGNALS",

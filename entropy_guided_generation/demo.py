@@ -304,7 +304,8 @@ def finetune(mode: str, cfg: DictConfig, run_dir: Path, fingerprint: str) -> Pat
         print(f"[demo] {mode}: reusing the finetune in {run_dir}")
         return final_checkpoint(run_dir)
     print(f"[demo] {mode}: finetuning ({cfg.epochs * cfg.max_steps_per_epoch} steps) -> {run_dir}", flush=True)
-    run_recipe(cfg, mode=mode, distributed=False)
+    # The folder is the demo's own: what an unfinished or outdated earlier demo left there goes.
+    run_recipe(OmegaConf.merge(cfg, {"overwrite_output_dir": True}), mode=mode, distributed=False)
     _write_stamp(run_dir, fingerprint)
     return final_checkpoint(run_dir)
 
@@ -354,7 +355,9 @@ def draw_confidence_example(mode: str, checkpoint: Path, base: BaseModel, questi
     tokenizer = kit.load_tokenizer(folder=base.tokenizer_dir)
     model = kit.load_torchtune_model(checkpoint).eval()
     found = find_confidence_json(checkpoint)
-    codec = read_confidence_json(found).to_codec() if found else ConfidenceCodec.from_config(
+    metadata = read_confidence_json(found) if found else None
+    # A mode-none finetune records its mode without a codec: show the kit's default bins then.
+    codec = metadata.to_codec() if metadata is not None and metadata.has_codec else ConfidenceCodec.from_config(
         {"signal": "entropy", "edges": {"scheme": "entropy_round"}, "tokens": {"preset": "kit"}}, tokenizer=tokenizer
     )
     prompt = torch.tensor([tokenizer.encode(question, add_bos=False, add_eos=False)])

@@ -116,6 +116,7 @@ def test_uniform_and_quantile_edges():
         ({"signal": "entropy", "edges": {"scheme": "explicit", "values": [1.0, 2.0]}, "token_ids": CONF_IDS[:4]}, "K = len"),
         ({"signal": "entropie", "token_ids": CONF_IDS}, "unknown confidence.signal 'entropie'"),
         ({"signal": "entropy", "token_ids": [3, 4, 999]}, "outside the vocabulary"),
+        ({"tokens": {"preset": "kit", "count": 5}}, r"unknown confidence.tokens keys \['count'\]; a mapping takes only 'preset'"),
     ],
 )
 def test_bad_codec_configs_name_the_bad_value(cfg, message):
@@ -308,3 +309,33 @@ def test_confidence_json_round_trip_and_mismatch_error(tmp_path):
     check_config_matches(meta, mode="marker", codec=codec, marker="####")
     with pytest.raises(ValueError, match=r"interleaving.mode is 'full' but confidence.json says 'marker'"):
         check_config_matches(meta, mode="full")
+
+
+def test_metadata_without_a_codec_records_the_mode_and_refuses_to_build_one(tmp_path):
+    """A mode-none finetune without a confidence section: mode recorded, codec fields null."""
+    path = write_confidence_json(tmp_path, None, mode="none")
+    meta = read_confidence_json(path)
+    assert meta.mode == "none" and not meta.has_codec and meta.token_ids is None and meta.edges is None
+    check_config_matches(meta, mode="none")
+    with pytest.raises(ValueError, match=r"interleaving.mode is 'answer' but confidence.json says 'none'"):
+        check_config_matches(meta, mode="answer")
+    with pytest.raises(ValueError, match=r"mode 'none'\) records no confidence codec"):
+        meta.to_codec()
+    codec = ConfidenceCodec.from_config({"signal": "entropy", "edges": {"scheme": "entropy_round"}, "token_ids": CONF_IDS})
+    with pytest.raises(ValueError, match="config gives a confidence codec but confidence.json records none"):
+        check_config_matches(meta, codec=codec)
+
+
+def test_truncated_or_foreign_confidence_json_names_the_file(tmp_path):
+    codec = ConfidenceCodec.from_config({"signal": "entropy", "edges": {"scheme": "entropy_round"}, "token_ids": CONF_IDS})
+    path = write_confidence_json(tmp_path, codec, mode="answer")
+    text = path.read_text()
+    path.write_text(text[: len(text) // 2])
+    with pytest.raises(ValueError, match=rf"{path} is not valid JSON .*truncated"):
+        read_confidence_json(tmp_path)
+    path.write_text(text.replace('"mode"', '"moed"'))
+    with pytest.raises(ValueError, match=rf"{path} is not confidence metadata .*unknown fields \['moed'\]; missing fields \['mode'\]"):
+        read_confidence_json(path)
+    path.write_text("[1, 2]")
+    with pytest.raises(ValueError, match=rf"{path} holds a list"):
+        read_confidence_json(path)

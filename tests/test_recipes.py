@@ -12,6 +12,9 @@ Each test shares its subprocess runs across several assertions to keep the file 
 from __future__ import annotations
 
 import importlib.util
+import json
+import logging
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -245,7 +248,77 @@ def test_mode_none_from_python_equals_torchtunes_stock_recipe(tmp_path, kit_cach
     recipe.cleanup()
     assert len(losses(ours)) == 3
     assert losses(ours) == pytest.approx(losses(stock), rel=1e-6)
-    assert (ours / "epoch_0" / "config.json").is_file() and not (ours / "epoch_0" / "confidence.json").exists()
+    assert (ours / "epoch_0" / "config.json").is_file()
+    # Every finetune records its mode, none included (no confidence section: no codec) ...
+    meta = read_confidence_json(ours / "epoch_0")
+    assert meta.mode == "none" and not meta.has_codec
+    # ... so an eval config asking for another mode is refused, naming both.
+    from entropy_guided_generation.eleuther_eval import EleutherEvalRecipeDirect
+
+    eval_cfg = OmegaConf.load(REPO / "configs" / "tiny" / "eval_answer.yaml")
+    eval_cfg.merge_with({"output_dir": str(tmp_path / "eval"), "checkpointer": {"checkpoint_dir": str(ours / "epoch_0")}})
+    with pytest.raises(ValueError, match=r"config interleaving.mode is 'answer' but .*epoch_0/confidence.json says 'none'"):
+        EleutherEvalRecipeDirect(eval_cfg).setup(eval_cfg)
+
+
+def short_none_run(out: Path, *overrides: str):
+    """Mode none from Python on 32 examples: 4 steps of 8, a step checkpoint after each (2 kept)."""
+    return tiny_config(
+        "none_single_device", out, "dataset.split=train[:32]", "max_steps_per_epoch=4", "save_every_n_steps=1", "dataset_val=null", *overrides
+    )
+
+
+def step_folders(out: Path) -> List[str]:
+    return sorted(p.name for p in (out / "step_checkpoints").iterdir())
+
+
+def test_output_dir_belongs_to_one_run_and_resume_names_it(tmp_path, caplog):
+    """Run A stops after step 3. A fresh run B in A's folder is refused before it writes anything;
+    a resume under a changed config is refused naming both runs and what changed; with the newest
+    checkpoint corrupt, a resume that names A's hash starts from the previous one, saying so;
+    ``overwrite_output_dir`` starts over."""
+    out = tmp_path / "run"
+    run_recipe(short_none_run(out, "stop_after_steps=3"))
+    assert step_folders(out) == ["step_00000002", "step_00000003"]
+    run_a = json.loads((out / "step_checkpoints" / "step_00000003" / "progress.json").read_text())["config_hash"]
+
+    with pytest.raises(FileExistsError, match=rf"output_dir {out} holds another run's checkpoints \(step_checkpoints/step_00000002, .*\); continue that run with resume_from_checkpoint=True, start over with overwrite_output_dir=True"):
+        run_recipe(short_none_run(out, "optimizer.lr=0.01"))
+    assert step_folders(out) == ["step_00000002", "step_00000003"] and not (out / "epoch_0").exists()
+
+    with pytest.raises(ValueError, match=rf"written by run '{run_a}', and this config \(hash 'cfg-\w+'\) differs in optimizer.lr: 0.001 -> 0.01\. Resume it anyway with resume_config_hash={run_a}"):
+        run_recipe(short_none_run(out, "resume_from_checkpoint=True", "optimizer.lr=0.01"))
+
+    model_file = out / "step_checkpoints" / "step_00000003" / "model.pt"
+    model_file.write_bytes(model_file.read_bytes()[:100])
+    with caplog.at_level(logging.WARNING):
+        run_recipe(short_none_run(out, "resume_from_checkpoint=True", "optimizer.lr=0.01", f"resume_config_hash={run_a}"))
+    assert re.search(r"resuming from the previous complete checkpoint \S*step_00000002 instead of \S*step_00000003", caplog.text)
+    assert f"resuming run {run_a}" in caplog.text and "optimizer.lr: 0.001 -> 0.01" in caplog.text
+    assert step_folders(out) == ["step_00000003", "step_00000003.corrupt", "step_00000004"]  # step 3 redone
+    run_b = json.loads((out / "step_checkpoints" / "step_00000004" / "progress.json").read_text())["config_hash"]
+    assert run_b != run_a and read_confidence_json(out / "epoch_0").mode == "none"
+
+    run_recipe(short_none_run(out, "overwrite_output_dir=True", "max_steps_per_epoch=2"))
+    assert step_folders(out) == ["step_00000001", "step_00000002"]
+
+
+def test_non_finite_loss_stops_the_run_before_its_checkpoint(tmp_path):
+    """lr 1e30 blows the weights up after step 2 (step 1 has lr 0 under the warm-up)."""
+    out = tmp_path / "blowup"
+    with pytest.raises(FloatingPointError, match=r"step 3 \(epoch 1\): the training loss is (nan|inf) \(non-finite on rank 0 of 1\); .*last step checkpoint: step 2"):
+        run_recipe(short_none_run(out, "optimizer.lr=1e30", "clip_grad_norm=null"))
+    assert step_folders(out) == ["step_00000001", "step_00000002"] and not (out / "epoch_0").exists()
+
+
+def test_marker_missing_from_the_data_fails_at_setup_naming_it(tmp_path):
+    """The kit's GSM8K responses carry '####', not the configured marker: training would
+    interleave every response whole, as mode answer."""
+    cfg = tiny_config("marker_single_device", tmp_path / "m", "dataset.split=train[:32]")
+    cfg.interleaving.marker = "So the answer is:"
+    with pytest.raises(ValueError, match=r"interleaving.marker 'So the answer is:' \(token ids \[[\d, ]+\]\) occurs in the response of only 0 of the first 32 training examples \(0%\)"):
+        run_recipe(cfg)
+    assert not (tmp_path / "m" / "step_checkpoints").exists()
 
 
 def test_entry_point_and_yaml_mode_conflict_is_an_error_naming_both(monkeypatch):

@@ -33,8 +33,11 @@ from entropy_guided_generation.training.loss_step import (
     summed_token_loss,
 )
 from entropy_guided_generation.training.metrics import ConfidenceStats
+from entropy_guided_generation.training.config_keys import check_finetune_keys
+from entropy_guided_generation.training.data_checks import check_marker_fraction, count_marker_rows
 from entropy_guided_generation.training.options import interleaving_options, loop_options, resolve_mode
-from entropy_guided_generation.training.parallelism import SingleDevice
+from entropy_guided_generation.training.parallelism import SingleDevice, parallelism_from_config
+from entropy_guided_generation.training.run_dir import config_hash, output_dir_options
 
 from helpers import tiny_decoder
 
@@ -130,6 +133,18 @@ def test_gsm8k_answer_without_final_line_is_refused(tmp_path, tokenizer):
         gsm8k_dataset(tokenizer, data_files=str(path))[0]
 
 
+def test_empty_training_file_is_an_error_naming_it(tmp_path, tokenizer, gsm8k_file):
+    """datasets' JSON reader gives a bare StopIteration on a file without rows."""
+    empty = tmp_path / "train.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(ValueError, match=rf"data file {empty} is empty"):
+        gsm8k_dataset(tokenizer, data_files=str(empty))
+    with pytest.raises(ValueError, match=rf"data file {empty} is empty"):
+        instruct_dataset(tokenizer, source="json", data_files={"train": [str(gsm8k_file), str(empty)]})
+    with pytest.raises(ValueError, match=rf"data_files \['{gsm8k_file}'\], split 'train'\) has no rows after filter_fn"):
+        gsm8k_dataset(tokenizer, data_files=str(gsm8k_file), filter_fn=lambda row: False)
+
+
 def test_bigbench_mistake_reads_the_five_task_files(shared_data):
     from entropy_guided_generation.kit.tokenizer import load_tokenizer
 
@@ -192,6 +207,82 @@ def test_interleaving_section_is_checked():
         interleaving_options(OmegaConf.create({"interleaving": {"max_passes": 0}}), "full")
     with pytest.raises(ValueError, match="gradient_accumulation_steps must be 1"):
         loop_options(OmegaConf.create({"epochs": 1, "batch_size": 2, "optimizer_in_bwd": True, "gradient_accumulation_steps": 2}))
+
+
+@pytest.mark.parametrize("value", ["False", "true", 0, 1])
+def test_booleans_must_be_real_booleans(value):
+    """``resume_from_checkpoint="False"`` would count as True under ``bool()``."""
+    base = {"epochs": 1, "batch_size": 2}
+    for key in ("resume_from_checkpoint", "shuffle", "compile", "optimizer_in_bwd"):
+        with pytest.raises(ValueError, match=rf"{key} must be True or False, got {value!r} \(a {type(value).__name__}\)"):
+            loop_options(OmegaConf.create({**base, key: value}))
+    with pytest.raises(ValueError, match=rf"overwrite_output_dir must be True or False, got {value!r}"):
+        output_dir_options(OmegaConf.create({"overwrite_output_dir": value}))
+    with pytest.raises(ValueError, match=rf"fsdp_cpu_offload must be True or False, got {value!r}"):
+        parallelism_from_config(OmegaConf.create({"device": "cpu", "fsdp_cpu_offload": value}), distributed=True)
+    assert loop_options(OmegaConf.create({**base, "resume_from_checkpoint": False, "shuffle": None})).shuffle is True
+
+
+def test_resume_and_overwrite_together_are_refused():
+    with pytest.raises(ValueError, match="resume_from_checkpoint=True continues .* overwrite_output_dir=True deletes it"):
+        output_dir_options(OmegaConf.create({"resume_from_checkpoint": True, "overwrite_output_dir": True}))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_unavailable_device_is_refused_not_replaced_by_the_cpu():
+    for distributed in (False, True):
+        with pytest.raises(ValueError, match=r"device 'cuda' is not available on this machine"):
+            parallelism_from_config(OmegaConf.create({"device": "cuda"}), distributed=distributed)
+    with pytest.raises(ValueError, match="unknown device 'gpu'"):
+        parallelism_from_config(OmegaConf.create({"device": "gpu"}), distributed=False)
+
+
+def test_misspelled_top_level_key_is_refused_naming_it():
+    cfg = OmegaConf.load(REPO / "configs" / "tiny" / "answer_single_device.yaml")
+    cfg.epoch = 3
+    with pytest.raises(ValueError, match=r"unknown finetune config keys 'epoch' \(did you mean 'epochs'\?\)"):
+        check_finetune_keys(cfg)
+    from entropy_guided_generation.training import run_recipe
+
+    with pytest.raises(ValueError, match="unknown finetune config keys 'epoch'"):
+        run_recipe(cfg)  # refused before anything is built
+
+
+def test_overwrite_deletes_only_the_previous_runs_checkpoints(tmp_path):
+    from entropy_guided_generation.training.run_dir import OutputDirOptions, claim_output_dir
+
+    for name in ("step_checkpoints/step_00000002", "step_checkpoints/step_00000003.partial", "epoch_0", "logs"):
+        (tmp_path / name).mkdir(parents=True)
+    (tmp_path / "step_checkpoints" / "stray.txt").write_text("x")
+    with pytest.raises(FileExistsError, match=r"holds another run's checkpoints \(step_checkpoints/step_00000002, step_checkpoints/step_00000003.partial, step_checkpoints/stray.txt, epoch_0\)"):
+        claim_output_dir(tmp_path, OutputDirOptions(), is_rank_zero=True, barrier=lambda: None)
+    deleted = claim_output_dir(tmp_path, OutputDirOptions(overwrite=True), is_rank_zero=True, barrier=lambda: None)
+    assert len(deleted) == 4 and sorted(p.name for p in tmp_path.rglob("*")) == ["logs", "step_checkpoints"]
+    assert claim_output_dir(tmp_path, OutputDirOptions(), is_rank_zero=True, barrier=lambda: None) == []
+
+
+def test_config_hash_ignores_where_and_when_to_save_but_not_what_is_trained():
+    cfg = OmegaConf.load(REPO / "configs" / "tiny" / "answer_single_device.yaml")
+    same = OmegaConf.merge(cfg, {"output_dir": "/elsewhere", "resume_from_checkpoint": True, "stop_after_steps": 3,
+                                 "save_every_n_steps": 1, "metric_logger": {"log_dir": "/logs"}})
+    assert config_hash(same) == config_hash(cfg) and config_hash(cfg).startswith("cfg-")
+    assert config_hash(OmegaConf.merge(cfg, {"optimizer": {"lr": 0.5}})) != config_hash(cfg)
+
+
+def test_marker_fraction_below_the_minimum_names_marker_and_counts(tokenizer, plain_batch, codec):
+    """Counted on collated batches as the recipe does: '####' introduces every GSM8K answer line,
+    'The answer is' occurs in no response."""
+    for marker, expected in (("####", 4), ("The answer is", 0)):
+        layout = ConfidenceLayout(Interleaving.of("marker", stop_ids=tokenizer.stop_tokens, marker_ids=encode_text(marker, tokenizer)), codec, pad_id=tokenizer.pad_id)
+        assert count_marker_rows([plain_batch, plain_batch], layout.marker_found) == (2 * expected, 8)
+    check_marker_fraction(4, 8, marker="####", marker_ids=[1], min_fraction=0.5)
+    check_marker_fraction(0, 8, marker="####", marker_ids=[1], min_fraction=0.0)
+    with pytest.raises(ValueError, match=r"interleaving.marker 'Answer:' \(token ids \[7, 8\]\) occurs in the response of only 3 of the first 8 training examples \(38%\), below interleaving.min_marker_fraction 0.5"):
+        check_marker_fraction(3, 8, marker="Answer:", marker_ids=[7, 8], min_fraction=0.5)
+    with pytest.raises(ValueError, match=r"interleaving.marker must be a string, got \{'So the answer is': None\}"):
+        interleaving_options(OmegaConf.from_dotlist(["interleaving.mode=marker", "interleaving.marker=So the answer is:"]))
+    with pytest.raises(ValueError, match=r"min_marker_fraction must be a number in \[0, 1\], got 2"):
+        interleaving_options(OmegaConf.create({"interleaving": {"mode": "marker", "marker": "####", "min_marker_fraction": 2}}))
 
 
 def test_kit_references_resolve_to_built_files(kit_cache):
@@ -357,6 +448,44 @@ def test_old_step_checkpoints_are_pruned(tmp_path):
     assert [p.name for p in checkpointing.complete_step_checkpoints(root)] == ["step_00000003", "step_00000004"]
 
 
+def test_pruning_never_deletes_the_checkpoint_just_written(tmp_path):
+    """A higher-numbered folder (another timeline) must not make the new save the oldest one."""
+    root = tmp_path / "ckpts"
+    for step in (20, 3, 4):
+        save(root, step, torch.zeros(1), keep_last=2)
+    save(root, 5, torch.zeros(1), keep_last=2)
+    assert [p.name for p in checkpointing.complete_step_checkpoints(root)] == ["step_00000004", "step_00000005", "step_00000020"]
+
+
+def test_world_size_change_on_resume_names_both_sizes(tmp_path):
+    path = save(tmp_path / "ckpts", 3, torch.zeros(1))  # saved by 1 rank
+    with pytest.raises(ValueError, match=r"saved by 1 rank\(s\) and this run has 2; resume with 1 process"):
+        checkpointing.load_step_checkpoint(path, rank=1, world_size=2)
+
+
+@pytest.mark.parametrize("damage", ["truncate_model", "truncate_progress", "drop_rank_file"])
+def test_unreadable_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, damage):
+    root = tmp_path / "ckpts"
+    save(root, 2, torch.full((4,), 2.0))
+    newest = save(root, 3, torch.full((4,), 3.0))
+    if damage == "drop_rank_file":
+        (newest / checkpointing.rank_file(0)).unlink()
+    else:
+        name = checkpointing.MODEL_FILE if damage == "truncate_model" else checkpointing.PROGRESS_FILE
+        data = (newest / name).read_bytes()
+        (newest / name).write_bytes(data[: len(data) // 2])
+    with pytest.raises(checkpointing.UnreadableCheckpointError, match=str(newest)):
+        checkpointing.load_step_checkpoint(newest, rank=0, world_size=1)
+    loaded, skipped = checkpointing.load_newest_readable(root, rank=0, world_size=1)
+    assert loaded.path == root / "step_00000002" and torch.equal(loaded.model_state["w"], torch.full((4,), 2.0))
+    assert [path for path, _ in skipped] == [newest]
+    moved = checkpointing.set_aside(newest)
+    assert moved.name == "step_00000003.corrupt" and checkpointing.latest_step_checkpoint(root) == root / "step_00000002"
+    (root / "step_00000002" / checkpointing.MODEL_FILE).write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match=r"no step checkpoint under .* is readable: step_00000002: .*model.pt is unreadable"):
+        checkpointing.load_newest_readable(root, rank=0, world_size=1)
+
+
 def test_rng_state_round_trip_replays_the_same_draws():
     state = checkpointing.rng_state()
     first = (torch.rand(3), torch.randint(0, 10**6, (1,)).item())
@@ -374,6 +503,21 @@ REAL_CONFIGS = [
     if p.stem.endswith(("_single_device", "_distributed"))
 ]
 TINY_CONFIGS = sorted((REPO / "configs" / "tiny").glob("*_single_device.yaml")) + sorted((REPO / "configs" / "tiny").glob("*_distributed.yaml"))
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").rglob("*.yaml")), ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_every_shipped_config_uses_only_its_recipes_keys(path):
+    """Finetune configs through the finetune recipe's key check, eval configs through the eval
+    recipe's: no shipped config is refused."""
+    from entropy_guided_generation.eval.from_config import check_recipe_keys
+
+    cfg = OmegaConf.load(path)
+    if "eval" in path.stem:
+        check_recipe_keys(cfg)
+        return
+    assert path in REAL_CONFIGS + TINY_CONFIGS
+    check_finetune_keys(cfg)
+    output_dir_options(cfg)
 
 
 @pytest.mark.parametrize("path", REAL_CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")

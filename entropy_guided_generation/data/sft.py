@@ -7,7 +7,8 @@ switches ``_component_: torchtune.datasets.instruct_dataset`` to
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Mapping, Optional
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Mapping, Optional
 
 from datasets import load_dataset
 from torch.utils.data import Dataset
@@ -37,11 +38,49 @@ class ResponseMaskedDataset(Dataset):
         return self._to_sample(self._rows[index])
 
 
+def local_data_files(data_files: Any) -> List[str]:
+    """The paths ``data_files`` names (a path, a list of them, or a split -> path(s) mapping)."""
+    if data_files is None:
+        return []
+    if isinstance(data_files, (str, Path)):
+        return [str(data_files)]
+    if isinstance(data_files, Mapping):
+        return [path for value in data_files.values() for path in local_data_files(value)]
+    return [str(path) for path in data_files]
+
+
+def _is_blank(path: Path, probe: int = 1 << 16) -> bool:
+    """True for an existing file holding nothing but whitespace (only small files are read whole)."""
+    if not path.is_file() or path.stat().st_size > probe:
+        return False
+    return not path.read_bytes().strip()
+
+
 def load_rows(source: str, *, split: str, filter_fn: Optional[Callable] = None, **load_dataset_kwargs: Any) -> Any:
     """``datasets.load_dataset(source, split=split, **kwargs)``, optionally filtered (local JSON:
-    ``source="json", data_files=...``)."""
-    rows = load_dataset(source, split=split, **load_dataset_kwargs)
-    return rows.filter(filter_fn) if filter_fn is not None else rows
+    ``source="json", data_files=...``).
+
+    Raises:
+        ValueError: naming the file(s) when a local data file is empty, or when no row is left
+            (after ``split`` and ``filter_fn``); ``datasets`` itself would raise a bare StopIteration.
+    """
+    files = local_data_files(load_dataset_kwargs.get("data_files"))
+    blank = [path for path in files if _is_blank(Path(path))]
+    if blank:
+        named = f"data file {blank[0]} is" if len(blank) == 1 else f"data files {', '.join(blank)} are"
+        raise ValueError(f"{named} empty: a {source!r} dataset needs at least one row")
+    try:
+        rows = load_dataset(source, split=split, **load_dataset_kwargs)
+    except StopIteration as err:  # datasets' JSON reader on a file without rows
+        raise ValueError(f"dataset {source!r} (data_files {files or None}) yielded no rows: is a data file empty?") from err
+    if filter_fn is not None:
+        rows = rows.filter(filter_fn)
+    if len(rows) == 0:
+        raise ValueError(
+            f"dataset {source!r} (data_files {files or None}, split {split!r}) has no rows"
+            + (" after filter_fn" if filter_fn is not None else "")
+        )
+    return rows
 
 
 def _reject_packing(packed: bool) -> None:
@@ -120,5 +159,6 @@ __all__ = [
     "chat_dataset",
     "instruct_dataset",
     "load_rows",
+    "local_data_files",
     "messages_dataset",
 ]

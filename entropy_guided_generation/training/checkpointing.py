@@ -10,7 +10,9 @@ Step checkpoints live in ``<output_dir>/step_checkpoints/step_<NNNNNNNN>/``:
 - ``rank_<r>.pt``: each rank's RNG states (torch, CUDA, Python, NumPy).
 
 A save is atomic: files go into ``step_<N>.partial/`` and the folder is renamed when complete, so a
-crash mid-save leaves the previous checkpoint as the latest one. Only complete folders are loaded.
+crash mid-save leaves the previous checkpoint as the latest one. Only complete folders are loaded; a
+complete folder whose files cannot be read (a disk fault, a truncated copy) is skipped on resume for
+the previous one and renamed ``step_<N>.corrupt``.
 """
 from __future__ import annotations
 
@@ -21,11 +23,11 @@ import re
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
-from torchtune import training
+from torchtune import training, utils
 
 from entropy_guided_generation.confidence import ConfidenceCodec, write_confidence_json
 
@@ -35,6 +37,13 @@ OPTIMIZER_FILE = "optimizer.pt"
 PROGRESS_FILE = "progress.json"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 PARTIAL_SUFFIX = ".partial"
+CORRUPT_SUFFIX = ".corrupt"
+
+log = utils.get_logger("INFO")
+
+
+class UnreadableCheckpointError(RuntimeError):
+    """A complete step checkpoint folder with a missing, truncated or corrupt file."""
 
 
 @dataclass
@@ -50,6 +59,8 @@ class TrainingProgress:
         world_size, batch_size, gradient_accumulation_steps, max_steps_per_epoch: the settings
             that fix the data position; a resume with other values is refused.
         confidence: the codec as ``confidence.json`` metadata (fitted quantile edges survive).
+        config_hash: names the run (``run_dir.config_hash`` of its config); None in older checkpoints.
+        run_config: the hashed part of the config, to name what changed when a resume is refused.
     """
 
     global_step: int
@@ -63,6 +74,8 @@ class TrainingProgress:
     max_steps_per_epoch: Optional[int]
     confidence: Optional[Dict[str, Any]] = None
     extra: Dict[str, Any] = field(default_factory=dict)
+    config_hash: Optional[str] = None
+    run_config: Optional[Dict[str, Any]] = None
 
 
 @dataclass
@@ -168,7 +181,7 @@ def save_step_checkpoint(
             shutil.rmtree(final)
         os.replace(partial, final)
         _fsync_dir(root)
-        prune_step_checkpoints(root, keep_last)
+        prune_step_checkpoints(root, keep_last, just_written=final)
     parallel.barrier()
     return final
 
@@ -187,33 +200,114 @@ def latest_step_checkpoint(root: Path) -> Optional[Path]:
     return found[-1] if found else None
 
 
-def prune_step_checkpoints(root: Path, keep_last: int) -> None:
-    """Delete all but the ``keep_last`` newest complete checkpoints."""
+def _step_of(path: Path) -> int:
+    return int(_STEP_DIR.match(path.name).group(1))
+
+
+def prune_step_checkpoints(root: Path, keep_last: int, just_written: Optional[Path] = None) -> None:
+    """Delete all but the ``keep_last`` newest complete checkpoints.
+
+    With ``just_written``, that one is always kept and counted among the ``keep_last``; folders
+    with a higher step number (not this run's timeline: it just wrote an older step) are left in
+    place with a warning, never deleted.
+    """
     if keep_last < 1:
         raise ValueError(f"keep_last must be >= 1, got {keep_last}")
-    for old in complete_step_checkpoints(root)[:-keep_last]:
+    found = complete_step_checkpoints(root)
+    if just_written is not None:
+        newer = [p for p in found if _step_of(p) > _step_of(just_written)]
+        if newer:
+            log.warning(f"step checkpoints {[p.name for p in newer]} are newer than the one just written ({just_written.name}); left in place")
+        found = [p for p in found if _step_of(p) <= _step_of(just_written)]
+    for old in found[:-keep_last]:
         shutil.rmtree(old)
 
 
-def load_step_checkpoint(path: Path, rank: int) -> StepCheckpoint:
+def _read(path: Path, reader: Callable[[Path], Any]) -> Any:
+    """``reader(path)``, any failure re-raised as :class:`UnreadableCheckpointError` naming the file."""
+    try:
+        return reader(path)
+    except Exception as err:  # a corrupt file fails in many ways (EOFError, zip, pickle, JSON, fields)
+        raise UnreadableCheckpointError(f"step checkpoint file {path} is unreadable ({type(err).__name__}: {err})") from err
+
+
+def _torch_file(path: Path) -> Any:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _progress_file(path: Path) -> TrainingProgress:
+    return TrainingProgress(**json.loads(path.read_text()))
+
+
+def load_step_checkpoint(path: Path, rank: int, world_size: Optional[int] = None) -> StepCheckpoint:
     """Load a complete step checkpoint folder for ``rank``.
 
+    Args:
+        world_size: this run's number of ranks; a checkpoint saved by another number is refused.
+
     Raises:
-        FileNotFoundError: naming a missing file (e.g. a folder saved with fewer ranks).
+        ValueError: naming the saved and the current world size when they differ.
+        UnreadableCheckpointError: naming a missing or unreadable file.
     """
     path = Path(path)
-    needed = [MODEL_FILE, OPTIMIZER_FILE, PROGRESS_FILE, rank_file(rank)]
-    missing = [name for name in needed if not (path / name).is_file()]
+    if not (path / PROGRESS_FILE).is_file():
+        raise UnreadableCheckpointError(f"step checkpoint {path} lacks {PROGRESS_FILE}")
+    progress = _read(path / PROGRESS_FILE, _progress_file)
+    if world_size is not None and progress.world_size != world_size:
+        raise ValueError(
+            f"cannot resume {path}: it was saved by {progress.world_size} rank(s) and this run has {world_size}; "
+            f"resume with {progress.world_size} process(es) (the data order and RNG states are per rank)"
+        )
+    missing = [name for name in (MODEL_FILE, OPTIMIZER_FILE, rank_file(rank)) if not (path / name).is_file()]
     if missing:
-        raise FileNotFoundError(f"step checkpoint {path} lacks {', '.join(missing)}")
-    progress = TrainingProgress(**json.loads((path / PROGRESS_FILE).read_text()))
+        raise UnreadableCheckpointError(f"step checkpoint {path} lacks {', '.join(missing)}")
     return StepCheckpoint(
         path=path,
-        model_state=torch.load(path / MODEL_FILE, map_location="cpu", weights_only=True),
-        optimizer_state=torch.load(path / OPTIMIZER_FILE, map_location="cpu", weights_only=True),
+        model_state=_read(path / MODEL_FILE, _torch_file),
+        optimizer_state=_read(path / OPTIMIZER_FILE, _torch_file),
         progress=progress,
-        rank_state=torch.load(path / rank_file(rank), map_location="cpu", weights_only=True),
+        rank_state=_read(path / rank_file(rank), _torch_file),
     )
+
+
+def load_newest_readable(
+    root: Path, rank: int, world_size: int, all_ranks: Callable[[bool], bool] = lambda ok: ok
+) -> Tuple[StepCheckpoint, List[Tuple[Path, str]]]:
+    """The newest complete step checkpoint under ``root`` that every rank can read.
+
+    Every rank calls this, trying the same folders newest first; ``all_ranks(ok)`` (a collective
+    on several ranks) says whether every rank read the folder, so all ranks settle on the same one.
+
+    Returns:
+        The loaded checkpoint and the newer folders skipped, each with why.
+
+    Raises:
+        FileNotFoundError: when no complete checkpoint is readable (naming each and why).
+        ValueError: on a world-size change (see :func:`load_step_checkpoint`).
+    """
+    skipped: List[Tuple[Path, str]] = []
+    for path in reversed(complete_step_checkpoints(root)):
+        try:
+            loaded, why = load_step_checkpoint(path, rank, world_size), ""
+        except UnreadableCheckpointError as err:
+            loaded, why = None, str(err)
+        if all_ranks(loaded is not None):
+            return loaded, skipped
+        skipped.append((path, why or "unreadable on another rank"))
+    if not skipped:
+        raise FileNotFoundError(f"resume_from_checkpoint is True but there is no complete step checkpoint under {root}")
+    reasons = "; ".join(f"{path.name}: {why}" for path, why in skipped)
+    raise FileNotFoundError(f"resume_from_checkpoint is True but no step checkpoint under {root} is readable: {reasons}")
+
+
+def set_aside(path: Path) -> Path:
+    """Rename an unreadable checkpoint folder to ``<name>.corrupt`` (kept for inspection; never
+    loaded or pruned) and return the new path."""
+    target = path.with_name(path.name + CORRUPT_SUFFIX)
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(path, target)
+    return target
 
 
 def save_hf_checkpoint(
@@ -228,29 +322,33 @@ def save_hf_checkpoint(
     positions: str = "sequential",
 ) -> Path:
     """Write ``<output_dir>/epoch_<epoch>/`` through torchtune's checkpointer (HF format for
-    ``FullModelHFCheckpointer``) and ``confidence.json`` beside the weights.
+    ``FullModelHFCheckpointer``) and ``confidence.json`` beside the weights (every mode: without a
+    codec it records the mode, codec fields null).
 
     Returns:
         The epoch folder.
     """
     checkpointer.save_checkpoint({training.MODEL_KEY: model_state}, epoch=epoch, intermediate_checkpoint=False)
     folder = Path(output_dir) / f"epoch_{epoch}"
-    if codec is not None:
-        write_confidence_json(folder, codec, mode, marker, positions=positions)
+    write_confidence_json(folder, codec, mode, marker, positions=positions)
     return folder
 
 
 __all__ = [
+    "CORRUPT_SUFFIX",
     "PARTIAL_SUFFIX",
     "STEP_CHECKPOINTS_DIRNAME",
     "StepCheckpoint",
     "TrainingProgress",
+    "UnreadableCheckpointError",
     "complete_step_checkpoints",
     "latest_step_checkpoint",
+    "load_newest_readable",
     "load_step_checkpoint",
     "prune_step_checkpoints",
     "rng_state",
     "save_hf_checkpoint",
     "save_step_checkpoint",
+    "set_aside",
     "set_rng_state",
 ]

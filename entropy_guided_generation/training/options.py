@@ -12,9 +12,11 @@ from omegaconf import DictConfig
 
 from entropy_guided_generation.layout import MODES, Mode, check_mode, check_position_rule, mode_named
 
-INTERLEAVING_KEYS = ("mode", "marker", "positions", "max_passes", "reference_checkpoint", "init_confidence_embeddings")
+INTERLEAVING_KEYS = ("mode", "marker", "positions", "max_passes", "reference_checkpoint", "init_confidence_embeddings", "min_marker_fraction")
 EMBEDDING_INITS = (None, "mean")
 DEFAULT_MAX_PASSES = None  # iterate until no bin changes: the bins decoding produces
+# Mode marker: setup fails when fewer of the first training examples hold the marker in their response.
+DEFAULT_MIN_MARKER_FRACTION = 0.5
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,9 @@ class InterleavingOptions:
             embedding of the other tokens (see ``training.embeddings``). Tokens a base model never
             saw (Llama-3 reserved tokens, the kit's ``<|conf_k|>``) otherwise enter with arbitrary
             vectors that the pre-norm layers blow up to full scale.
+        min_marker_fraction: modes that read a marker: the least share of the first training
+            examples whose response holds the marker (as the tokenizer encodes it in context);
+            below it setup fails, since a row without its marker is interleaved whole. 0 disables.
     """
 
     mode: Mode
@@ -44,6 +49,7 @@ class InterleavingOptions:
     max_passes: Optional[int] = DEFAULT_MAX_PASSES
     reference_checkpoint: Any = None
     init_confidence_embeddings: Optional[str] = None
+    min_marker_fraction: float = DEFAULT_MIN_MARKER_FRACTION
 
     @property
     def interleaved(self) -> bool:
@@ -83,6 +89,9 @@ def interleaving_options(cfg: DictConfig, entry_mode: Optional[str] = None) -> I
     marker = section.get("marker", None)
     if mode.needs_marker and not marker:
         raise ValueError(f"interleaving.mode {mode.name!r} needs interleaving.marker (e.g. '####'), got none")
+    if marker is not None and not isinstance(marker, str):
+        # e.g. `interleaving.marker=So the answer is:` on the command line parses as a mapping
+        raise ValueError(f"interleaving.marker must be a string, got {marker!r}; quote it on the command line")
     max_passes = section.get("max_passes", DEFAULT_MAX_PASSES)
     if max_passes is not None and (not isinstance(max_passes, int) or isinstance(max_passes, bool) or max_passes < 1):
         raise ValueError(f"interleaving.max_passes must be an int >= 1, got {max_passes!r} (null: iterate until exact)")
@@ -92,6 +101,9 @@ def interleaving_options(cfg: DictConfig, entry_mode: Optional[str] = None) -> I
             f"unknown interleaving.init_confidence_embeddings {init_embeddings!r}; expected null or one of "
             f"{', '.join(repr(k) for k in EMBEDDING_INITS if k is not None)}"
         )
+    min_marker_fraction = section.get("min_marker_fraction", DEFAULT_MIN_MARKER_FRACTION)
+    if isinstance(min_marker_fraction, bool) or not isinstance(min_marker_fraction, (int, float)) or not 0 <= min_marker_fraction <= 1:
+        raise ValueError(f"interleaving.min_marker_fraction must be a number in [0, 1], got {min_marker_fraction!r}")
     return InterleavingOptions(
         mode=mode,
         marker=marker if mode.needs_marker else None,
@@ -99,7 +111,23 @@ def interleaving_options(cfg: DictConfig, entry_mode: Optional[str] = None) -> I
         max_passes=max_passes,
         reference_checkpoint=section.get("reference_checkpoint", None),
         init_confidence_embeddings=init_embeddings,
+        min_marker_fraction=float(min_marker_fraction),
     )
+
+
+def config_bool(cfg: DictConfig, key: str, default: bool, *, section: str = "") -> bool:
+    """``cfg[key]`` as a real boolean (unset or null: ``default``); ``section`` prefixes the key in errors.
+
+    Raises:
+        ValueError: on anything else, e.g. the string ``"False"``, which Python would count as True.
+    """
+    value = cfg.get(key, None)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        name = f"{section}.{key}" if section else key
+        raise ValueError(f"{name} must be True or False, got {value!r} (a {type(value).__name__}); write it unquoted, e.g. {name}=True")
+    return value
 
 
 def _positive_int(cfg: DictConfig, key: str, default: Any, *, allow_none: bool = False) -> Optional[int]:
@@ -164,14 +192,14 @@ def loop_options(cfg: DictConfig) -> LoopOptions:
         gradient_accumulation_steps=_positive_int(cfg, "gradient_accumulation_steps", 1),
         max_steps_per_epoch=_positive_int(cfg, "max_steps_per_epoch", None, allow_none=True),
         clip_grad_norm=clip,
-        optimizer_in_bwd=bool(cfg.get("optimizer_in_bwd", False)),
-        compile=bool(cfg.get("compile", False)),
-        enable_activation_checkpointing=bool(cfg.get("enable_activation_checkpointing", False)),
-        enable_activation_offloading=bool(cfg.get("enable_activation_offloading", False)),
-        shuffle=bool(cfg.get("shuffle", True)),
+        optimizer_in_bwd=config_bool(cfg, "optimizer_in_bwd", False),
+        compile=config_bool(cfg, "compile", False),
+        enable_activation_checkpointing=config_bool(cfg, "enable_activation_checkpointing", False),
+        enable_activation_offloading=config_bool(cfg, "enable_activation_offloading", False),
+        shuffle=config_bool(cfg, "shuffle", True),
         log_every_n_steps=_positive_int(cfg, "log_every_n_steps", 1),
-        log_peak_memory_stats=bool(cfg.get("log_peak_memory_stats", False)),
-        resume_from_checkpoint=bool(cfg.get("resume_from_checkpoint", False)),
+        log_peak_memory_stats=config_bool(cfg, "log_peak_memory_stats", False),
+        resume_from_checkpoint=config_bool(cfg, "resume_from_checkpoint", False),
         save_every_n_steps=_positive_int(cfg, "save_every_n_steps", None, allow_none=True),
         keep_last_n_checkpoints=_positive_int(cfg, "keep_last_n_checkpoints", 2),
         stop_after_steps=_positive_int(cfg, "stop_after_steps", None, allow_none=True),
@@ -187,16 +215,18 @@ def loop_options(cfg: DictConfig) -> LoopOptions:
         raise ValueError(f"optimizer_in_bwd cannot clip gradients; set clip_grad_norm: null (got {options.clip_grad_norm})")
     if options.enable_activation_offloading and not options.enable_activation_checkpointing:
         raise ValueError("enable_activation_offloading needs enable_activation_checkpointing: True")
-    if cfg.get("profiler", None) is not None and cfg.profiler.get("enabled", False):
+    if cfg.get("profiler", None) is not None and config_bool(cfg.profiler, "enabled", False, section="profiler"):
         raise ValueError("profiler.enabled is not supported by these recipes; remove the profiler section")
     return options
 
 
 __all__ = [
     "DEFAULT_MAX_PASSES",
+    "DEFAULT_MIN_MARKER_FRACTION",
     "INTERLEAVING_KEYS",
     "InterleavingOptions",
     "LoopOptions",
+    "config_bool",
     "interleaving_options",
     "loop_options",
     "resolve_mode",

@@ -17,6 +17,8 @@ import torch.distributed as dist
 from torch import nn
 from torchtune import training, utils
 
+from entropy_guided_generation.training.options import config_bool
+
 
 class SingleDevice:
     """One process on one device (``device: cpu | cuda | ...``)."""
@@ -165,23 +167,52 @@ class FSDP2:
 Parallelism = Any  # SingleDevice | FSDP2
 
 
+def check_device_available(device: Optional[str]) -> None:
+    """Raise unless ``device`` (``cfg.device``; None: picked by torchtune) exists on this machine.
+
+    torchtune's ``get_device("cuda")`` on a machine without CUDA returns the CPU, so a run would
+    silently train on the CPU.
+
+    Raises:
+        ValueError: naming the device, when torch does not know it or its backend is not available.
+    """
+    if device is None:
+        return
+    try:
+        kind = torch.device(device).type
+    except RuntimeError as err:
+        raise ValueError(f"unknown device {device!r}: {err}") from err
+    if kind == "cpu":
+        return
+    backend = getattr(torch.backends, kind, None) if kind == "mps" else getattr(torch, kind, None)
+    is_available = getattr(backend, "is_available", None)
+    if is_available is None or not is_available():
+        raise ValueError(f"device {device!r} is not available on this machine (torch.{kind}.is_available() is False); set device: cpu")
+
+
 def parallelism_from_config(cfg: Any, distributed: bool) -> Parallelism:
-    """``SingleDevice`` or ``FSDP2`` for ``cfg.device`` (and the ``fsdp_*`` keys when distributed)."""
+    """``SingleDevice`` or ``FSDP2`` for ``cfg.device`` (and the ``fsdp_*`` keys when distributed).
+
+    Raises:
+        ValueError: on a device this machine lacks, a non-boolean flag, or a setting the recipe does not support.
+    """
     if not distributed:
         for key in ("fsdp_cpu_offload", "tensor_parallel_dim"):
             if cfg.get(key, None) not in (None, False, 1):
                 raise ValueError(f"{key}={cfg.get(key)!r} needs the distributed recipe")
+        check_device_available(cfg.get("device", "cpu"))
         return SingleDevice(utils.get_device(device=cfg.get("device", "cpu")))
     if cfg.get("tensor_parallel_dim", 1) != 1:
         raise ValueError(f"tensor_parallel_dim={cfg.get('tensor_parallel_dim')!r} is not supported; these recipes shard with FSDP2 only")
-    if cfg.get("enable_async_checkpointing", False):
+    if config_bool(cfg, "enable_async_checkpointing", False):
         raise ValueError("enable_async_checkpointing is not supported; these recipes write their own step checkpoints")
+    check_device_available(cfg.get("device", "cuda"))
     return FSDP2(
         cfg.get("device", "cuda"),
-        cpu_offload=bool(cfg.get("fsdp_cpu_offload", False)),
-        reshard_after_forward=bool(cfg.get("fsdp_reshard_after_forward", True)),
+        cpu_offload=config_bool(cfg, "fsdp_cpu_offload", False),
+        reshard_after_forward=config_bool(cfg, "fsdp_reshard_after_forward", True),
         custom_sharded_layers=cfg.get("custom_sharded_layers", None),
     )
 
 
-__all__ = ["FSDP2", "Parallelism", "SingleDevice", "parallelism_from_config"]
+__all__ = ["FSDP2", "Parallelism", "SingleDevice", "check_device_available", "parallelism_from_config"]

@@ -11,6 +11,7 @@ layout's data (which positions are slots), never in this loop.
 """
 from __future__ import annotations
 
+import math
 import time
 from functools import partial
 from pathlib import Path
@@ -32,13 +33,15 @@ from tqdm import tqdm
 from entropy_guided_generation.confidence import ConfidenceCodec, ConfidenceMetadata, metadata_for
 from entropy_guided_generation.layout import Interleaving
 from entropy_guided_generation.modeling import vocab_size_of
-from entropy_guided_generation.training import checkpointing
+from entropy_guided_generation.training import checkpointing, run_dir
 from entropy_guided_generation.training.codec_setup import (
     codec_from_config,
     fit_quantile_codec,
     fit_samples,
     needs_quantile_fit,
 )
+from entropy_guided_generation.training.config_keys import check_finetune_keys
+from entropy_guided_generation.training.data_checks import MARKER_CHECK_EXAMPLES, check_marker_fraction, count_marker_rows
 from entropy_guided_generation.training.embeddings import EMBEDDING_KEY, init_confidence_embeddings
 from entropy_guided_generation.training.kit_paths import resolve_kit_references
 from entropy_guided_generation.training.loss_step import ConfidenceLayout, LossStep
@@ -80,6 +83,9 @@ class CaCFinetuneRecipe(FTRecipeInterface):
         if self._loop.enable_activation_offloading and self._device.type != "cuda":
             raise ValueError(f"enable_activation_offloading needs device cuda, got {self._device.type}")
         self._output_dir = Path(cfg.output_dir)
+        self._output_dir_options = run_dir.output_dir_options(cfg)
+        self._config_hash = run_dir.config_hash(cfg)  # names this run in its step checkpoints
+        self._run_config = run_dir.hashed_config(cfg)
         self._collate_name = cfg.get("collate_fn", DEFAULT_COLLATE)
         self._step_root = self._output_dir / checkpointing.STEP_CHECKPOINTS_DIRNAME
         self.seed = training.set_seed(seed=cfg.get("seed", None), debug_mode=cfg.get("cudnn_deterministic_mode", None))
@@ -92,7 +98,10 @@ class CaCFinetuneRecipe(FTRecipeInterface):
 
     # ------------------------------------------------------------------ setup
     def setup(self, cfg: DictConfig) -> None:
-        """Build everything; on ``resume_from_checkpoint`` restore the newest step checkpoint."""
+        """Build everything; on ``resume_from_checkpoint`` restore the newest readable step checkpoint
+        of this run, else claim ``output_dir`` for a fresh run."""
+        if not self._loop.resume_from_checkpoint:
+            self._claim_output_dir()
         if self._parallel.is_rank_zero:
             self._metric_logger = config.instantiate(cfg.metric_logger)
             self._metric_logger.log_config(cfg)
@@ -121,6 +130,8 @@ class CaCFinetuneRecipe(FTRecipeInterface):
         self._codec = self._setup_codec(cfg, resume)
         self._stats = ConfidenceStats(self._codec.num_bins, self._device) if self._interleaving.interleaved else None
         layout = self._build_layout() if self._interleaving.interleaved else None
+        if layout is not None and layout.interleaving.marker_ids is not None:
+            self._check_marker_fraction(layout)
         ctx = training.get_act_offloading_ctx_manager(self._model, self._loop.enable_activation_offloading)
         self._loss_step = LossStep(layout, self._loss_fn, self._parallel, reference=self._reference, activations_ctx=ctx, stats=self._stats)
         self._val_loss_step = LossStep(layout, self._loss_fn, self._parallel, reference=self._reference)
@@ -229,21 +240,38 @@ class CaCFinetuneRecipe(FTRecipeInterface):
             codec = self._fit_quantile_edges(codec, fit_samples(section))
         return codec
 
-    def _fit_quantile_edges(self, codec: ConfidenceCodec, num_samples: int) -> ConfidenceCodec:
-        """Fit quantile edges on the first ``num_samples`` training examples (same on every rank)."""
+    def _first_examples(self, num_examples: int) -> DataLoader:
+        """Batches of the first ``num_examples`` training examples, in order (the same on every rank)."""
         dataset = self._dataloader.dataset
-        first = list(range(min(num_samples, len(dataset))))
-        loader = DataLoader(
+        first = list(range(min(num_examples, len(dataset))))
+        return DataLoader(
             torch.utils.data.Subset(dataset, first),
             batch_size=self._loop.batch_size,
             collate_fn=self._dataloader.collate_fn,
         )
+
+    def _fit_quantile_edges(self, codec: ConfidenceCodec, num_samples: int) -> ConfidenceCodec:
+        """Fit quantile edges on the first ``num_samples`` training examples (same on every rank)."""
+        loader = self._first_examples(num_samples)
         layout = self._build_layout(codec)
         batches = (self._to_device(batch) for batch in loader)
         bin_model = self._reference if self._reference is not None else self._model
         fitted = fit_quantile_codec(codec, bin_model, batches, layout.slots, self._tokenizer.pad_id)
-        utils.log_rank_zero(log, f"Quantile confidence edges fitted on {len(first)} examples: {fitted.edges.tolist()}")
+        utils.log_rank_zero(log, f"Quantile confidence edges fitted on {len(loader.dataset)} examples: {fitted.edges.tolist()}")
         return fitted
+
+    def _check_marker_fraction(self, layout: ConfidenceLayout) -> None:
+        """Fail now when too few of the first training examples hold the marker in their response
+        (``interleaving.min_marker_fraction``)."""
+        found, total = count_marker_rows(self._first_examples(MARKER_CHECK_EXAMPLES), layout.marker_found)
+        check_marker_fraction(
+            found,
+            total,
+            marker=self._interleaving.marker,
+            marker_ids=layout.interleaving.marker_ids,
+            min_fraction=self._interleaving.min_marker_fraction,
+        )
+        utils.log_rank_zero(log, f"interleaving.marker {self._interleaving.marker!r} found in {found} of the first {total} training examples.")
 
     def _build_layout(self, codec: Optional[ConfidenceCodec] = None) -> ConfidenceLayout:
         codec = codec or self._codec
@@ -302,16 +330,49 @@ class CaCFinetuneRecipe(FTRecipeInterface):
             ).__dict__
             if self._codec is not None
             else None,
+            config_hash=self._config_hash,
+            run_config=self._run_config,
         )
 
+    def _claim_output_dir(self) -> None:
+        """A fresh run: refuse an ``output_dir`` holding another run's checkpoints (or, with
+        ``overwrite_output_dir``, delete them)."""
+        deleted = run_dir.claim_output_dir(
+            self._output_dir, self._output_dir_options, is_rank_zero=self._parallel.is_rank_zero, barrier=self._parallel.barrier
+        )
+        if deleted:
+            utils.log_rank_zero(log, f"overwrite_output_dir: deleted the previous run's {', '.join(p.name for p in deleted)} in {self._output_dir}.")
+        utils.log_rank_zero(log, f"Run {self._config_hash} starts in {self._output_dir}.")
+
+    def _all_ranks(self, ok: bool) -> bool:
+        """True when ``ok`` holds on every rank (a collective under FSDP2)."""
+        flag = torch.tensor([1.0 if ok else 0.0], device=self._device)
+        return int(self._parallel.all_reduce_sum(flag).item()) == self._parallel.world_size
+
     def _load_resume_checkpoint(self) -> checkpointing.StepCheckpoint:
-        path = checkpointing.latest_step_checkpoint(self._step_root)
-        if path is None:
-            raise FileNotFoundError(
-                f"resume_from_checkpoint is True but there is no complete step checkpoint under {self._step_root}"
-            )
-        utils.log_rank_zero(log, f"Resuming from {path}.")
-        return checkpointing.load_step_checkpoint(path, self._parallel.rank)
+        """The newest step checkpoint every rank can read (unreadable newer ones are set aside,
+        with a warning), refused when written by another config or another number of ranks."""
+        resume, skipped = checkpointing.load_newest_readable(
+            self._step_root, self._parallel.rank, self._parallel.world_size, self._all_ranks
+        )
+        warning = run_dir.check_resumed_run(
+            resume.path, resume.progress, self._config_hash, self._run_config, self._output_dir_options
+        )
+        if skipped:
+            for path, why in skipped:
+                log.warning(f"rank {self._parallel.rank}: cannot resume from {path}: {why}")
+            if self._parallel.is_rank_zero:
+                moved = [checkpointing.set_aside(path) for path, _ in skipped]
+                log.warning(
+                    f"resuming from the previous complete checkpoint {resume.path} instead of {skipped[0][0]}; "
+                    f"unreadable checkpoints moved to {', '.join(p.name for p in moved)}"
+                )
+            self._parallel.barrier()
+        if warning is not None and self._parallel.is_rank_zero:
+            log.warning(warning)
+        run_name = resume.progress.config_hash or "of unknown config"
+        utils.log_rank_zero(log, f"Resuming run {run_name} from step {resume.progress.global_step} ({resume.path}).")
+        return resume
 
     def _restore_progress(self, resume: checkpointing.StepCheckpoint) -> None:
         """Take the saved position; refuse settings that would change what the data position means."""
@@ -370,7 +431,10 @@ class CaCFinetuneRecipe(FTRecipeInterface):
         loss_sum = torch.zeros((), dtype=torch.float64, device=self._device)
         tokens = torch.zeros((), dtype=torch.long, device=self._device)
         for batch in window:
-            step = self._loss_step(self._model, self._to_device(batch))
+            try:
+                step = self._loss_step(self._model, self._to_device(batch))
+            except FloatingPointError as err:
+                raise FloatingPointError(f"step {self.global_step + 1} (rank {self._parallel.rank}): {err}") from err
             loss_sum += step.loss.detach().double()
             tokens += step.num_tokens
             if self._loop.optimizer_in_bwd:
@@ -382,17 +446,43 @@ class CaCFinetuneRecipe(FTRecipeInterface):
         global_loss, global_tokens = totals[0].item(), int(totals[1].item())
         if global_tokens == 0:
             raise ValueError(f"step {self.global_step + 1}: no target token in the whole batch (all labels ignored)")
+        if not math.isfinite(global_loss):
+            self._stop_on_non_finite("training loss", global_loss, bool(torch.isfinite(loss_sum)))
         metrics = {"loss": global_loss / global_tokens, "num_tokens": float(global_tokens)}
         if not self._loop.optimizer_in_bwd:
             training.scale_grads(self._model, torch.tensor(self._parallel.world_size / global_tokens))
             if self._loop.clip_grad_norm is not None:
                 norm = torch.nn.utils.clip_grad_norm_(self._model.parameters(), max_norm=self._loop.clip_grad_norm)
                 metrics["grad_norm"] = float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+                if not math.isfinite(metrics["grad_norm"]):
+                    self._stop_on_non_finite("gradient norm", metrics["grad_norm"], None)
             self._optimizer.step()
             self._optimizer.zero_grad(set_to_none=True)
         if self._lr_scheduler is not None:
             self._lr_scheduler.step()
         return metrics
+
+    def _stop_on_non_finite(self, what: str, value: float, finite_here: Optional[bool]) -> None:
+        """Raise before this step is checkpointed (and, unless ``optimizer_in_bwd``, before its
+        optimizer step). Every rank gets here
+        together (``value`` is summed over ranks); ``finite_here`` (this rank's own share, when
+        known) names the ranks where it went bad.
+
+        Raises:
+            FloatingPointError: naming the step, the value and the ranks.
+        """
+        where = ""
+        if finite_here is not None:
+            flags = torch.zeros(self._parallel.world_size, dtype=torch.float64, device=self._device)
+            flags[self._parallel.rank] = 0.0 if finite_here else 1.0
+            ranks = [rank for rank, bad in enumerate(self._parallel.all_reduce_sum(flags).tolist()) if bad]
+            where = f" (non-finite on rank {', '.join(map(str, ranks))} of {self._parallel.world_size})"
+        saved = f"step {self._last_saved_step}" if self._last_saved_step is not None else "none yet"
+        raise FloatingPointError(
+            f"step {self.global_step + 1} (epoch {self.epochs_run + 1}): the {what} is {value}{where}; stopped, no "
+            f"checkpoint holds this step (last step checkpoint: {saved}). Lower the learning rate, "
+            "clip gradients (clip_grad_norm) or check the data and starting weights"
+        )
 
     def train(self) -> None:
         """Train until ``epochs`` are done (or ``stop_after_steps``), checkpointing on the way."""
@@ -551,6 +641,7 @@ def run_recipe(cfg: DictConfig, mode: Optional[str] = None, *, distributed: bool
         ``cfg.output_dir``: it holds ``epoch_<N>/`` (Hugging Face weights + ``confidence.json``) and
         ``step_checkpoints/``.
     """
+    check_finetune_keys(cfg)
     cfg = resolve_kit_references(cfg)
     interleaving = interleaving_options(cfg, mode)
     parallel = parallelism_from_config(cfg, distributed)

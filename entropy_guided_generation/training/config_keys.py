@@ -1,0 +1,46 @@
+"""The top-level keys a finetune config may hold: what the recipe core reads (torchtune's names for
+torchtune's settings, plus ours). Any other key is refused, so a typo never trains silently with a
+default."""
+from __future__ import annotations
+
+import difflib
+
+from omegaconf import DictConfig
+
+FINETUNE_KEYS = (
+    # what to train: torchtune components
+    "model", "tokenizer", "checkpointer", "dataset", "dataset_val", "collate_fn", "optimizer", "lr_scheduler",
+    "loss", "metric_logger", "profiler",
+    # ours: interleaving and the confidence codec
+    "interleaving", "confidence",
+    # the loop (torchtune's names and meanings)
+    "epochs", "batch_size", "gradient_accumulation_steps", "max_steps_per_epoch", "clip_grad_norm",
+    "optimizer_in_bwd", "compile", "enable_activation_checkpointing", "enable_activation_offloading", "shuffle",
+    "seed", "cudnn_deterministic_mode", "device", "dtype", "log_every_n_steps", "log_peak_memory_stats",
+    "run_val_every_n_steps", "max_val_batches",
+    # distributed (FSDP2)
+    "fsdp_cpu_offload", "fsdp_reshard_after_forward", "custom_sharded_layers", "tensor_parallel_dim",
+    "enable_async_checkpointing",
+    # checkpoints, resume and the output folder
+    "output_dir", "resume_from_checkpoint", "overwrite_output_dir", "resume_config_hash", "save_every_n_steps",
+    "keep_last_n_checkpoints", "stop_after_steps",
+)
+
+
+def check_finetune_keys(cfg: DictConfig) -> None:
+    """Raise on a top-level key the finetune recipe does not read.
+
+    Raises:
+        ValueError: naming each unknown key (with the closest known key, when one is close).
+    """
+    unknown = sorted(set(cfg.keys()) - set(FINETUNE_KEYS))
+    if not unknown:
+        return
+    named = []
+    for key in unknown:
+        close = difflib.get_close_matches(key, FINETUNE_KEYS, n=1)
+        named.append(f"{key!r} (did you mean {close[0]!r}?)" if close else repr(key))
+    raise ValueError(f"unknown finetune config keys {', '.join(named)}; expected some of {', '.join(sorted(FINETUNE_KEYS))}")
+
+
+__all__ = ["FINETUNE_KEYS", "check_finetune_keys"]
