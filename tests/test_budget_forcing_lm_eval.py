@@ -172,9 +172,16 @@ def test_max_tokens_answer_through_gen_kwargs_gives_the_answer_its_own_budget(mo
         assert _record(sample)["thinking_tokens"] == 5 and _record(sample)["answer_tokens"] == 2  # "4" and EOS
 
 
-def test_bad_max_tokens_answer_is_named_through_lm_eval(models, task_dir):
-    with pytest.raises(ValueError, match="max_tokens_answer must be an int >= 1, got 'lots'"):
-        _evaluate("hf", models["never"], task_dir, "max_tokens_thinking=5,max_tokens_answer=lots")
+@pytest.mark.parametrize(
+    "gen_kwargs, message",
+    [
+        ("max_tokens_thinking=5,max_tokens_answer=lots", "max_tokens_answer must be an int >= 1, got 'lots'"),
+        ("max_tokens_thinking=5,thinking_n_ignor=2", r"unsupported gen_kwargs \['thinking_n_ignor'\] with budget forcing; expected some of .*thinking_n_ignore"),
+    ],
+)
+def test_bad_gen_kwargs_are_named_through_lm_eval(models, task_dir, gen_kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        _evaluate("hf", models["never"], task_dir, gen_kwargs)
 
 
 def test_torchtune_model_honors_the_same_gen_kwargs_through_our_eval_adapter(models, task_dir):

@@ -27,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from entropy_guided_generation import signals
-from entropy_guided_generation.eval.generation import cut_at_stop, decode_settings
+from entropy_guided_generation.eval.generation import GEN_KWARGS, cut_at_stop, decode_settings
 from entropy_guided_generation.generation import DecodeSession, left_pad, left_padded_mask, open_session, sample_next_token
 from entropy_guided_generation.sampling import scalers
 
@@ -530,8 +530,11 @@ def run_budget_forcing(
     """
     if not prompts:
         return []
-    ours = set(consumed_keys(gen_kwargs))
+    ours = consumed_keys(gen_kwargs)
     sampling = {k: v for k, v in gen_kwargs.items() if k not in ours}
+    unknown = sorted(set(sampling) - set(GEN_KWARGS))
+    if unknown:
+        raise ValueError(f"unsupported gen_kwargs {unknown} with budget forcing; expected some of {', '.join(GEN_KWARGS + ours)}")
     settings = decode_settings(sampling, default_max_gen_toks=default_max_gen_toks, eos_text=eos_text)
     config = budget_forcing_config(gen_kwargs)
     ids = ForcingIds.resolve(config, encode)
