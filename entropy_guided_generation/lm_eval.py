@@ -1,7 +1,7 @@
 """Our lm-eval models, registered in one place, and ``python -m entropy_guided_generation.lm_eval
 <lm-eval flags>``: lm-eval's own CLI with them registered beside lm-eval's::
 
-    python -m entropy_guided_generation.lm_eval --model hf-guided --model_args pretrained=<dir> \\
+    python -m entropy_guided_generation.lm_eval --model hf --model_args pretrained=<dir> \\
         --tasks kit_gsm8k --include_path <dir> --log_samples --output_path out \\
         --gen_kwargs max_gen_toks=256,max_tokens_thinking=auto,thinking_n_ignore=2,thinking_n_ignore_str=Wait
 
@@ -9,13 +9,19 @@
 (call it before ``lm_eval.simple_evaluate(model="<name>", ...)``; the CLI here does). The class
 modules do not register themselves.
 
+``hf`` is lm-eval's own name: :func:`register_models` (and so only our entry point, never a plain
+``import lm_eval`` or an import of this package) points it at :class:`HFGuidedLM`, lm-eval's
+``HFLM`` that does budget forcing when a request's gen_kwargs ask for it and hands every other
+request to ``HFLM.generate_until`` unchanged. lm-eval's class stays registered as ``huggingface``
+and ``hf-auto``; ``hf-guided`` names ours explicitly.
+
 Named ``lm_eval`` inside our package; absolute imports keep ``import lm_eval`` meaning lm-eval.
 """
 from __future__ import annotations
 
 from lm_eval.__main__ import cli_evaluate
 from lm_eval.api.model import LM
-from lm_eval.api.registry import register_model
+from lm_eval.api.registry import model_registry, register_model
 
 from entropy_guided_generation.diffusion.lm_eval_model import MODEL_NAME as DIFFUSION
 from entropy_guided_generation.diffusion.lm_eval_model import DiffusionLM
@@ -29,6 +35,8 @@ MODELS: dict[str, type[LM]] = {
     EGG_TORCHTUNE: TorchtuneLMFromConfig,
     # lm-eval's hf model with budget forcing (hf's model_args)
     HF_GUIDED: HFGuidedLM,
+    # lm-eval's own name, taken over by the same class (seed 003's `--model hf`)
+    "hf": HFGuidedLM,
     # a masked-diffusion mask predictor: --model_args decoding=baseline|tta,...
     DIFFUSION: DiffusionLM,
 }
@@ -36,9 +44,20 @@ MODELS: dict[str, type[LM]] = {
 
 
 def register_models() -> None:
-    """Register every model of :data:`MODELS` with lm-eval (again is a no-op)."""
+    """Register every model of :data:`MODELS` with lm-eval (again is a no-op).
+
+    A name lm-eval already holds (``hf``) is taken over only by a subclass of the class it holds.
+
+    Raises:
+        ValueError: a name held by another class that ours does not extend (lm-eval's collision error).
+    """
     for name, model_class in MODELS.items():
-        register_model(name)(model_class)
+        held = model_registry.get(name, None)
+        if isinstance(held, type) and held is not model_class and issubclass(model_class, held):
+            # lm-eval's Registry refuses a second class under one name and has no public way to replace one.
+            model_registry._objs[name] = model_class
+        else:
+            register_model(name)(model_class)
 
 
 def main() -> None:

@@ -292,6 +292,7 @@ def test_requested_only_by_budget_forcing_keys():
     assert not budget_forcing_requested({"until": ["\n"], "max_gen_toks": 10, "do_sample": False})
     assert budget_forcing_requested({"scale_func_name": "default"})
     assert budget_forcing_requested({"max_tokens_thinking": "auto"})
+    assert budget_forcing_requested({"max_tokens_answer": 16})
 
 
 @pytest.mark.parametrize(
@@ -304,6 +305,8 @@ def test_requested_only_by_budget_forcing_keys():
         ({"thinking_n_ignore": -1}, "thinking_n_ignore"),
         ({"scale_func_name": "entropy_thresholding", "last_k": 0}, "last_k"),
         ({"scale_func_name": "entropy_thresholding", "decay_factor": 0}, "decay_factor"),
+        ({"max_tokens_answer": 0}, "max_tokens_answer must be an int >= 1, got 0"),
+        ({"max_tokens_answer": "many"}, "max_tokens_answer must be an int >= 1, got 'many'"),
     ],
 )
 def test_bad_gen_kwargs_are_named(gen_kwargs, message):
@@ -364,3 +367,43 @@ def test_an_empty_round_between_continuations_keeps_round_boundaries(built):
     assert [r.tokens for r in out.rounds] == [bcde, [], bcde]
     assert [r.scale_token for r in out.rounds] == [[e], [ids_of("Wait")], None]
     assert out.rounds[2].entropies == pytest.approx(built[3], abs=1e-3)
+
+
+# ---------------------------------------------------------------- the answer's own budget (max_tokens_answer)
+
+
+@pytest.mark.parametrize(
+    "thinking_end, thinking_tokens",
+    [("x", 5), ("a", 0)],  # "x" never comes: thinking spends its budget; "a" ends thinking at once
+)
+def test_answer_budget_of_its_own_is_spent_in_full_however_long_thinking_was(built, thinking_end, thinking_tokens):
+    # The never-ending model answers "a a a ..." for ever after any delimiter but "</think>".
+    common = dict(max_gen_toks=20, max_tokens_thinking=5, thinking_end=thinking_end)
+    own = _force(built, "never", max_tokens_answer=7, **common)
+    assert own.thinking_tokens == thinking_tokens and len(own.answer_tokens) == 7
+    assert own.kinds == [THINK] * thinking_tokens + [END] + [ANSWER] * 7
+    shared = _force(built, "never", **common)  # unset: the answer gets what thinking leaves of max_gen_toks
+    assert shared.thinking_tokens == thinking_tokens and len(shared.answer_tokens) == 20 - thinking_tokens - 1
+
+
+def test_auto_budget_with_an_answer_budget_gives_thinking_all_of_max_gen_toks(built):
+    out = _force(built, "never", max_gen_toks=20, max_tokens_thinking="auto", thinking_end="x", max_tokens_answer=7)
+    assert out.thinking_tokens == 20 - 1 and out.rounds[0].end_reason == "budget"  # the delimiter is the only reserve
+    assert len(out.answer_tokens) == 7 and len(out.tokens) == 20 + 7
+
+
+def test_auto_budget_with_an_answer_budget_keeps_the_answer_inside_the_context(built):
+    _, models, tok, _ = built
+    prompt = tok.encode("Q?\n", add_special_tokens=False)
+    context = len(prompt) + 1 + 30  # prompt, <think>, 30 tokens to generate
+    gen_kwargs = dict(max_gen_toks=64, max_tokens_thinking="auto", thinking_end="x", max_tokens_answer=10)
+    (out,) = budget_force_hf(models["never"], tok, [prompt], gen_kwargs, max_length=context)
+    assert out.thinking_tokens == 30 - 10 - 1 and len(out.answer_tokens) == 10
+    with pytest.raises(ValueError, match="leaves no room for thinking and max_tokens_answer=40"):
+        budget_force_hf(models["never"], tok, [prompt], {**gen_kwargs, "max_tokens_answer": 40}, max_length=context)
+
+
+def test_int_budgets_with_an_answer_budget_beyond_the_context_are_an_error(built):
+    _, models, tok, _ = built
+    with pytest.raises(ValueError, match="max_gen_toks=16 plus max_tokens_answer=600 and the thinking start .* leave no room for a prompt"):
+        budget_force_hf(models["never"], tok, [[64]], {"max_tokens_thinking": 4, "max_gen_toks": 16, "max_tokens_answer": 600}, max_length=512)

@@ -1,5 +1,6 @@
-"""Budget forcing through lm-eval: ``python -m entropy_guided_generation.lm_eval --model hf-guided``
-and ``lm_eval.simple_evaluate`` on built tiny models with a local generate_until task."""
+"""Budget forcing through lm-eval: ``python -m entropy_guided_generation.lm_eval --model hf`` (or
+``hf-guided``) and ``lm_eval.simple_evaluate`` on built tiny models with a local generate_until task;
+without budget-forcing gen_kwargs our ``hf`` writes what lm-eval's own writes, byte for byte."""
 from __future__ import annotations
 
 import json
@@ -9,8 +10,13 @@ from pathlib import Path
 
 import pytest
 
+from lm_eval.api.registry import get_model
+from lm_eval.loggers import EvaluationTracker
+from lm_eval.models.huggingface import HFLM
+
 from entropy_guided_generation import kit
 from entropy_guided_generation.lm_eval import register_models
+from entropy_guided_generation.sampling.hf_guided import HFGuidedLM
 from test_budget_forcing import ends_at_once_checkpoint, entropy_checkpoint, never_ends_checkpoint
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -76,7 +82,7 @@ def test_cli_model_that_ends_at_once_gets_exactly_n_continuations_then_answers(m
     out = tmp_path / "out"
     command = [
         sys.executable, "-m", "entropy_guided_generation.lm_eval",
-        "--model", "hf-guided", "--model_args", f"pretrained={models['once']},dtype=float32",
+        "--model", "hf", "--model_args", f"pretrained={models['once']},dtype=float32",  # seed 003's name
         "--tasks", TASK, "--include_path", str(task_dir), "--batch_size", "2",
         "--gen_kwargs", "max_gen_toks=32,max_tokens_thinking=auto,thinking_n_ignore=3,thinking_n_ignore_str=Wait,scale_func_name=default",
         "--log_samples", "--output_path", str(out),
@@ -111,11 +117,71 @@ def test_entropy_thresholding_through_gen_kwargs(models, task_dir):
 
 
 def test_hf_guided_without_budget_forcing_kwargs_equals_hf(models, task_dir):
-    plain = _evaluate("hf", models["random"], task_dir, None)
-    guided = _evaluate("hf-guided", models["random"], task_dir, None)
-    assert [s["resps"] for s in guided] == [s["resps"] for s in plain]
-    assert all("budget_forcing" not in args[1] for s in guided for args in s["arguments"])
+    register_models()
+    assert get_model("huggingface") is HFLM  # lm-eval's own class
+    plain = _evaluate("huggingface", models["random"], task_dir, None)
+    for name in ("hf", "hf-guided"):
+        guided = _evaluate(name, models["random"], task_dir, None)
+        assert [s["resps"] for s in guided] == [s["resps"] for s in plain]
+        assert all("budget_forcing" not in args[1] for s in guided for args in s["arguments"])
     assert any(s["resps"][0][0] for s in plain)  # the comparison is not between empty strings
+
+
+def _kit_run(model: str, out: Path) -> tuple[dict, dict[str, bytes]]:
+    """lm-eval's evaluator on the kit's trained base model over a kit generate_until task and a kit
+    multiple-choice task (3 documents each, batches of 2), saved as lm-eval's CLI saves them; the
+    per-task results and each task's ``--log_samples`` file."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    tracker = EvaluationTracker(output_path=str(out))
+    results = lm_eval.simple_evaluate(
+        model=model, model_args=f"pretrained={kit.trained_base()},dtype=float32", tasks=["kit_gsm8k", "kit_arith_choice"],
+        limit=3, batch_size=2, device="cpu", gen_kwargs="max_gen_toks=48", log_samples=True, bootstrap_iters=0,
+        evaluation_tracker=tracker, task_manager=TaskManager(include_path=str(kit.tasks_dir()), include_defaults=False),
+    )
+    samples = results.pop("samples")
+    tracker.save_results_aggregated(results=results, samples=samples)
+    for task in results["configs"]:
+        tracker.save_results_samples(task_name=task, samples=samples[task])
+    files = {path.name.split("_20")[0]: path.read_bytes() for path in out.rglob("samples_*.jsonl")}
+    assert sorted(files) == ["samples_kit_arith_choice", "samples_kit_gsm8k"]
+    return results["results"], files
+
+
+def test_our_hf_without_budget_forcing_kwargs_writes_lm_evals_own_samples_byte_for_byte(tmp_path):
+    register_models()
+    assert get_model("hf") is HFGuidedLM and get_model("huggingface") is HFLM
+    theirs_results, theirs = _kit_run("huggingface", tmp_path / "theirs")
+    ours_results, ours = _kit_run("hf", tmp_path / "ours")
+    assert ours == theirs
+    assert ours_results == theirs_results
+    assert b"####" in theirs["samples_kit_gsm8k"]  # the model answers: the comparison is not between empty strings
+
+
+def test_max_tokens_answer_through_gen_kwargs_gives_the_answer_its_own_budget(models, task_dir):
+    # max_gen_toks 6, auto: shared, thinking 4 + "</think>" + 1 answer token; with max_tokens_answer, thinking
+    # takes 6 - 1 and the answer has room for "4" and EOS.
+    shared = _evaluate("hf", models["never"], task_dir, "max_gen_toks=6,max_tokens_thinking=auto")
+    own = _evaluate("hf", models["never"], task_dir, "max_gen_toks=6,max_tokens_thinking=auto,max_tokens_answer=4")
+    for sample in shared:
+        assert sample["resps"] == [["aaaa</think>4"]]
+        assert _record(sample)["thinking_tokens"] == 4 and _record(sample)["answer_tokens"] == 1
+    for sample in own:
+        assert sample["resps"] == [["aaaaa</think>4"]]
+        assert _record(sample)["thinking_tokens"] == 5 and _record(sample)["answer_tokens"] == 2  # "4" and EOS
+
+
+@pytest.mark.parametrize(
+    "gen_kwargs, message",
+    [
+        ("max_tokens_thinking=5,max_tokens_answer=lots", "max_tokens_answer must be an int >= 1, got 'lots'"),
+        ("max_tokens_thinking=5,thinking_n_ignor=2", r"unsupported gen_kwargs \['thinking_n_ignor'\] with budget forcing; expected some of .*thinking_n_ignore"),
+    ],
+)
+def test_bad_gen_kwargs_are_named_through_lm_eval(models, task_dir, gen_kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        _evaluate("hf", models["never"], task_dir, gen_kwargs)
 
 
 def test_torchtune_model_honors_the_same_gen_kwargs_through_our_eval_adapter(models, task_dir):

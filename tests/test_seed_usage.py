@@ -176,8 +176,7 @@ def test_seed_003_budget_forcing_command_line(tmp_path, subprocess_env):
     command = [
         # seed: OPENAI_API_KEY=$OPENAI_API_KEY PROCESSOR=$PROCESSOR lm_eval (environment below)
         sys.executable, "-m", "entropy_guided_generation.lm_eval",
-        # TODO(issue #19, item 2, another engineer): switch to the seed's `--model hf` once `hf` does budget forcing
-        "--model", "hf-guided",
+        "--model", "hf",
         # seed: pretrained=simplescaling/s1.1-1.5B,dtype=float16,tensor_parallel_size=1; tensor_parallel_size is a vLLM
         # argument that lm-eval's hf model hands to from_pretrained, which refuses it (lm-eval's own hf fails alike)
         "--model_args", f"pretrained={kit.trained_base()},dtype=float16",

@@ -6,7 +6,7 @@
   (``HookBasedEntropySampler``).
 - Budget forcing (``budget_forcing``, ``scalers``, ``hf_guided``): keep a reasoning model thinking
   ("Wait") or stop it under a thinking budget and a registry of scaling functions, on one KV cache,
-  for torchtune decoders and (``--model hf-guided``) Hugging Face models.
+  for torchtune decoders and (``--model hf`` / ``hf-guided`` under our lm-eval entry point) Hugging Face models.
 """
 # entropix-style adaptive sampling
 from entropy_guided_generation.sampling.entropix import REGIMES, entropix_step, generate_entropix

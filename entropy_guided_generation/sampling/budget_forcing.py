@@ -8,7 +8,9 @@ tokens are dropped from the cache) and the continuation string ("Wait") is force
 scaling function says continue, at most ``thinking_n_ignore`` times. Then the end delimiter and
 the answer prefix are forced in and the answer is sampled with what remains of ``max_gen_toks``.
 The budget counts every token of the thinking section (sampled and forced continuations) across
-all rounds and is never exceeded; the answer always gets at least one token.
+all rounds and is never exceeded; the answer always gets at least one token. With
+``max_tokens_answer`` the answer has a budget of its own instead (s1's layout): ``max_gen_toks``
+then bounds the thinking section (thinking, delimiter, prefix) and the answer gets that many more.
 
 The loop steps a :class:`~entropy_guided_generation.generation.DecodeSession`, so one loop serves
 torchtune decoders on their KV cache (:func:`budget_force_torchtune`) and Hugging Face models on
@@ -25,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from entropy_guided_generation import signals
-from entropy_guided_generation.eval.generation import cut_at_stop, decode_settings
+from entropy_guided_generation.eval.generation import GEN_KWARGS, cut_at_stop, decode_settings
 from entropy_guided_generation.generation import DecodeSession, left_pad, left_padded_mask, open_session, sample_next_token
 from entropy_guided_generation.sampling import scalers
 
@@ -37,6 +39,7 @@ BUDGET_FORCING_KEYS = (
     "thinking_end",
     "thinking_answer_prefix",
     "scale_func_name",
+    "max_tokens_answer",
 )
 LOG_KEY = "budget_forcing"
 """Key under which each request's forcing record is added to its gen_kwargs (``--log_samples``'s ``arguments``)."""
@@ -63,6 +66,9 @@ class BudgetForcingConfig:
         thinking_answer_prefix: forced in after the end delimiter, before the answer ("" for none).
         scale_func_name: the registered scaling function deciding each continuation.
         scale_options: that function's options (``threshold``, ``decay_factor``, ``last_k`` ...).
+        max_tokens_answer: the answer's own budget in tokens (>= 1), counted from after the end
+            delimiter and the answer prefix; ``max_gen_toks`` then bounds the thinking section only.
+            None: the answer gets what thinking leaves of ``max_gen_toks``.
     """
 
     max_tokens_thinking: Union[int, str] = "auto"
@@ -73,6 +79,7 @@ class BudgetForcingConfig:
     thinking_answer_prefix: str = ""
     scale_func_name: str = "default"
     scale_options: dict = field(default_factory=dict)
+    max_tokens_answer: Optional[int] = None
 
     def scale_func(self) -> scalers.ScaleFunc:
         return scalers.get_scale_func(self.scale_func_name, **self.scale_options)
@@ -95,7 +102,7 @@ def budget_forcing_config(gen_kwargs: Mapping[str, Any]) -> BudgetForcingConfig:
 
     Raises:
         ValueError: a zero/negative/non-int budget that is not ``auto``, a negative
-            ``thinking_n_ignore``, an unknown ``scale_func_name`` (listing the registered ones),
+            ``thinking_n_ignore``, a ``max_tokens_answer`` that is not an int >= 1, an unknown ``scale_func_name`` (listing the registered ones),
             or bad scaler options.
     """
     budget = gen_kwargs.get("max_tokens_thinking", "auto")
@@ -111,6 +118,7 @@ def budget_forcing_config(gen_kwargs: Mapping[str, Any]) -> BudgetForcingConfig:
         **{k: str(gen_kwargs[k]) for k in ("thinking_n_ignore_str", "thinking_start", "thinking_end", "thinking_answer_prefix") if k in gen_kwargs},
         scale_func_name=name,
         scale_options=options,
+        max_tokens_answer=_int_at_least("max_tokens_answer", gen_kwargs["max_tokens_answer"], 1) if "max_tokens_answer" in gen_kwargs else None,
     )
     config.scale_func()  # unknown names and bad options fail here, before any model work
     return config
@@ -149,9 +157,9 @@ class ForcingIds:
         return cls(answer_prefix=[int(i) for i in encode(prefix)] if prefix else [], **ids)
 
     @property
-    def answer_reserve(self) -> int:
-        """Tokens of ``max_gen_toks`` kept out of thinking: the end delimiter, the prefix and one answer token."""
-        return len(self.end) + len(self.answer_prefix) + 1
+    def after_thinking(self) -> int:
+        """Tokens forced in when thinking ends: the end delimiter and the answer prefix."""
+        return len(self.end) + len(self.answer_prefix)
 
 
 def generation_budgets(
@@ -159,40 +167,50 @@ def generation_budgets(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row ``(thinking budget, generation budget)``, each ``[b]`` tokens.
 
-    An int budget is capped at ``max_gen_toks - answer_reserve``; ``auto`` takes all of
-    ``min(max_gen_toks, max_length - prompt length) - answer_reserve``.
+    Without ``max_tokens_answer`` the generation budget is ``max_gen_toks`` (capped by the context
+    with ``auto``) and the reserve kept out of thinking is the end delimiter, the answer prefix and
+    one answer token. With ``max_tokens_answer = A`` the thinking section (thinking, delimiter,
+    prefix) gets ``max_gen_toks`` (with ``auto``: also capped by the context less ``A``), the
+    reserve is the delimiter and prefix, and the generation budget adds ``A``; the loop then gives
+    the answer exactly ``A`` tokens after the prefix, however early thinking ends. An int thinking
+    budget is capped at ``max_gen_toks - reserve``; ``auto`` takes all of it.
 
     Args:
         prompt_lengths: ``[b]`` real prompt tokens per row (thinking start included).
-        max_gen_toks: generated tokens at most (thinking, delimiters, prefix and answer together).
+        max_gen_toks: generated tokens at most (thinking, delimiters, prefix and, without
+            ``max_tokens_answer``, the answer together).
         max_length: the model's context length.
 
     Raises:
-        ValueError: when ``max_gen_toks`` cannot hold the delimiters and an answer token, or (auto)
-            a prompt leaves no room for them in the context.
+        ValueError: when ``max_gen_toks`` cannot hold the reserve, when (auto) a prompt leaves no
+            room for it in the context, or when (int budget) prompt and budgets exceed the context.
     """
-    if max_gen_toks < ids.answer_reserve:
+    own = config.max_tokens_answer or 0
+    reserve = ids.after_thinking + (0 if own else 1)
+    if max_gen_toks < reserve:
+        answer = "" if own else " and one answer token"
         raise ValueError(
             f"max_gen_toks={max_gen_toks} cannot hold the end-of-thinking delimiter ({len(ids.end)} tokens), the "
-            f"answer prefix ({len(ids.answer_prefix)}) and one answer token; expected max_gen_toks >= {ids.answer_reserve}"
+            f"answer prefix ({len(ids.answer_prefix)}){answer}; expected max_gen_toks >= {reserve}"
         )
-    gen = torch.full_like(prompt_lengths, max_gen_toks)
+    section = torch.full_like(prompt_lengths, max_gen_toks)
     if config.max_tokens_thinking == "auto":
-        room = max_length - prompt_lengths
-        if bool((room < ids.answer_reserve).any()):
+        room = max_length - prompt_lengths - own
+        if bool((room < reserve).any()):
             longest = int(prompt_lengths.max())
+            answer = f" and max_tokens_answer={own}" if own else " and an answer"
             raise ValueError(
-                f"max_tokens_thinking=auto: a prompt of {longest} tokens leaves no room for thinking and an answer in the "
-                f"context of {max_length} tokens (needs {ids.answer_reserve} more); shorten the prompt or give an int budget"
+                f"max_tokens_thinking=auto: a prompt of {longest} tokens leaves no room for thinking{answer} in the "
+                f"context of {max_length} tokens (needs {reserve + own} more); shorten the prompt or give an int budget"
             )
-        gen = torch.minimum(gen, room)
-        return gen - ids.answer_reserve, gen
-    too_long = prompt_lengths + gen > max_length
-    if bool(too_long.any()):
+        section = torch.minimum(section, room)
+        return section - reserve, section + own
+    if bool((prompt_lengths + section + own > max_length).any()):
+        answer = f" plus max_tokens_answer={own}" if own else ""
         raise ValueError(
-            f"a prompt of {int(prompt_lengths.max())} tokens plus max_gen_toks={max_gen_toks} exceeds the context of {max_length} tokens"
+            f"a prompt of {int(prompt_lengths.max())} tokens plus max_gen_toks={max_gen_toks}{answer} exceeds the context of {max_length} tokens"
         )
-    return (gen - ids.answer_reserve).clamp(max=int(config.max_tokens_thinking)), gen
+    return (section - reserve).clamp(max=int(config.max_tokens_thinking)), section + own
 
 
 # ---------------------------------------------------------------- records
@@ -275,6 +293,7 @@ class _State:
     q_pos: torch.Tensor
     q_len: torch.Tensor
     round: torch.Tensor  # index of the current thinking round
+    limit: torch.Tensor  # generated tokens at most (set again when thinking ends if the answer has its own budget)
 
     def enqueue(self, row: int, ids: Sequence[int], kind: int) -> None:
         if len(ids) > self.queue.shape[1]:
@@ -307,7 +326,9 @@ def force_budget(
     Args:
         prompt: ``[b, p]`` left-padded prompts that already end with ``ids.start``.
         prompt_valid: ``[b, p]`` True on real prompt tokens.
-        thinking_budget / generation_budget: ``[b]`` from :func:`generation_budgets`.
+        thinking_budget / generation_budget: ``[b]`` from :func:`generation_budgets`; with
+            ``config.max_tokens_answer`` a row's generation limit is set again when its thinking
+            ends (tokens so far + delimiter and prefix + the answer budget).
         stop_tokens: ids that end the answer (in thinking, they end thinking like the delimiter).
         temperature, top_k, top_p, rng: sampling of thinking and answer tokens (0: greedy).
         exclude_ids: ids never sampled (e.g. confidence tokens); also left out of the entropies.
@@ -325,7 +346,7 @@ def force_budget(
         phase=zeros.clone(), think_used=zeros.clone(), gen_used=zeros.clone(), ignored=zeros.clone(), run=zeros.clone(),
         recent=torch.full((b, len(ids.end) - 1), -1, dtype=torch.long, device=device),
         queue=torch.zeros(b, queue_width, dtype=torch.long, device=device), queue_kind=zeros.clone(),
-        q_pos=zeros.clone(), q_len=zeros.clone(), round=zeros.clone(),
+        q_pos=zeros.clone(), q_len=zeros.clone(), round=zeros.clone(), limit=generation_budget.clone(),
     )
     tokens, kinds, kept, entropies, round_of = [], [], [], [], []
     reasons: list[list[tuple[str, Optional[list[int]]]]] = [[] for _ in range(b)]
@@ -357,7 +378,7 @@ def force_budget(
                 seq, ents = _round_of(row, int(st.round[row]), tokens, kinds, kept, entropies, round_of)
                 _decide(st, row, scale, config, ids, thinking_budget, seq, ents, reasons)
         for row in out_of_budget.nonzero().flatten().tolist():
-            _end_thinking(st, row, ids, reasons, "budget")
+            _end_thinking(st, row, config, ids, reasons, "budget")
 
         forced = st.q_pos < st.q_len
         queued = st.queue.gather(1, st.q_pos.clamp(max=st.queue.shape[1] - 1).unsqueeze(1)).squeeze(1)
@@ -379,7 +400,7 @@ def force_budget(
         if st.recent.shape[1]:
             shifted = torch.cat([st.recent[:, 1:], token.unsqueeze(1)], dim=1)
             st.recent = torch.where(sampled_think.unsqueeze(1), shifted, torch.full_like(st.recent, -1))
-        finished = active & ((~forced & (kind == ANSWER) & torch.isin(token, stops)) | (st.gen_used >= generation_budget))
+        finished = active & ((~forced & (kind == ANSWER) & torch.isin(token, stops)) | (st.gen_used >= st.limit))
         st.phase = torch.where(finished, _DONE, st.phase)
         bar.update(1)
         if not bool((st.phase != _DONE).any()):
@@ -403,13 +424,13 @@ def _decide(st: _State, row: int, scale: scalers.ScaleFunc, config: BudgetForcin
     """The model ended thinking in ``row`` after round ``seq`` (entropies ``ents``): continue
     (queue the scale token, next round) or end thinking."""
     if int(st.ignored[row]) >= config.thinking_n_ignore:
-        _end_thinking(st, row, ids, reasons, "delimiter")
+        _end_thinking(st, row, config, ids, reasons, "delimiter")
         return
     go_on, scale_ids = scalers.checked_decision(scale(int(st.ignored[row]), seq, ents, list(ids.continuation)), config.scale_func_name)
     if not go_on:
-        _end_thinking(st, row, ids, reasons, "scaler")
+        _end_thinking(st, row, config, ids, reasons, "scaler")
     elif int(st.think_used[row]) + len(scale_ids) > int(thinking_budget[row]):
-        _end_thinking(st, row, ids, reasons, "budget")
+        _end_thinking(st, row, config, ids, reasons, "budget")
     else:
         reasons[row].append(("delimiter", scale_ids))
         st.ignored[row] += 1
@@ -418,10 +439,13 @@ def _decide(st: _State, row: int, scale: scalers.ScaleFunc, config: BudgetForcin
     st.run[row] = 0
 
 
-def _end_thinking(st: _State, row: int, ids: ForcingIds, reasons: list, reason: str) -> None:
+def _end_thinking(st: _State, row: int, config: BudgetForcingConfig, ids: ForcingIds, reasons: list, reason: str) -> None:
     reasons[row].append((reason, None))
     st.enqueue(row, ids.end + ids.answer_prefix, END)
     st.phase[row] = _ANSWERING
+    if config.max_tokens_answer is not None:
+        # gen_used counts the kept tokens so far; the forced ones come next, then the answer's own budget.
+        st.limit[row] = st.gen_used[row] + ids.after_thinking + config.max_tokens_answer
 
 
 def _outputs(tokens: list, kinds: list, kept: list, entropies: list, round_of: list, reasons: list,
@@ -455,13 +479,16 @@ def _outputs(tokens: list, kinds: list, kept: list, entropies: list, round_of: l
 
 def _with_start(prompts: Sequence[Sequence[int]], config: BudgetForcingConfig, ids: ForcingIds, max_gen_toks: int, max_length: int) -> list[list[int]]:
     """Prompts ending with the thinking start. With an int budget they are left-truncated as
-    lm-eval's ``hf`` does (to ``max_length - max_gen_toks``); with ``auto`` they are kept whole."""
+    lm-eval's ``hf`` does (to ``max_length - max_gen_toks - max_tokens_answer``); with ``auto`` they
+    are kept whole."""
     if config.max_tokens_thinking == "auto":
         return [list(p) + ids.start for p in prompts]
-    keep = max_length - max_gen_toks - len(ids.start)
+    own = config.max_tokens_answer or 0
+    keep = max_length - max_gen_toks - own - len(ids.start)
     if keep < 1:
+        answer = f" plus max_tokens_answer={own}" if own else ""
         raise ValueError(
-            f"max_gen_toks={max_gen_toks} and the thinking start ({len(ids.start)} tokens) leave no room for a prompt "
+            f"max_gen_toks={max_gen_toks}{answer} and the thinking start ({len(ids.start)} tokens) leave no room for a prompt "
             f"in the context of {max_length} tokens"
         )
     return [list(p)[-keep:] + ids.start for p in prompts]
@@ -503,8 +530,11 @@ def run_budget_forcing(
     """
     if not prompts:
         return []
-    ours = set(consumed_keys(gen_kwargs))
+    ours = consumed_keys(gen_kwargs)
     sampling = {k: v for k, v in gen_kwargs.items() if k not in ours}
+    unknown = sorted(set(sampling) - set(GEN_KWARGS))
+    if unknown:
+        raise ValueError(f"unsupported gen_kwargs {unknown} with budget forcing; expected some of {', '.join(GEN_KWARGS + ours)}")
     settings = decode_settings(sampling, default_max_gen_toks=default_max_gen_toks, eos_text=eos_text)
     config = budget_forcing_config(gen_kwargs)
     ids = ForcingIds.resolve(config, encode)

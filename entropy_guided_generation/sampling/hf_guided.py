@@ -1,12 +1,14 @@
-"""``--model hf-guided``: lm-eval's Hugging Face model with budget forcing.
+"""``--model hf-guided`` (and ``--model hf`` under ``python -m entropy_guided_generation.lm_eval``):
+lm-eval's Hugging Face model with budget forcing.
 
 :class:`HFGuidedLM` is lm-eval's ``HFLM`` (same ``model_args``); its ``generate_until`` serves
-requests whose gen_kwargs name budget forcing (``max_tokens_thinking``, ``thinking_n_ignore``,
-``thinking_n_ignore_str``, ``thinking_start``, ``thinking_end``, ``thinking_answer_prefix``,
-``scale_func_name`` and the scaling function's options) with the budget-forcing loop over the
-model's ``past_key_values`` (an :class:`~entropy_guided_generation.generation.HFSession`; rounds
-never re-prefill); every other request goes to ``HFLM`` unchanged, so without those gen_kwargs it
-is exactly ``--model hf``.
+requests whose gen_kwargs name budget forcing (``max_tokens_thinking``, ``max_tokens_answer``,
+``thinking_n_ignore``, ``thinking_n_ignore_str``, ``thinking_start``, ``thinking_end``,
+``thinking_answer_prefix``, ``scale_func_name`` and the scaling function's options) with the
+budget-forcing loop over the model's ``past_key_values`` (an
+:class:`~entropy_guided_generation.generation.HFSession`; rounds never re-prefill); every other
+request goes to ``HFLM.generate_until`` unchanged, so without those gen_kwargs it is exactly
+lm-eval's own ``hf``.
 """
 from __future__ import annotations
 
