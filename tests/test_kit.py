@@ -350,7 +350,7 @@ def test_lm_eval_evaluator_runs_the_kit_tasks_on_the_trained_base(tok):
     MAX_GEN = 96
     folder = kit.trained_base()
     results = evaluator.simple_evaluate(
-        model="hf",
+        model="huggingface",  # lm-eval's own HFLM (our register_models() takes over "hf")
         model_args=f"pretrained={folder},dtype=float32",
         tasks=list(kit.TASK_NAMES),
         task_manager=TaskManager(include_path=str(kit.tasks_dir())),
