@@ -29,6 +29,7 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 
+from entropy_guided_generation import signals
 from entropy_guided_generation.confidence import ConfidenceCodec, encode_text
 from entropy_guided_generation.modeling import (
     PositionLogits,
@@ -661,7 +662,10 @@ def _run_pass(
         rows = active[local]
         t = order[rows, i]
         producing = (layout.plain_index[rows, t] - 1).clamp(min=0)
-        new_signal = codec.signal_from_logits(logits_at(local, producing))
+        logits = logits_at(local, producing)
+        # Named by the plain position of the token they produce, as training's bins are.
+        signals.assert_finite(logits, "fixed-point logits", rows=rows, positions=t)
+        new_signal = codec.signal_from_logits(logits)
         new_bins = codec.bins_from_signal(new_signal)
         moved = torch.zeros_like(todo)
         fresh = i >= had[local]
@@ -730,6 +734,7 @@ def _step_to_the_end(
         )
         for j in range(steps):
             now = live[:, j]
+            signals.assert_finite(logits[now], f"fixed-point step {j} logits", rows=rows[now], positions=slot_plain[now, j])
             new_signal = codec.signal_from_logits(logits[now])
             new_bins = codec.bins_from_signal(new_signal)
             bins[rows[now], slot_plain[now, j]] = new_bins

@@ -186,15 +186,21 @@ def _content_step(
     (``gets_confidence``) says so, its c_t.
 
     Rows that already stopped emit ``pad_id`` and no confidence token.
+
+    Raises:
+        FloatingPointError: on non-finite ``logits``, naming ``step`` and the row (one ``isfinite``
+            reduction per step; its host sync joins the one the loop makes to stop finished rows).
     """
+    # One softmax serves the content token's entropy and log-prob and the confidence signal: the
+    # codec's distribution (tau_H, confidence ids masked), the one training bins read. Computed
+    # first: it refuses non-finite logits (naming the step and row) before anything samples them.
+    what = f"decode step {step} logits"
+    logp_all = codec.log_probs(logits, what=what) if codec is not None else signals.log_probs(logits, what=what)
     content_logits = codec.mask_confidence_logits(logits) if codec is not None else logits
     token = step_hook(logits=content_logits, step=step) if step_hook is not None else None
     if token is None:
         token = sample_next_token(content_logits, temperature=temperature, top_k=top_k, top_p=top_p, rng=rng)
     token = torch.where(active, token, torch.full_like(token, pad_id))
-    # One softmax serves the content token's entropy and log-prob and the confidence signal: the
-    # codec's distribution (tau_H, confidence ids masked), the one training bins read.
-    logp_all = codec.log_probs(logits) if codec is not None else signals.log_probs(logits)
     step_entropy = signals.entropy_from_log_probs(logp_all)
     logp = logp_all.gather(-1, token.unsqueeze(-1)).squeeze(-1)
     nan = torch.full_like(step_entropy, float("nan"))

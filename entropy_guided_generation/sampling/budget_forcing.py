@@ -333,7 +333,7 @@ def force_budget(
     logits = session.prefill(prompt, prompt_valid)
     bar = tqdm(total=int(generation_budget.max()), desc="budget forcing", disable=not progress, leave=False)
     while True:
-        lp = signals.log_probs(logits, exclude_ids=exclude_ids)
+        lp = signals.log_probs(logits, exclude_ids=exclude_ids, what=f"budget forcing step {len(tokens)} logits")
         entropy = signals.entropy_from_log_probs(lp)
         content = logits if exclude_ids is None else logits.index_fill(-1, exclude_ids, float("-inf"))
         sampled = sample_next_token(content, temperature=temperature, top_k=top_k, top_p=top_p, rng=rng)

@@ -1,0 +1,157 @@
+"""Bad input and faults on the decode and eval side: every case is a clear error that names the bad
+value (row, step, key) and what was expected, never a silent or misleading result."""
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+from diffusion_models import MASK_ID, PAD_ID, ScriptedModel
+from diffusion_models import VOCAB as DIFFUSION_VOCAB
+from entropy_guided_generation import kit, signals
+from entropy_guided_generation.confidence import ConfidenceCodec
+from entropy_guided_generation.diffusion import generate, generate_with_tta_uncertainty
+from entropy_guided_generation.generation import (
+    generate_answer_interleaved,
+    generate_answer_interleaved_marker,
+    generate_full_interleaved,
+    generate_plain,
+)
+from entropy_guided_generation.sampling.budget_forcing import budget_force_torchtune
+from entropy_guided_generation.sampling.entropix import generate_entropix
+from entropy_guided_generation.scoring import SamplingPolicy
+from entropy_guided_generation.scoring.sampling_loop import sample_with_policy
+
+from helpers import tiny_decoder
+
+VOCAB = 64
+CONF_IDS = list(range(VOCAB - 11, VOCAB))
+EOS, PAD = 1, 0
+PROMPT = torch.tensor([[PAD, 5, 9, 12], [22, 3, 4, 7]])
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_decoder(VOCAB, seed=5, weight_scale=3.0)
+
+
+@pytest.fixture(scope="module")
+def codec():
+    return ConfidenceCodec(signal="entropy", edges=torch.linspace(0.5, 3.5, 10), token_ids=torch.tensor(CONF_IDS))
+
+
+@contextlib.contextmanager
+def nan_row(model, row: int):
+    """Make ``model``'s embeddings (hence its logits) NaN in batch row ``row``; every logits path
+    (whole forward, KV-cached step, projected positions) starts there, and rows never mix."""
+
+    def poison(module, inputs, output):
+        output = output.clone()
+        output[row] = float("nan")
+        return output
+
+    handle = model.tok_embeddings.register_forward_hook(poison)
+    try:
+        yield model
+    finally:
+        handle.remove()
+
+
+# ---------------------------------------------------------------- non-finite logits
+
+
+@pytest.mark.parametrize("fn", [signals.entropy, signals.max_prob, signals.varentropy, signals.entropy_and_varentropy])
+def test_signal_functions_refuse_nan_logits_naming_row_and_position(fn):
+    logits = torch.zeros(2, 3, 8)
+    logits[1, 2, 4] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"row 1, position 2, vocab id 4"):
+        fn(logits)
+
+
+def test_signal_functions_refuse_inf_logits():
+    logits = torch.zeros(2, 8)
+    logits[0, 3] = float("inf")
+    with pytest.raises(FloatingPointError, match=r"non-finite value \(inf\) at row 0"):
+        signals.entropy(logits)
+
+
+def test_excluded_tokens_at_minus_inf_are_not_an_error_but_an_empty_distribution_is():
+    logits = torch.zeros(2, 8)
+    logits[0, 5:] = float("-inf")  # removed tokens (a sampler's filter, confidence ids)
+    assert torch.isfinite(signals.entropy(logits)).all()
+    logits[1] = float("-inf")
+    with pytest.raises(FloatingPointError, match=r"no finite value at row 1 \(every logit is -inf\)"):
+        signals.entropy(logits)
+
+
+@pytest.mark.parametrize("mode", ["none", "answer", "marker", "full"])
+def test_every_public_decoder_refuses_nan_logits_naming_row(mode, model, codec):
+    decoders = {
+        "none": lambda m: generate_plain(m, PROMPT, max_generated_tokens=4, pad_id=PAD, temperature=0.0),
+        "answer": lambda m: generate_answer_interleaved(m, PROMPT, codec=codec, max_generated_tokens=4, pad_id=PAD),
+        "marker": lambda m: generate_answer_interleaved_marker(m, PROMPT, codec=codec, marker=[9], max_generated_tokens=4, pad_id=PAD),
+        "full": lambda m: generate_full_interleaved(m, PROMPT, codec=codec, max_generated_tokens=4, pad_id=PAD),
+    }
+    # Mode full meets the NaN in the prompt's fixed point first; the others at decode step 0.
+    where = r"fixed-point logits .* at row 1, position \d" if mode == "full" else r"decode step 0 logits .* at row 1"
+    with nan_row(model, 1), pytest.raises(FloatingPointError, match=where):
+        decoders[mode](model)
+
+
+def test_nan_logits_are_named_at_the_step_they_appear(model):
+    calls = []
+
+    def poison_third_call(module, inputs, output):
+        calls.append(1)
+        return output * float("nan") if len(calls) == 3 else output
+
+    handle = model.norm.register_forward_hook(poison_third_call)
+    try:
+        with pytest.raises(FloatingPointError, match=r"decode step 2 logits"):
+            generate_plain(model, PROMPT, max_generated_tokens=5, pad_id=PAD, temperature=0.0)
+    finally:
+        handle.remove()
+
+
+def test_entropix_refuses_nan_logits(model):
+    with nan_row(model, 0), pytest.raises(FloatingPointError, match=r"decode step 0 logits .* at row 0"):
+        generate_entropix(model, PROMPT, max_generated_tokens=3, pad_id=PAD)
+
+
+def test_scorer_sampling_refuses_nan_logits(model):
+    with nan_row(model, 1), pytest.raises(FloatingPointError, match=r"sampling step 0 logits .* at row 1"):
+        sample_with_policy(model, PROMPT, policy=SamplingPolicy(temperature=1.0), max_new_tokens=3, pad_id=PAD)
+
+
+def test_budget_forcing_torchtune_path_refuses_nan_logits():
+    tokenizer = kit.load_tokenizer()
+    model = kit.load_torchtune_model(kit.build_tiny_checkpoint(init_std=0.5))
+    prompts = [tokenizer.encode("7 + 5 =\n", add_bos=False, add_eos=False)]
+    gen_kwargs = dict(max_gen_toks=12, max_tokens_thinking=6, thinking_n_ignore=1)
+    with nan_row(model, 0), pytest.raises(FloatingPointError, match=r"budget forcing step 0 logits .* at row 0"):
+        budget_force_torchtune(
+            model, tokenizer, prompts, gen_kwargs, pad_id=tokenizer.pad_id, stop_tokens=[tokenizer.eos_id], max_length=128
+        )
+
+
+def nan_predictor(row: int, position: int) -> ScriptedModel:
+    def logits(call: int, tokens: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(*tokens.shape, DIFFUSION_VOCAB)
+        out[..., 2] = 5.0
+        out[row, position] = float("nan")
+        return out
+
+    return ScriptedModel(logits)
+
+
+def test_diffusion_generate_refuses_nan_logits_naming_row_and_position():
+    prompt = torch.tensor([[PAD_ID, 5, 9], [3, 4, 7]])
+    with pytest.raises(FloatingPointError, match=r"mask predictor logits .* at row 1, position 4"):
+        generate(nan_predictor(1, 4), prompt, steps=4, gen_length=4, block_length=4, mask_id=MASK_ID)
+
+
+def test_diffusion_tta_refuses_nan_logits():
+    prompt = torch.tensor([[PAD_ID, 5, 9], [3, 4, 7]])
+    with pytest.raises(FloatingPointError, match=r"mask predictor logits .* at row 0, position 3"):
+        generate_with_tta_uncertainty(nan_predictor(0, 3), prompt, steps=4, gen_length=4, block_length=4, tta_k=3, seed=0, mask_id=MASK_ID)
