@@ -332,6 +332,21 @@ class Interleaving:
         return policy
 
     # Position budgets: how many plain tokens fit ``max_length`` sequence positions once interleaved.
+    @property
+    def positions_per_content_token(self) -> int:
+        """Position ids a generated token takes at most, with its confidence token: its columns under
+        ``sequential`` positions, 1 under ``shared`` (the confidence token repeats its position)."""
+        return self.columns_per_content_token if self.positions == "sequential" else 1
+
+    def prompt_positions(self, tokens: torch.Tensor, valid_mask: torch.Tensor) -> torch.Tensor:
+        """``[b]`` position ids the prompt rows ``tokens`` ``[b, p]`` take once laid out for decoding:
+        their real tokens, plus their confidence tokens in a prompt-interleaving mode under
+        ``sequential`` positions."""
+        real = valid_mask.long().sum(1)
+        if not (self.interleaves_prompt and self.positions == "sequential"):
+            return real
+        return real + self.slots(tokens, valid_mask=valid_mask).long().sum(1)
+
     def prompt_budget(self, max_length: int, max_gen_toks: int) -> int:
         """Most plain prompt tokens that fit ``max_length`` cache columns beside ``max_gen_toks``
         content steps (a prompt of p tokens takes up to 2p - 1 columns when interleaved).

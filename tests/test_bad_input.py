@@ -12,7 +12,9 @@ from diffusion_models import VOCAB as DIFFUSION_VOCAB
 from entropy_guided_generation import kit, signals
 from entropy_guided_generation.confidence import ConfidenceCodec
 from entropy_guided_generation.diffusion import generate, generate_with_tta_uncertainty
+from entropy_guided_generation.layout import Interleaving
 from entropy_guided_generation.generation import (
+    decode,
     generate_answer_interleaved,
     generate_answer_interleaved_marker,
     generate_full_interleaved,
@@ -155,3 +157,83 @@ def test_diffusion_tta_refuses_nan_logits():
     prompt = torch.tensor([[PAD_ID, 5, 9], [3, 4, 7]])
     with pytest.raises(FloatingPointError, match=r"mask predictor logits .* at row 0, position 3"):
         generate_with_tta_uncertainty(nan_predictor(0, 3), prompt, steps=4, gen_length=4, block_length=4, tta_k=3, seed=0, mask_id=MASK_ID)
+
+
+# ---------------------------------------------------------------- prompt + generation vs max_seq_len
+
+SHORT = 16  # the short model's max_seq_len
+MARKER = [9]
+
+
+@pytest.fixture(scope="module")
+def short_model():
+    return tiny_decoder(VOCAB, seed=5, weight_scale=3.0, max_seq_len=SHORT)
+
+
+def run_mode(mode, model, codec, tokens):
+    kwargs = dict(max_generated_tokens=tokens, pad_id=PAD, temperature=0.0)
+    if mode == "none":
+        return generate_plain(model, PROMPT, **kwargs)
+    if mode == "entropix":
+        return generate_entropix(model, PROMPT, **kwargs)
+    if mode == "marker":
+        return generate_answer_interleaved_marker(model, PROMPT, codec=codec, marker=MARKER, **kwargs)
+    decoder = generate_answer_interleaved if mode == "answer" else generate_full_interleaved
+    return decoder(model, PROMPT, codec=codec, **kwargs)
+
+
+# (mode, the prompt's positions in row 1 (4 tokens; interleaved in mode full: 4 + 3), positions per token)
+FITS = [("none", 4, 1), ("entropix", 4, 1), ("answer", 4, 2), ("marker", 4, 2), ("full", 7, 2)]
+
+
+@pytest.mark.parametrize("mode, prompt_positions, per_token", FITS)
+def test_generation_longer_than_max_seq_len_is_refused_up_front_naming_the_numbers(mode, prompt_positions, per_token, short_model, codec):
+    most = (SHORT - prompt_positions) // per_token
+    calls = []
+    handle = short_model.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        with pytest.raises(ValueError, match=(
+            rf"prompt row 1 needs {prompt_positions + per_token * (most + 1)} positions in mode '\w+': {prompt_positions} "
+            rf"for the prompt.* max_generated_tokens {most + 1}.*max_seq_len {SHORT}; lower max_generated_tokens to at "
+            rf"most {most}"
+        )):
+            run_mode(mode, short_model, codec, most + 1)
+    finally:
+        handle.remove()
+    assert not calls, "the length is checked before any forward"
+
+
+@pytest.mark.parametrize("mode, prompt_positions, per_token", FITS)
+def test_the_longest_generation_that_fits_max_seq_len_runs(mode, prompt_positions, per_token, short_model, codec):
+    most = (SHORT - prompt_positions) // per_token
+    result = run_mode(mode, short_model, codec, most)
+    assert result.content.shape == (2, most)
+
+
+def test_shared_positions_count_a_confidence_token_at_its_content_tokens_position(short_model, codec):
+    shared = Interleaving.of("answer", positions="shared")
+    result = decode(short_model, PROMPT, interleaving=shared, codec=codec, max_generated_tokens=SHORT - 4, pad_id=PAD, temperature=0.0)
+    assert result.content.shape == (2, SHORT - 4)
+    with pytest.raises(ValueError, match=rf"needs {SHORT + 1} positions"):
+        decode(short_model, PROMPT, interleaving=shared, codec=codec, max_generated_tokens=SHORT - 3, pad_id=PAD)
+
+
+def test_a_prompt_that_leaves_no_room_says_shorten_the_prompt(short_model):
+    prompt = torch.arange(2, 2 + SHORT).unsqueeze(0)
+    with pytest.raises(ValueError, match=r"needs 17 positions .*; shorten the prompt$"):
+        generate_plain(short_model, prompt, max_generated_tokens=1, pad_id=PAD)
+
+
+# ---------------------------------------------------------------- empty prompts
+
+
+@pytest.mark.parametrize("prompt", [torch.tensor([], dtype=torch.long), torch.tensor([[5, 6], [PAD, PAD]])], ids=["empty", "all-pad-row"])
+def test_entropix_refuses_an_empty_prompt_naming_the_row(prompt, model):
+    row = 0 if prompt.dim() == 1 else 1
+    with pytest.raises(ValueError, match=rf"prompt row {row} is empty"):
+        generate_entropix(model, prompt, max_generated_tokens=2, pad_id=PAD)
+
+
+def test_plain_decoder_refuses_an_empty_prompt_naming_the_row(model):
+    with pytest.raises(ValueError, match=r"prompt row 0 is empty"):
+        generate_plain(model, torch.tensor([], dtype=torch.long), max_generated_tokens=2, pad_id=PAD)
