@@ -3,15 +3,22 @@ value (row, step, key) and what was expected, never a silent or misleading resul
 from __future__ import annotations
 
 import contextlib
+import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+from lm_eval.__main__ import HarnessCLI
 
 from diffusion_models import MASK_ID, PAD_ID, ScriptedModel
 from diffusion_models import VOCAB as DIFFUSION_VOCAB
 from entropy_guided_generation import kit, signals
 from entropy_guided_generation.confidence import ConfidenceCodec
 from entropy_guided_generation.diffusion import generate, generate_with_tta_uncertainty
+from entropy_guided_generation.eleuther_eval import EleutherEvalRecipeDirect
+from entropy_guided_generation.eval.from_config import load_yaml, lm_eval_cli_settings, lm_from_model_args
 from entropy_guided_generation.layout import Interleaving
 from entropy_guided_generation.generation import (
     decode,
@@ -27,6 +34,8 @@ from entropy_guided_generation.scoring.sampling_loop import sample_with_policy
 
 from helpers import tiny_decoder
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
+EVAL_NONE = REPO_ROOT / "configs" / "tiny" / "eval_none.yaml"
 VOCAB = 64
 CONF_IDS = list(range(VOCAB - 11, VOCAB))
 EOS, PAD = 1, 0
@@ -237,3 +246,69 @@ def test_entropix_refuses_an_empty_prompt_naming_the_row(prompt, model):
 def test_plain_decoder_refuses_an_empty_prompt_naming_the_row(model):
     with pytest.raises(ValueError, match=r"prompt row 0 is empty"):
         generate_plain(model, torch.tensor([], dtype=torch.long), max_generated_tokens=2, pad_id=PAD)
+
+
+# ---------------------------------------------------------------- egg_torchtune: the YAML's device and batch size
+
+
+def parsed_cli(monkeypatch, *flags: str):
+    """lm-eval's parsed command line for ``--model egg_torchtune ... <flags>``."""
+    argv = ["lm-eval", "--model", "egg_torchtune", "--model_args", f"config={EVAL_NONE}", "--tasks", "kit_arith_choice", *flags]
+    monkeypatch.setattr(sys, "argv", argv)
+    return HarnessCLI().parse_args()
+
+
+LM_EVAL_DEFAULTS = {"batch_size": 1, "max_batch_size": None, "device": "cuda:0"}  # what lm-eval's CLI passes unset
+
+
+def test_lm_eval_cli_defaults_do_not_replace_the_yamls_device_and_batch_size(monkeypatch, kit_cache):
+    with lm_eval_cli_settings(parsed_cli(monkeypatch)):
+        lm = lm_from_model_args({"config": str(EVAL_NONE)}, LM_EVAL_DEFAULTS)
+    assert lm.device == torch.device("cpu") and lm.batch_size == 8  # eval_none.yaml's
+
+
+def test_a_batch_size_set_on_lm_evals_command_line_overrides_the_yaml(monkeypatch, kit_cache):
+    with lm_eval_cli_settings(parsed_cli(monkeypatch, "--batch_size", "3")):
+        lm = lm_from_model_args({"config": str(EVAL_NONE)}, {**LM_EVAL_DEFAULTS, "batch_size": "3"})
+    assert lm.batch_size == 3 and lm.device == torch.device("cpu")
+
+
+def test_from_python_settings_that_are_not_none_override_the_yaml(kit_cache):
+    lm = lm_from_model_args({"config": str(EVAL_NONE)}, {"batch_size": 2, "max_batch_size": None, "device": None})
+    assert lm.batch_size == 2 and lm.device == torch.device("cpu")
+
+
+def test_egg_torchtune_runs_on_cpu_through_lm_evals_cli_without_device(tmp_path, subprocess_env, kit_cache):
+    out = tmp_path / "out"
+    command = [
+        sys.executable, "-m", "entropy_guided_generation.lm_eval", "--model", "egg_torchtune",
+        "--model_args", f"config={EVAL_NONE}", "--tasks", "kit_arith_choice", "--include_path", str(kit.tasks_dir()),
+        "--limit", "1", "--output_path", str(out),
+    ]
+    run = subprocess.run(command, cwd=REPO_ROOT, env=subprocess_env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = json.loads(next(out.rglob("results_*.json")).read_text())
+    assert 0.0 <= results["results"]["kit_arith_choice"]["acc,none"] <= 1.0
+
+
+def test_a_batch_size_lm_eval_cannot_give_egg_torchtune_is_named(kit_cache):
+    with pytest.raises(ValueError, match=r"eval config batch_size must be an int >= 1, got 'auto'"):
+        lm_from_model_args({"config": str(EVAL_NONE)}, {"batch_size": "auto", "device": None})
+
+
+# ---------------------------------------------------------------- eval config values
+
+
+@pytest.mark.parametrize("limit", ["abc", 0, -3, 1.5, True])
+def test_eval_limit_that_lm_eval_cannot_read_is_named(limit):
+    cfg = load_yaml(EVAL_NONE)
+    cfg.limit = limit
+    with pytest.raises(ValueError, match=rf"eval config limit must be null, an int >= 1 .* got {limit!r}"):
+        EleutherEvalRecipeDirect(cfg)
+
+
+@pytest.mark.parametrize("limit, read", [(None, None), (8, 8), ("8", 8), (0.5, 0.5), ("0.25", 0.25)])
+def test_eval_limit_accepts_a_count_or_a_fraction(limit, read):
+    cfg = load_yaml(EVAL_NONE)
+    cfg.limit = limit
+    assert EleutherEvalRecipeDirect(cfg).limit == read
