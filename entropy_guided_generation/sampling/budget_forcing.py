@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from entropy_guided_generation import signals
-from entropy_guided_generation.eval.generation import cut_at_stop, decode_settings
+from entropy_guided_generation.eval.generation import check_sampling_values, cut_at_stop, decode_settings
 from entropy_guided_generation.generation import DecodeSession, left_pad, left_padded_mask, open_session, sample_next_token
 from entropy_guided_generation.sampling import scalers
 
@@ -605,7 +605,13 @@ def serve_generate_until(
 
     Each forced request's gen_kwargs get a ``"budget_forcing"`` list (one :meth:`log_record` per
     repeat), so ``--log_samples`` shows what forcing did under ``arguments``.
+
+    Raises:
+        ValueError: before any generation, on a sampling value no decoder honours (a negative
+            temperature, ...; :func:`~entropy_guided_generation.eval.generation.check_sampling_values`).
     """
+    for request in requests:
+        check_sampling_values(request.args[1])
     texts: list[Optional[str]] = [None] * len(requests)
     forced = [i for i, r in enumerate(requests) if budget_forcing_requested(r.args[1])]
     others = [i for i, r in enumerate(requests) if not budget_forcing_requested(r.args[1])]
