@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -17,6 +19,8 @@ from diffusion_models import VOCAB as DIFFUSION_VOCAB
 from entropy_guided_generation import kit, signals
 from entropy_guided_generation.confidence import ConfidenceCodec
 from entropy_guided_generation.diffusion import generate, generate_with_tta_uncertainty
+from entropy_guided_generation.diffusion.lm_eval_model import DiffusionLM
+from entropy_guided_generation.diffusion.pretrained import load_mask_predictor, trained_mask_predictor
 from entropy_guided_generation.eleuther_eval import EleutherEvalRecipeDirect
 from entropy_guided_generation.eval.from_config import load_yaml, lm_eval_cli_settings, lm_from_model_args
 from entropy_guided_generation.layout import Interleaving
@@ -27,7 +31,7 @@ from entropy_guided_generation.generation import (
     generate_full_interleaved,
     generate_plain,
 )
-from entropy_guided_generation.sampling.budget_forcing import budget_force_torchtune
+from entropy_guided_generation.sampling.budget_forcing import budget_force_torchtune, serve_generate_until
 from entropy_guided_generation.sampling.entropix import generate_entropix
 from entropy_guided_generation.scoring import SamplingPolicy
 from entropy_guided_generation.scoring.sampling_loop import sample_with_policy
@@ -312,3 +316,92 @@ def test_eval_limit_accepts_a_count_or_a_fraction(limit, read):
     cfg = load_yaml(EVAL_NONE)
     cfg.limit = limit
     assert EleutherEvalRecipeDirect(cfg).limit == read
+
+
+# ---------------------------------------------------------------- gen_kwargs a model cannot honour
+
+
+def request(**gen_kwargs):
+    return SimpleNamespace(args=("7 + 5 =", {"until": ["\n"], **gen_kwargs}))
+
+
+BAD_VALUES = [
+    ({"temperature": -1}, r"temperature must be >= 0 \(0: greedy\), got -1"),
+    ({"do_sample": True, "temperature": "hot"}, r"temperature must be a number, got 'hot'"),
+    ({"top_p": 0}, r"top_p must lie in \(0, 1\], got 0"),
+    ({"top_k": 2.5}, r"top_k must be an int >= 0 \(0: off\), got 2.5"),
+    ({"max_gen_toks": 0}, r"max_gen_toks must be an int >= 1, got 0"),
+]
+
+
+@pytest.mark.parametrize("gen_kwargs, message", BAD_VALUES)
+def test_generate_until_of_egg_torchtune_and_hf_guided_refuses_bad_sampling_values_before_generating(gen_kwargs, message):
+    # Both models' generate_until is serve_generate_until (hf-guided's plain requests too).
+    served = []
+    with pytest.raises(ValueError, match=message):
+        serve_generate_until(None, [request(**gen_kwargs)], plain=served.append, force=served.append, batch_size=1)
+    assert not served
+
+
+@pytest.fixture(scope="module")
+def egg_lm(kit_cache):
+    return lm_from_model_args({"config": str(EVAL_NONE)}, {"device": None})
+
+
+@pytest.mark.parametrize("gen_kwargs, message", [
+    ({"nope": 1}, r"unsupported gen_kwargs \['nope'\] for torchtune models; expected some of until, max_gen_toks"),
+    *BAD_VALUES,
+])
+def test_egg_torchtune_refuses_gen_kwargs_it_cannot_honour(gen_kwargs, message, egg_lm):
+    with pytest.raises(ValueError, match=message):
+        egg_lm.generate_until([request(**gen_kwargs)])
+
+
+@pytest.fixture(scope="module")
+def diffusion_lm():
+    return DiffusionLM(decoding="baseline", steps=8, gen_length=8, block_length=8, batch_size=2)
+
+
+@pytest.mark.parametrize("gen_kwargs, message", [
+    ({"scale_func_name": "nope"}, r"unsupported gen_kwargs \['scale_func_name'\] for --model diffusion; expected some of until, max_gen_toks"),
+    ({"max_tokens_thinking": -5}, r"unsupported gen_kwargs \['max_tokens_thinking'\]"),
+    ({"top_p": 0.9}, r"unsupported gen_kwargs \['top_p'\]"),
+    ({"temperature": -1}, r"temperature must be >= 0 \(0: greedy\), got -1"),
+    ({"max_gen_toks": -2}, r"max_gen_toks must be an int >= 1, got -2"),
+    ({"do_sample": True, "temperature": 0.7}, r"do_sample=True asks for sampling at temperature 0.7; .* set model_args decoding=baseline,temperature=0.7"),
+])
+def test_diffusion_refuses_gen_kwargs_it_cannot_honour(gen_kwargs, message, diffusion_lm):
+    with pytest.raises(ValueError, match=message):
+        diffusion_lm.generate_until([request(**gen_kwargs)])
+
+
+def test_diffusion_honours_greedy_requests_and_max_gen_toks_aliases(diffusion_lm):
+    texts = diffusion_lm.generate_until([request(do_sample=False, temperature=0.0, max_new_tokens=8), request()])
+    assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
+
+
+# ---------------------------------------------------------------- diffusion mask id
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda ids: ids.pop("mask_id"), r"token_ids missing \['mask_id'\]; expected exactly mask_id, pad_id, eos_id, vocab_size"),
+    (lambda ids: ids.update(mask=3), r"token_ids unknown \['mask'\]"),
+])
+def test_a_predictor_card_without_a_mask_id_is_named_on_the_lm_eval_path(edit, message, tmp_path):
+    folder = tmp_path / "predictor"
+    shutil.copytree(trained_mask_predictor(), folder)
+    card_path = folder / "predictor_card.json"
+    card = json.loads(card_path.read_text())
+    edit(card["token_ids"])
+    card_path.write_text(json.dumps(card))
+    with pytest.raises(ValueError, match=r"predictor_card.json: " + message):
+        load_mask_predictor(folder)
+    with pytest.raises(ValueError, match=message):
+        DiffusionLM(pretrained=str(folder))
+
+
+def test_a_predictor_without_mask_token_id_needs_mask_id_named():
+    model, _, _ = load_mask_predictor()
+    model.config.mask_token_id = None
+    with pytest.raises(ValueError, match=r"mask_id is required: the ModernBertForMaskedLM has no config.mask_token_id"):
+        generate(model, torch.tensor([[5, 6]]), steps=2, gen_length=2, block_length=2)
