@@ -164,16 +164,18 @@ class ConfidenceCodec:
         """
         return self.signal_from_log_probs(self.log_probs(logits))
 
-    def log_probs(self, logits: torch.Tensor) -> torch.Tensor:
+    def log_probs(self, logits: torch.Tensor, what: str = "logits") -> torch.Tensor:
         """``[..., v]`` log-probabilities of the distribution the signal reads: softmax(logits / tau_H)
         with confidence ids at -inf, in ``compute_dtype``. :meth:`signal_from_logits` is
         :meth:`signal_from_log_probs` of this, so a decode step that reuses these log-probs gets
         the training signal bit for bit.
 
         Raises:
-            FloatingPointError: on NaN/inf logits (naming row and position)."""
-        signals.assert_finite(logits)
-        return signals.log_probs(logits, temperature=self.temperature, exclude_ids=self.token_ids.to(logits.device), dtype=self.compute_dtype)
+            FloatingPointError: on NaN/inf logits (naming ``what``, row and position)."""
+        return signals.log_probs(
+            logits, temperature=self.temperature, exclude_ids=self.token_ids.to(logits.device), dtype=self.compute_dtype,
+            what=what,
+        )
 
     def signal_from_log_probs(self, lp: torch.Tensor) -> torch.Tensor:
         """The signal ``[...]`` from :meth:`log_probs` output ``[..., v]`` (a decode step reuses them

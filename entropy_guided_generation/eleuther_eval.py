@@ -41,6 +41,7 @@ from entropy_guided_generation.eval.from_config import (
     DEFAULT_SEED,
     EvalInterleaving,
     build_lm,
+    check_limit,
     check_recipe_keys,
     plain_container,
     resolve_kit_paths,
@@ -109,7 +110,7 @@ class EleutherEvalRecipeDirect:
         self.tasks = list(plain_container(cfg.tasks))
         if not self.tasks:
             raise ValueError("tasks is empty; name at least one lm-eval task")
-        self.limit = cfg.get("limit", None)
+        self.limit = check_limit(cfg.get("limit", None))
         self.num_fewshot = cfg.get("num_fewshot", None)
         self.gen_kwargs = plain_container(cfg.get("gen_kwargs", None))
         self.bootstrap_iters = int(cfg.get("bootstrap_iters", 100000))

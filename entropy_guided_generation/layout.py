@@ -29,6 +29,7 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 
+from entropy_guided_generation import signals
 from entropy_guided_generation.confidence import ConfidenceCodec, encode_text
 from entropy_guided_generation.modeling import (
     PositionLogits,
@@ -331,6 +332,21 @@ class Interleaving:
         return policy
 
     # Position budgets: how many plain tokens fit ``max_length`` sequence positions once interleaved.
+    @property
+    def positions_per_content_token(self) -> int:
+        """Position ids a generated token takes at most, with its confidence token: its columns under
+        ``sequential`` positions, 1 under ``shared`` (the confidence token repeats its position)."""
+        return self.columns_per_content_token if self.positions == "sequential" else 1
+
+    def prompt_positions(self, tokens: torch.Tensor, valid_mask: torch.Tensor) -> torch.Tensor:
+        """``[b]`` position ids the prompt rows ``tokens`` ``[b, p]`` take once laid out for decoding:
+        their real tokens, plus their confidence tokens in a prompt-interleaving mode under
+        ``sequential`` positions."""
+        real = valid_mask.long().sum(1)
+        if not (self.interleaves_prompt and self.positions == "sequential"):
+            return real
+        return real + self.slots(tokens, valid_mask=valid_mask).long().sum(1)
+
     def prompt_budget(self, max_length: int, max_gen_toks: int) -> int:
         """Most plain prompt tokens that fit ``max_length`` cache columns beside ``max_gen_toks``
         content steps (a prompt of p tokens takes up to 2p - 1 columns when interleaved).
@@ -661,7 +677,10 @@ def _run_pass(
         rows = active[local]
         t = order[rows, i]
         producing = (layout.plain_index[rows, t] - 1).clamp(min=0)
-        new_signal = codec.signal_from_logits(logits_at(local, producing))
+        logits = logits_at(local, producing)
+        # Named by the plain position of the token they produce, as training's bins are.
+        signals.assert_finite(logits, "fixed-point logits", rows=rows, positions=t)
+        new_signal = codec.signal_from_logits(logits)
         new_bins = codec.bins_from_signal(new_signal)
         moved = torch.zeros_like(todo)
         fresh = i >= had[local]
@@ -730,6 +749,7 @@ def _step_to_the_end(
         )
         for j in range(steps):
             now = live[:, j]
+            signals.assert_finite(logits[now], f"fixed-point step {j} logits", rows=rows[now], positions=slot_plain[now, j])
             new_signal = codec.signal_from_logits(logits[now])
             new_bins = codec.bins_from_signal(new_signal)
             bins[rows[now], slot_plain[now, j]] = new_bins

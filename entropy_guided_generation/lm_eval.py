@@ -19,13 +19,14 @@ Named ``lm_eval`` inside our package; absolute imports keep ``import lm_eval`` m
 """
 from __future__ import annotations
 
-from lm_eval.__main__ import cli_evaluate
+from lm_eval.__main__ import HarnessCLI
 from lm_eval.api.model import LM
 from lm_eval.api.registry import model_registry, register_model
+from lm_eval.utils import setup_logging
 
 from entropy_guided_generation.diffusion.lm_eval_model import MODEL_NAME as DIFFUSION
 from entropy_guided_generation.diffusion.lm_eval_model import DiffusionLM
-from entropy_guided_generation.eval.from_config import TorchtuneLMFromConfig
+from entropy_guided_generation.eval.from_config import TorchtuneLMFromConfig, lm_eval_cli_settings
 from entropy_guided_generation.eval.lm import MODEL_NAME as EGG_TORCHTUNE
 from entropy_guided_generation.sampling.hf_guided import MODEL_NAME as HF_GUIDED
 from entropy_guided_generation.sampling.hf_guided import HFGuidedLM
@@ -61,9 +62,15 @@ def register_models() -> None:
 
 
 def main() -> None:
-    """Register our models, then run lm-eval's CLI on ``sys.argv``."""
+    """Register our models, then run lm-eval's CLI on ``sys.argv`` (its ``cli_evaluate``, with the
+    parsed command line kept so ``egg_torchtune`` can tell a ``--device`` / ``--batch_size`` the user
+    gave from lm-eval's defaults)."""
     register_models()
-    cli_evaluate()
+    setup_logging()
+    cli = HarnessCLI()
+    args = cli.parse_args()
+    with lm_eval_cli_settings(args):
+        cli.execute(args)
 
 
 if __name__ == "__main__":

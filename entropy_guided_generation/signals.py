@@ -4,11 +4,12 @@ Every function reduces over the last (vocabulary) dimension of ``logits`` and wo
 leading shape (``[v]``, ``[b, v]``, ``[b, s, v]``). Entropies are in **nats**; divide by
 ``math.log(2)`` for bits. ``exclude_ids`` removes tokens from the distribution (their logits are
 set to -inf before the softmax), which is how confidence tokens are kept out of the signal.
+Non-finite logits raise ``FloatingPointError`` (naming row and position), never a signal.
 """
 from __future__ import annotations
 
 import math
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
 
@@ -17,28 +18,51 @@ LN2 = math.log(2.0)
 IdsLike = Union[torch.Tensor, Sequence[int], None]
 
 
-def assert_finite(logits: torch.Tensor, what: str = "logits") -> None:
-    """Raise if any entry of ``logits`` is NaN or +-inf.
+def assert_finite(
+    logits: torch.Tensor,
+    what: str = "logits",
+    *,
+    rows: Optional[torch.Tensor] = None,
+    positions: Optional[torch.Tensor] = None,
+) -> None:
+    """Raise if a distribution in ``logits`` holds a NaN or +inf logit, or no finite logit at all.
+
+    -inf entries are allowed: they are tokens removed from the distribution (confidence ids, a
+    sampler's filters). This is the check every decode loop, sampler and signal function shares:
+    one reduction (a per-distribution max, which propagates NaN) and one host sync, so loops that
+    already sync once per step (to stop finished rows) pay no extra synchronisation for it.
 
     Args:
         logits: ``[..., v]`` scores.
-        what: name used in the error message.
+        what: name used in the error message (e.g. ``"decode step 3 logits"``).
+        rows, positions: ``[k]`` each, for ``[k, v]`` logits gathered from a batch: the batch row
+            and sequence position each distribution belongs to, named in the error instead of k.
 
     Raises:
-        FloatingPointError: naming the index of the first bad distribution (batch row and
-            position for ``[b, s, v]`` inputs) and the bad value.
+        FloatingPointError: naming the first bad distribution (batch row and position for
+            ``[b, s, v]`` inputs, row for ``[b, v]``), and the bad value and its vocab id.
     """
-    finite = torch.isfinite(logits)
-    if bool(finite.all()):
+    top = logits.amax(-1)
+    if bool(torch.isfinite(top).all()):
         return
-    bad = (~finite).nonzero()[0].tolist()
-    index, vocab_id = bad[:-1], bad[-1]
-    value = logits[tuple(bad)].item()
-    names = {1: ["row"], 2: ["row", "position"]}.get(len(index), [f"dim{i}" for i in range(len(index))])
-    where = ", ".join(f"{n} {i}" for n, i in zip(names, index)) or "the only distribution"
+    index = (~torch.isfinite(top)).nonzero()[0].tolist()
+    if rows is not None and len(index) == 1:
+        where = f"row {int(rows[index[0]])}"
+        if positions is not None:
+            where += f", position {int(positions[index[0]])}"
+    else:
+        names = {1: ["row"], 2: ["row", "position"]}.get(len(index), [f"dim{i}" for i in range(len(index))])
+        where = ", ".join(f"{n} {i}" for n, i in zip(names, index)) or "the only distribution"
+    row = logits[tuple(index)]
+    bad = (torch.isnan(row) | (row == float("inf"))).nonzero()
+    if len(bad):
+        vocab_id = int(bad[0])
+        found = f"a non-finite value ({row[vocab_id].item()}) at {where}, vocab id {vocab_id}"
+    else:
+        found = f"no finite value at {where} (every logit is -inf)"
     raise FloatingPointError(
-        f"{what} contain a non-finite value ({value}) at {where}, vocab id {vocab_id}; "
-        "a confidence signal needs finite logits"
+        f"{what} contain {found}; expected finite logits (NaN/inf logits come from NaN weights or inputs, "
+        "or an overflow in the model's dtype)"
     )
 
 
@@ -48,22 +72,31 @@ def log_probs(
     temperature: float = 1.0,
     exclude_ids: IdsLike = None,
     dtype: torch.dtype = torch.float32,
+    what: str = "logits",
 ) -> torch.Tensor:
     """Log-probabilities of softmax(logits / temperature) with ``exclude_ids`` removed.
+
+    Every signal function of this module goes through here, so each refuses non-finite logits
+    (a NaN distribution would otherwise read as entropy -0.0: full confidence).
 
     Args:
         logits: ``[..., v]``.
         temperature: tau > 0 dividing the logits.
         exclude_ids: token ids given probability 0 (log-prob -inf).
         dtype: computation dtype (float32 or float64); the result has this dtype.
+        what: how the error names ``logits`` (e.g. ``"decode step 3 logits"``).
 
     Returns:
         ``[..., v]`` log-probabilities in ``dtype``.
+
+    Raises:
+        FloatingPointError: on NaN/inf logits, naming ``what``, row and position (:func:`assert_finite`).
     """
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if dtype not in (torch.float32, torch.float64):
         raise ValueError(f"signal dtype must be torch.float32 or torch.float64, got {dtype}")
+    assert_finite(logits, what)
     z = logits.to(dtype)
     if temperature != 1.0:
         z = z / temperature

@@ -8,9 +8,12 @@ from entropy_guided_generation.confidence import ConfidenceCodec, fit_quantile_e
 from entropy_guided_generation.modeling import logits_of
 
 
-def tiny_decoder(vocab_size: int = 64, seed: int = 0, embed_dim: int = 32, num_layers: int = 2, weight_scale: float = 1.0):
+def tiny_decoder(
+    vocab_size: int = 64, seed: int = 0, embed_dim: int = 32, num_layers: int = 2, weight_scale: float = 1.0,
+    max_seq_len: int = 256,
+):
     """A random torchtune Qwen2 decoder (fp32, eval mode). ``weight_scale`` sharpens its distributions
-    so that entropies spread over several bins."""
+    so that entropies spread over several bins; ``max_seq_len`` sizes its rotary position table."""
     from torchtune.models.qwen2 import qwen2
 
     torch.manual_seed(seed)
@@ -21,7 +24,7 @@ def tiny_decoder(vocab_size: int = 64, seed: int = 0, embed_dim: int = 32, num_l
         num_kv_heads=2,
         embed_dim=embed_dim,
         intermediate_dim=2 * embed_dim,
-        max_seq_len=256,
+        max_seq_len=max_seq_len,
         tie_word_embeddings=True,
     )
     with torch.no_grad():

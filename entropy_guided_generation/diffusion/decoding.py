@@ -14,6 +14,8 @@ from typing import Any, Optional
 
 import torch
 
+from entropy_guided_generation import signals
+
 LLADA_MASK_ID = 126336  # [MASK] of GSAI-ML/LLaDA-8B-*; the kit's predictor uses its tokenizer's <|mask|>
 REMASKING_STRATEGIES = ("low_confidence", "random")
 
@@ -26,6 +28,8 @@ def predictor_logits(model: Any, tokens: torch.Tensor) -> torch.Tensor:
     Raises:
         TypeError: if the output is neither.
         ValueError: if the logits are not ``[b, s, v]`` for tokens ``[b, s]``.
+        FloatingPointError: on NaN/inf logits, naming row and position (for a batch of TTA views,
+            the row of the ``K x b`` batch).
     """
     output = model(tokens)
     logits = output if isinstance(output, torch.Tensor) else getattr(output, "logits", None)
@@ -33,6 +37,9 @@ def predictor_logits(model: Any, tokens: torch.Tensor) -> torch.Tensor:
         raise TypeError(f"a mask predictor must return a logits tensor or an object with .logits, got {type(output).__name__}")
     if logits.dim() != 3 or tuple(logits.shape[:2]) != tuple(tokens.shape):
         raise ValueError(f"mask predictor returned logits of shape {tuple(logits.shape)}; expected [b, s, v] with [b, s] = {tuple(tokens.shape)}")
+    # Every denoising step, TTA view and likelihood estimate reads logits through here: NaN logits
+    # would argmax to token 0 and commit it as if certain.
+    signals.assert_finite(logits, "mask predictor logits")
     return logits.float()
 
 

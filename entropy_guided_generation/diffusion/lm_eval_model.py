@@ -25,6 +25,7 @@ from typing import Any, Optional
 
 import torch
 from lm_eval.api.model import LM
+from lm_eval.models.utils import normalize_gen_kwargs
 from tqdm import tqdm
 
 from entropy_guided_generation.diffusion.decoding import REMASKING_STRATEGIES, generate, predictor_logits
@@ -32,12 +33,15 @@ from entropy_guided_generation.diffusion.likelihood import monte_carlo_loglikeli
 from entropy_guided_generation.diffusion.mask_predictor import response_text
 from entropy_guided_generation.diffusion.pretrained import load_mask_predictor
 from entropy_guided_generation.diffusion.tta import TTAOptions, generate_with_tta_uncertainty
+from entropy_guided_generation.eval.generation import check_sampling_values
 from entropy_guided_generation.generation import left_pad
 
 log = logging.getLogger(__name__)
 
 MODEL_NAME = "diffusion"
 DECODINGS = ("baseline", "tta")
+GEN_KWARGS = ("until", "max_gen_toks", "max_new_tokens", "max_tokens", "max_completion_tokens", "do_sample", "temperature")
+"""The request gen_kwargs ``generate_until`` honours."""
 _TTA_KEYS = tuple(TTAOptions.__dataclass_fields__)
 
 
@@ -146,14 +150,45 @@ class DiffusionLM(LM):
         generator = torch.Generator(device=prompt.device).manual_seed(self.seed + batch_index)
         return generate(self.model, prompt, temperature=self.temperature, cfg_scale=self.cfg_scale, remasking=self.remasking, generator=generator, **common)
 
+    def request_settings(self, gen_kwargs: dict) -> dict:
+        """A request's gen_kwargs normalized (``max_gen_toks`` from any alias), once checked: only
+        keys this model honours (:data:`GEN_KWARGS`; its decoding is set by model_args), valid
+        values, and sampling only as model_args decode (``decoding=baseline`` at that temperature).
+
+        Raises:
+            ValueError: naming the key or value and what is accepted.
+        """
+        unknown = sorted(set(gen_kwargs) - set(GEN_KWARGS))
+        if unknown:
+            raise ValueError(
+                f"unsupported gen_kwargs {unknown} for --model {MODEL_NAME}; expected some of {', '.join(GEN_KWARGS)} "
+                "(decoding is set by model_args: decoding, steps, gen_length, block_length, temperature, remasking, tta_*)"
+            )
+        check_sampling_values(gen_kwargs)
+        kwargs = normalize_gen_kwargs(dict(gen_kwargs), self.gen_length)
+        if kwargs.get("do_sample"):
+            wanted = float(kwargs.get("temperature") or 1.0)  # do_sample without a temperature: 1.0, as HF
+            if self.decoding != "baseline" or wanted != self.temperature:
+                raise ValueError(
+                    f"gen_kwargs do_sample=True asks for sampling at temperature {wanted}; --model {MODEL_NAME} samples "
+                    f"only as its model_args say (decoding={self.decoding!r}, temperature={self.temperature}): set "
+                    f"model_args decoding=baseline,temperature={wanted}, or drop do_sample"
+                )
+        return kwargs
+
     def generate_until(self, requests: list, disable_tqdm: bool = False) -> list[str]:
-        """One string per request: the generated text up to the first eos and the first ``until`` string."""
+        """One string per request: the generated text up to the first eos and the first ``until`` string.
+
+        Raises:
+            ValueError: before any decoding, on gen_kwargs this model cannot honour (:meth:`request_settings`).
+        """
+        settings = [self.request_settings(r.args[1]) for r in requests]
         out: list[str] = []
         batches = range(0, len(requests), self.batch_size)
         for batch_index, begin in enumerate(tqdm(batches, desc=f"diffusion[{self.decoding}] generate", disable=disable_tqdm)):
             chunk = requests[begin : begin + self.batch_size]
-            kwargs = [dict(r.args[1]) for r in chunk]
-            gen_length, steps = self._layout(max((k.get("max_gen_toks") or self.gen_length) for k in kwargs))
+            kwargs = settings[begin : begin + self.batch_size]
+            gen_length, steps = self._layout(max(k["max_gen_toks"] for k in kwargs))
             prompts = [self._encode(r.args[0])[-(self.max_length - gen_length) :] for r in chunk]
             prompt = left_pad(prompts, self.ids.pad_id, device=self.device)
             start = time.perf_counter()
@@ -213,4 +248,4 @@ class DiffusionLM(LM):
         )
 
 
-__all__ = ["DECODINGS", "MODEL_NAME", "DiffusionLM", "parse_temperature_range"]
+__all__ = ["DECODINGS", "GEN_KWARGS", "MODEL_NAME", "DiffusionLM", "parse_temperature_range"]

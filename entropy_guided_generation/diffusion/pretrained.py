@@ -42,6 +42,23 @@ def predictor_card(folder: Optional[PathLike] = None) -> dict[str, Any]:
     return json.loads((Path(folder or trained_mask_predictor()) / CARD_FILENAME).read_text())
 
 
+def card_token_ids(card: Any, path: PathLike) -> TokenIds:
+    """The ``token_ids`` a predictor card records (mask, pad, eos ids and vocabulary size).
+
+    Raises:
+        ValueError: naming the card file and the missing or unexpected keys.
+    """
+    expected = tuple(TokenIds.__dataclass_fields__)
+    ids = card.get("token_ids") if isinstance(card, dict) else None
+    if not isinstance(ids, dict):
+        raise ValueError(f"{path} has no token_ids; expected a mapping with {', '.join(expected)} (diffusion.train writes it)")
+    missing, unknown = sorted(set(expected) - set(ids)), sorted(set(ids) - set(expected))
+    if missing or unknown:
+        found = "; ".join(part for part in (missing and f"missing {missing}", unknown and f"unknown {unknown}") if part)
+        raise ValueError(f"{path}: token_ids {found}; expected exactly {', '.join(expected)}")
+    return TokenIds(**{key: int(ids[key]) for key in expected})
+
+
 def load_mask_predictor(folder: Optional[PathLike] = None, dtype: torch.dtype = torch.float32):
     """``(model, tokenizer, ids)`` of a predictor folder (default: ``trained_mask_predictor()``), model in eval mode.
 
@@ -54,10 +71,10 @@ def load_mask_predictor(folder: Optional[PathLike] = None, dtype: torch.dtype = 
     card = predictor_card(folder)
     model = ModernBertForMaskedLM.from_pretrained(str(folder), dtype=dtype).eval()
     tokenizer = kit.load_tokenizer(folder=folder)
-    ids = TokenIds(**card["token_ids"])
+    ids = card_token_ids(card, folder / CARD_FILENAME)
     if ids != TokenIds.from_tokenizer(tokenizer, model.config.vocab_size):
         raise ValueError(f"{folder}: the card's token ids {ids} disagree with the tokenizer's {TokenIds.from_tokenizer(tokenizer, model.config.vocab_size)}")
     return model, tokenizer, ids
 
 
-__all__ = ["SHIPPED_DIR", "SHIPPED_FILES", "load_mask_predictor", "predictor_card", "trained_mask_predictor"]
+__all__ = ["SHIPPED_DIR", "SHIPPED_FILES", "card_token_ids", "load_mask_predictor", "predictor_card", "trained_mask_predictor"]

@@ -8,9 +8,12 @@ Two users: the eval recipe (:mod:`entropy_guided_generation.eleuther_eval`) and 
 """
 from __future__ import annotations
 
+import argparse
+import contextlib
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Iterator, Mapping, Optional
 
 import torch
 from lm_eval.utils import simple_parse_args_string
@@ -69,6 +72,46 @@ def check_recipe_keys(cfg: DictConfig) -> None:
     unknown = sorted(set(cfg.keys()) - set(RECIPE_KEYS))
     if unknown:
         raise ValueError(f"unknown eval config keys {unknown}; expected some of {', '.join(RECIPE_KEYS)}")
+
+
+def config_int(cfg: DictConfig, key: str, default: Optional[int], *, minimum: int = 1) -> Optional[int]:
+    """``cfg[key]`` as an int >= ``minimum`` (``default`` when absent; null stays None when the
+    default is None). A digit string (``batch_size=3`` from model_args or lm-eval's CLI) counts.
+
+    Raises:
+        ValueError: naming the key, the value and what was expected (``batch_size=auto`` included).
+    """
+    value = cfg.get(key, default)
+    if value is None and default is None:
+        return None
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"eval config {key} must be an int >= {minimum}, got {value!r}")
+    return value
+
+
+def check_limit(value: Any) -> Optional[float]:
+    """The eval config's ``limit`` as lm-eval reads it: null (every example), an int >= 1 (examples
+    per task) or a float in (0, 1) (a fraction of each task); a numeric string counts.
+
+    Raises:
+        ValueError: naming the value and the accepted forms.
+    """
+    if value is None:
+        return None
+    if isinstance(value, str):
+        with contextlib.suppress(ValueError):  # not a number: refused below, named as given
+            value = float(value) if any(c in value for c in ".eE") else int(value)
+    ok = (isinstance(value, int) and not isinstance(value, bool) and value >= 1) or (
+        isinstance(value, float) and 0.0 < value < 1.0
+    )
+    if not ok:
+        raise ValueError(
+            f"eval config limit must be null, an int >= 1 (examples per task) or a float in (0, 1) (a fraction "
+            f"of each task), got {value!r}"
+        )
+    return value
 
 
 def checkpoint_metadata(cfg: DictConfig) -> tuple[Optional[ConfidenceMetadata], Optional[Path]]:
@@ -178,9 +221,9 @@ def build_lm(cfg: DictConfig, device: torch.device, dtype: torch.dtype):
         marker=interleaving.marker,
         positions=interleaving.positions,
         sampler=sampler,
-        batch_size=int(cfg.get("batch_size", 8)),
-        max_seq_length=int(cfg.get("max_seq_length", 4096)),
-        max_gen_toks=int(cfg.get("max_gen_toks", 256)),
+        batch_size=config_int(cfg, "batch_size", 8),
+        max_seq_length=config_int(cfg, "max_seq_length", 4096),
+        max_gen_toks=config_int(cfg, "max_gen_toks", 256),
         enable_kv_cache=bool(cfg.get("enable_kv_cache", True)),
         max_passes=interleaving.max_passes,
         seed=int(cfg.get("seed", None) or DEFAULT_SEED),
@@ -204,12 +247,58 @@ def lm_from_config_file(path: str, overrides: Optional[Mapping[str, Any]] = None
     return lm
 
 
+# lm-eval's run settings that reach a model as ``additional_config`` and name eval config keys.
+LM_EVAL_SETTINGS = ("batch_size", "device")
+# Which of them lm-eval's command line set explicitly, while its CLI runs (None: not under the CLI).
+_CLI_EXPLICIT: ContextVar[Optional[frozenset]] = ContextVar("egg_lm_eval_cli_explicit", default=None)
+
+
+@contextlib.contextmanager
+def lm_eval_cli_settings(args: argparse.Namespace) -> Iterator[frozenset]:
+    """While lm-eval's CLI runs ``args`` (its parsed command line), remember which of ``--device`` and
+    ``--batch_size`` the user set: on the command line, or in lm-eval's own ``--config`` file.
+
+    lm-eval's CLI fills the others with its defaults (``cuda:0``, 1) before any model sees them, so a
+    model cannot tell them apart from a user's choice; :func:`lm_from_model_args` asks here.
+    """
+    explicit = {key for key in LM_EVAL_SETTINGS if getattr(args, key, None) is not None}
+    config_file = getattr(args, "config", None)
+    if config_file:
+        settings = OmegaConf.to_container(OmegaConf.load(config_file)) or {}
+        explicit |= {key for key in LM_EVAL_SETTINGS if isinstance(settings, dict) and settings.get(key) is not None}
+    token = _CLI_EXPLICIT.set(frozenset(explicit))
+    try:
+        yield _CLI_EXPLICIT.get()
+    finally:
+        _CLI_EXPLICIT.reset(token)
+
+
+def explicit_lm_eval_settings(additional_config: Optional[Mapping[str, Any]]) -> dict[str, Any]:
+    """The entries of lm-eval's ``additional_config`` a user set (``batch_size``, ``device``).
+
+    Under lm-eval's CLI (:func:`lm_eval_cli_settings`): those given on its command line or in its
+    ``--config`` file, never the defaults it fills in. From Python (``simple_evaluate(device=...,
+    batch_size=...)``, whose defaults are None): those that are not None.
+    """
+    explicit = _CLI_EXPLICIT.get()
+    return {
+        key: value
+        for key, value in (additional_config or {}).items()
+        if key in LM_EVAL_SETTINGS and value is not None and (explicit is None or key in explicit)
+    }
+
+
 def lm_from_model_args(arg_dict: Mapping[str, Any], additional_config: Optional[Mapping[str, Any]] = None) -> TorchtuneLM:
     """``--model egg_torchtune --model_args config=<eval yaml>[,key=value...]``: the model,
-    tokenizer and interleaving of an eval recipe config (other keys override the config's;
-    lm-eval's ``additional_config`` too, less ``max_batch_size`` and unset values)."""
+    tokenizer and interleaving of an eval recipe config.
+
+    The YAML decides every setting, ``device``, ``batch_size`` and ``dtype`` included. ``model_args``
+    keys override it, and so do lm-eval's ``--device`` / ``--batch_size`` when the user set them
+    (:func:`explicit_lm_eval_settings`): lm-eval's defaults (``cuda:0``, batch 1) never replace the
+    YAML's. ``--max_batch_size`` is not used.
+    """
     args = dict(arg_dict)
-    extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k != "max_batch_size"}
+    extra = explicit_lm_eval_settings(additional_config)
     if "config" not in args:
         raise ValueError(f"--model {MODEL_NAME} needs model_args config=<eval recipe YAML>, got {sorted(args)}")
     return lm_from_config_file(args.pop("config"), {**args, **extra})
@@ -231,14 +320,19 @@ class TorchtuneLMFromConfig(TorchtuneLM):
 __all__ = [
     "DEFAULT_SEED",
     "INTERLEAVING_KEYS",
+    "LM_EVAL_SETTINGS",
     "RECIPE_KEYS",
     "EvalInterleaving",
     "TorchtuneLMFromConfig",
     "build_lm",
+    "check_limit",
     "check_recipe_keys",
     "checkpoint_metadata",
+    "config_int",
     "eval_codec",
     "eval_interleaving",
+    "explicit_lm_eval_settings",
+    "lm_eval_cli_settings",
     "lm_from_config_file",
     "lm_from_model_args",
     "load_model",

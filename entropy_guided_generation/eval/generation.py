@@ -30,6 +30,39 @@ GEN_KWARGS = (
 )
 
 
+def check_sampling_values(gen_kwargs: Mapping[str, Any]) -> None:
+    """Refuse sampling values no decoder can honour, whatever ``do_sample`` says (a negative
+    temperature is a mistake even where greedy decoding would ignore it).
+
+    Raises:
+        ValueError: naming the key, its value and what is expected: ``temperature`` a number >= 0,
+            ``top_p`` in (0, 1], ``top_k`` an int >= 0, a ``max_gen_toks`` alias an int >= 1.
+    """
+    def number(key: str) -> Optional[float]:
+        value = gen_kwargs.get(key)
+        if value is None:
+            return None
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            number = float("nan")
+        if isinstance(value, bool) or number != number:
+            raise ValueError(f"gen_kwargs {key} must be a number, got {value!r}")
+        return number
+
+    temperature, top_p, top_k = number("temperature"), number("top_p"), number("top_k")
+    if temperature is not None and not temperature >= 0:
+        raise ValueError(f"gen_kwargs temperature must be >= 0 (0: greedy), got {gen_kwargs['temperature']!r}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"gen_kwargs top_p must lie in (0, 1], got {gen_kwargs['top_p']!r}")
+    if top_k is not None and not (top_k >= 0 and top_k == int(top_k)):
+        raise ValueError(f"gen_kwargs top_k must be an int >= 0 (0: off), got {gen_kwargs['top_k']!r}")
+    for key in ("max_gen_toks", "max_new_tokens", "max_tokens", "max_completion_tokens"):
+        value = number(key)
+        if value is not None and not (value >= 1 and value == int(value)):
+            raise ValueError(f"gen_kwargs {key} must be an int >= 1, got {gen_kwargs[key]!r}")
+
+
 @dataclass(frozen=True)
 class DecodeSettings:
     """How to decode one group of requests.
@@ -60,13 +93,15 @@ def decode_settings(
     temperature samples at 1.0 (as Hugging Face generate does).
 
     Raises:
-        ValueError: on a gen_kwarg we do not serve (naming it and the accepted ones), or bad values.
+        ValueError: on a gen_kwarg we do not serve (naming it and the accepted ones), or bad values
+            (:func:`check_sampling_values`).
     """
     from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs
 
     unknown = sorted(set(gen_kwargs) - set(GEN_KWARGS))
     if unknown:
         raise ValueError(f"unsupported gen_kwargs {unknown} for torchtune models; expected some of {', '.join(GEN_KWARGS)}")
+    check_sampling_values(gen_kwargs)
     kwargs = dict(normalize_gen_kwargs(dict(gen_kwargs), default_max_gen_toks))
     until = handle_stop_sequences(kwargs.pop("until", None), eos=eos_text)
     max_gen_toks = int(kwargs.pop("max_gen_toks"))
@@ -140,6 +175,7 @@ def tokens_covering(num_chars: int, tokens: Sequence[int], decode: Callable[[lis
 __all__ = [
     "GEN_KWARGS",
     "DecodeSettings",
+    "check_sampling_values",
     "cut_at_stop",
     "decode_settings",
     "fill_static_batch",

@@ -84,6 +84,11 @@ def decode(
     call this; see them for the arguments. ``interleaving`` is an :class:`~entropy_guided_generation.layout.Interleaving`
     or a mode name, bound here to ``stop_tokens`` and ``marker`` (token ids). ``step_hook(logits=..., step=...)``
     may return content token ids ``[b]`` to replace the built-in sampler (the entropix sampler uses it).
+
+    Raises:
+        ValueError: on an empty prompt row, or a prompt + generation that could outgrow the model's
+            ``max_seq_len`` (:func:`check_fits`, before any forward).
+        FloatingPointError: on non-finite logits, naming the step and row.
     """
     if prompt.dim() == 1:
         prompt = prompt.unsqueeze(0)
@@ -95,9 +100,8 @@ def decode(
         raise ValueError(f"mode {interleaving.name!r} needs a confidence codec (codec=...)")
     b, device = prompt.shape[0], prompt.device
     stops = torch.tensor(list(stop_tokens or []), dtype=torch.long, device=device)
-    prompt_valid = prompt != pad_id
-    if not bool(prompt_valid.any(1).all()):
-        raise ValueError("every prompt row needs at least one non-pad token")
+    prompt_valid = check_prompt(prompt, pad_id)
+    check_fits(model, prompt, prompt_valid, interleaving, max_generated_tokens)
 
     prefill_tokens, prefill_valid, prefill_conf = _prefill_sequence(
         model, prompt, prompt_valid, interleaving, codec=codec, pad_id=pad_id, max_passes=max_prompt_passes
@@ -124,6 +128,54 @@ def decode(
                 break
             logits = _feed_step(session, out, active, interleaving)
     return _assemble(prompt, prefill_tokens, prefill_valid, records, pad_id)
+
+
+def check_prompt(prompt: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """``[b, p]`` True on the real tokens of the left-padded ``prompt`` ``[b, p]``.
+
+    Raises:
+        ValueError: naming the first row that holds no token but ``pad_id`` (or the empty prompt).
+    """
+    valid = prompt != pad_id
+    empty = ~valid.any(1)
+    if bool(empty.any()):
+        row = int(empty.nonzero()[0])
+        raise ValueError(
+            f"prompt row {row} is empty ({prompt.shape[1]} columns, none but pad_id {pad_id}); every prompt row "
+            "needs at least one token"
+        )
+    return valid
+
+
+def check_fits(
+    model: Any, prompt: torch.Tensor, prompt_valid: torch.Tensor, interleaving: Interleaving, max_generated_tokens: int
+) -> None:
+    """Refuse, before any forward, a decode whose sequence could outgrow the model's ``max_seq_len``
+    (a torchtune decoder's rotary position table): per row, the prompt's positions (interleaved in
+    a prompt-interleaving mode) plus ``max_generated_tokens`` x the positions a content token takes
+    with its confidence token. Models without ``max_seq_len`` are not checked.
+
+    Raises:
+        ValueError: naming the row, the numbers, and the largest ``max_generated_tokens`` that fits.
+    """
+    max_seq_len = getattr(model, "max_seq_len", None)
+    if not isinstance(max_seq_len, int):
+        return
+    prompt_positions = interleaving.prompt_positions(prompt, prompt_valid)
+    per_token = interleaving.positions_per_content_token
+    needed = prompt_positions + per_token * max_generated_tokens
+    if not bool((needed > max_seq_len).any()):
+        return
+    row = int(needed.argmax())
+    used = int(prompt_positions[row])
+    prompt_part = f"{used} for the prompt" + (" (interleaved)" if interleaving.interleaves_prompt else "")
+    per = f" x {per_token} (content + confidence token)" if per_token > 1 else ""
+    fits = (max_seq_len - used) // per_token
+    fix = f"lower max_generated_tokens to at most {fits} or shorten the prompt" if fits >= 1 else "shorten the prompt"
+    raise ValueError(
+        f"prompt row {row} needs {int(needed[row])} positions in mode {interleaving.name!r}: {prompt_part} + "
+        f"max_generated_tokens {max_generated_tokens}{per}, more than the model's max_seq_len {max_seq_len}; {fix}"
+    )
 
 
 def _prefill_sequence(
@@ -186,15 +238,21 @@ def _content_step(
     (``gets_confidence``) says so, its c_t.
 
     Rows that already stopped emit ``pad_id`` and no confidence token.
+
+    Raises:
+        FloatingPointError: on non-finite ``logits``, naming ``step`` and the row (one ``isfinite``
+            reduction per step; its host sync joins the one the loop makes to stop finished rows).
     """
+    # One softmax serves the content token's entropy and log-prob and the confidence signal: the
+    # codec's distribution (tau_H, confidence ids masked), the one training bins read. Computed
+    # first: it refuses non-finite logits (naming the step and row) before anything samples them.
+    what = f"decode step {step} logits"
+    logp_all = codec.log_probs(logits, what=what) if codec is not None else signals.log_probs(logits, what=what)
     content_logits = codec.mask_confidence_logits(logits) if codec is not None else logits
     token = step_hook(logits=content_logits, step=step) if step_hook is not None else None
     if token is None:
         token = sample_next_token(content_logits, temperature=temperature, top_k=top_k, top_p=top_p, rng=rng)
     token = torch.where(active, token, torch.full_like(token, pad_id))
-    # One softmax serves the content token's entropy and log-prob and the confidence signal: the
-    # codec's distribution (tau_H, confidence ids masked), the one training bins read.
-    logp_all = codec.log_probs(logits) if codec is not None else signals.log_probs(logits)
     step_entropy = signals.entropy_from_log_probs(logp_all)
     logp = logp_all.gather(-1, token.unsqueeze(-1)).squeeze(-1)
     nan = torch.full_like(step_entropy, float("nan"))

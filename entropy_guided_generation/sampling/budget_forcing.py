@@ -27,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from entropy_guided_generation import signals
-from entropy_guided_generation.eval.generation import GEN_KWARGS, cut_at_stop, decode_settings
+from entropy_guided_generation.eval.generation import GEN_KWARGS, check_sampling_values, cut_at_stop, decode_settings
 from entropy_guided_generation.generation import DecodeSession, left_pad, left_padded_mask, open_session, sample_next_token
 from entropy_guided_generation.sampling import scalers
 
@@ -354,7 +354,7 @@ def force_budget(
     logits = session.prefill(prompt, prompt_valid)
     bar = tqdm(total=int(generation_budget.max()), desc="budget forcing", disable=not progress, leave=False)
     while True:
-        lp = signals.log_probs(logits, exclude_ids=exclude_ids)
+        lp = signals.log_probs(logits, exclude_ids=exclude_ids, what=f"budget forcing step {len(tokens)} logits")
         entropy = signals.entropy_from_log_probs(lp)
         content = logits if exclude_ids is None else logits.index_fill(-1, exclude_ids, float("-inf"))
         sampled = sample_next_token(content, temperature=temperature, top_k=top_k, top_p=top_p, rng=rng)
@@ -635,7 +635,13 @@ def serve_generate_until(
 
     Each forced request's gen_kwargs get a ``"budget_forcing"`` list (one :meth:`log_record` per
     repeat), so ``--log_samples`` shows what forcing did under ``arguments``.
+
+    Raises:
+        ValueError: before any generation, on a sampling value no decoder honours (a negative
+            temperature, ...; :func:`~entropy_guided_generation.eval.generation.check_sampling_values`).
     """
+    for request in requests:
+        check_sampling_values(request.args[1])
     texts: list[Optional[str]] = [None] * len(requests)
     forced = [i for i, r in enumerate(requests) if budget_forcing_requested(r.args[1])]
     others = [i for i, r in enumerate(requests) if not budget_forcing_requested(r.args[1])]

@@ -17,7 +17,7 @@ import torch
 
 from entropy_guided_generation.confidence import ConfidenceCodec, encode_single_token
 from entropy_guided_generation.generation import register_decoder
-from entropy_guided_generation.generation.common import DecodeResult, decode
+from entropy_guided_generation.generation.common import DecodeResult, check_prompt, decode
 from entropy_guided_generation.sampling.entropix_config import EntropixConfig
 from entropy_guided_generation.sampling.entropix_metrics import METRIC_NAMES, EntropixMetrics, entropix_metrics
 
@@ -455,11 +455,17 @@ def generate_entropix(
         ``attn_entropy``, ``attn_varentropy``, ``agreement``, ``interaction_strength`` (NaN once a
         row stopped), ``temperature``, ``top_p``, ``min_p``, ``top_k`` and ``regime`` (codes into
         ``extras["regime_names"]``, -1 once stopped), and ``sampler_config``.
+
+    Raises:
+        ValueError: on an empty prompt row, or a prompt + generation longer than the model's
+            ``max_seq_len`` (as :func:`decode`).
+        FloatingPointError: on non-finite logits, naming the step and row.
     """
     config = EntropixConfig.coerce(sampler_config)
     clarifying_id = resolve_clarifying_token(config.clarifying_token, tokenizer)
     if prompt.dim() == 1:
         prompt = prompt.unsqueeze(0)
+    check_prompt(prompt, pad_id)  # before the loop reads each row's last token
     observer = LastQueryAttention(model)
     loop = _EntropixLoop(observer, config, prompt, clarifying_id, rng)
     with observer.attached():

@@ -13,6 +13,7 @@ from typing import Any, Optional, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from entropy_guided_generation import signals
 from entropy_guided_generation.generation.session import open_session
 from entropy_guided_generation.scoring.policy import SamplingPolicy
 from entropy_guided_generation.scoring.stopping import StopStringMatcher
@@ -68,6 +69,9 @@ def sample_with_policy(
         stop_strings: matchers of stop strings (built for this tokenizer and vocabulary).
         rng: generator for reproducible draws.
         progress: show a progress bar over steps.
+
+    Raises:
+        FloatingPointError: on non-finite logits, naming the step and row.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -82,6 +86,7 @@ def sample_with_policy(
     with open_session(model, n, prompt.shape[1] + max_new_tokens) as session:
         logits = session.prefill(prompt, valid)
         for step in tqdm(range(max_new_tokens), desc="sample", disable=not progress, leave=False):
+            signals.assert_finite(logits, f"sampling step {step} logits")
             token, log_q = policy.sample(logits, rng)
             token = torch.where(active, token, torch.full_like(token, pad_id))
             drawn.append(token)
