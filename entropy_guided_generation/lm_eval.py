@@ -9,6 +9,11 @@
 (call it before ``lm_eval.simple_evaluate(model="<name>", ...)``; the CLI here does). The class
 modules do not register themselves.
 
+Data parallel: ``torchrun --nproc_per_node N -m entropy_guided_generation.lm_eval --model egg_torchtune
+...`` (or ``diffusion``), and ``accelerate launch --num_processes N -m entropy_guided_generation.lm_eval
+--model hf-guided ...`` as for lm-eval's ``hf``: every rank serves its share of the documents and rank 0
+writes lm-eval's results and samples.
+
 Named ``lm_eval`` inside our package; absolute imports keep ``import lm_eval`` meaning lm-eval.
 """
 from __future__ import annotations
@@ -19,6 +24,7 @@ from lm_eval.api.registry import register_model
 
 from entropy_guided_generation.diffusion.lm_eval_model import MODEL_NAME as DIFFUSION
 from entropy_guided_generation.diffusion.lm_eval_model import DiffusionLM
+from entropy_guided_generation.eval.distributed import leave_process_group
 from entropy_guided_generation.eval.from_config import TorchtuneLMFromConfig
 from entropy_guided_generation.eval.lm import MODEL_NAME as EGG_TORCHTUNE
 from entropy_guided_generation.sampling.hf_guided import MODEL_NAME as HF_GUIDED
@@ -42,9 +48,10 @@ def register_models() -> None:
 
 
 def main() -> None:
-    """Register our models, then run lm-eval's CLI on ``sys.argv``."""
+    """Register our models, then run lm-eval's CLI on ``sys.argv`` (leaving any process group after)."""
     register_models()
     cli_evaluate()
+    leave_process_group()
 
 
 if __name__ == "__main__":

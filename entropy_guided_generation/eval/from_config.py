@@ -24,6 +24,7 @@ from entropy_guided_generation.confidence import (
     find_confidence_json,
     read_confidence_json,
 )
+from entropy_guided_generation.eval.distributed import join_process_group
 from entropy_guided_generation.eval.lm import MODEL_NAME, TorchtuneLM
 from entropy_guided_generation.layout import NONE, Mode, check_position_rule, mode_named
 from entropy_guided_generation.modeling import vocab_size_of
@@ -32,7 +33,7 @@ from entropy_guided_generation.training.kit_paths import resolve_kit_references
 RECIPE_KEYS = (
     "output_dir", "model", "checkpointer", "tokenizer", "interleaving", "confidence", "tasks", "include_path",
     "limit", "num_fewshot", "batch_size", "max_seq_length", "max_gen_toks", "gen_kwargs", "enable_kv_cache",
-    "device", "dtype", "seed", "bootstrap_iters", "log_level", "sampler",
+    "device", "dtype", "seed", "bootstrap_iters", "log_level", "sampler", "data_dir",
 )
 INTERLEAVING_KEYS = ("mode", "marker", "positions", "max_passes")
 DEFAULT_SEED = 1234  # lm-eval's and torchtune's eval default
@@ -195,11 +196,13 @@ def load_yaml(path: str | Path) -> DictConfig:
 
 def lm_from_config_file(path: str, overrides: Optional[Mapping[str, Any]] = None):
     """The lm-eval model of an eval recipe YAML (``--model egg_torchtune --model_args config=...``);
-    ``overrides`` are top-level keys (e.g. ``batch_size``) that replace the file's."""
+    ``overrides`` are top-level keys (e.g. ``batch_size``) that replace the file's. Under torchrun it
+    joins the process group first, so the model serves its rank's share of the requests."""
     cfg = OmegaConf.merge(load_yaml(path), dict(overrides or {}))
     check_recipe_keys(cfg)
     cfg = resolve_kit_paths(cfg)
     device = utils.get_device(device=cfg.get("device", "cpu"))
+    join_process_group(device)
     lm, _, _ = build_lm(cfg, device, training.get_dtype(dtype=cfg.get("dtype", "fp32"), device=device))
     return lm
 
@@ -207,9 +210,14 @@ def lm_from_config_file(path: str, overrides: Optional[Mapping[str, Any]] = None
 def lm_from_model_args(arg_dict: Mapping[str, Any], additional_config: Optional[Mapping[str, Any]] = None) -> TorchtuneLM:
     """``--model egg_torchtune --model_args config=<eval yaml>[,key=value...]``: the model,
     tokenizer and interleaving of an eval recipe config (other keys override the config's;
-    lm-eval's ``additional_config`` too, less ``max_batch_size`` and unset values)."""
+    lm-eval's ``additional_config`` too, less ``max_batch_size``, ``device`` and unset values).
+
+    The device is the config's (or ``model_args device=...``): lm-eval's CLI passes ``--device``'s
+    default ``cuda:0`` when none is given, which would override a CPU config and, under torchrun,
+    put every rank on GPU 0. With ``device: cuda`` each rank takes its local GPU.
+    """
     args = dict(arg_dict)
-    extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k != "max_batch_size"}
+    extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k not in ("max_batch_size", "device")}
     if "config" not in args:
         raise ValueError(f"--model {MODEL_NAME} needs model_args config=<eval recipe YAML>, got {sorted(args)}")
     return lm_from_config_file(args.pop("config"), {**args, **extra})
