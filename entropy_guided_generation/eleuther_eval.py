@@ -13,13 +13,23 @@ Config keys are torchtune's eval recipe's (``model``, ``checkpointer``, ``tokeni
 an optional ``confidence`` codec section, an optional ``sampler`` (mode none: ``{name: <registered
 decoder, e.g. entropix>, ...its settings}``), ``output_dir``, ``max_gen_toks``, ``gen_kwargs`` and
 ``bootstrap_iters``. ``tasks`` entries are task names (from ``include_path`` or lm-eval's catalogue)
-or inline task configs (see :mod:`entropy_guided_generation.eval.tasks`). ``confidence.json`` beside
+or inline task configs (see :mod:`entropy_guided_generation.eval.tasks`); ``data_dir`` is a folder
+the inline task configs may interpolate (``${data_dir}/test.jsonl``), so ``data_dir=/my/data`` on the
+command line moves every task file (a list index in an override, ``tasks[0]...=``, is not supported by
+torchtune's override merge). ``confidence.json`` beside
 the checkpoint decides the mode and codec; a config that contradicts it fails before any model work
 (:mod:`entropy_guided_generation.eval.from_config` reads the config and builds the lm-eval model).
 
 Outputs in ``output_dir``: lm-eval's ``results_<date>.json`` (with a ``confidence_calibration``
-entry) and ``samples_<task>_<date>.jsonl``, ``confidence_traces_<task>_<date>.jsonl``, and
-``eval_summary.json`` (what :meth:`EleutherEvalRecipeDirect.evaluate` returns, less lm-eval's samples).
+entry) and ``samples_<task>_<date>.jsonl``, ``confidence_traces_<task>_<date>.jsonl`` (in document
+order, as the samples), and ``eval_summary.json`` (what :meth:`EleutherEvalRecipeDirect.evaluate`
+returns, less lm-eval's samples).
+
+Data parallel: ``tune run --nproc_per_node N recipes/eleuther_eval.py --config ...`` (or
+``torchrun --nnodes M --nproc_per_node N ...``) starts one process per device; each loads the whole
+model, lm-eval splits the documents across ranks, and rank 0 gathers samples, metrics, confidence
+traces and decode counts, computes the calibration and writes every file; the other ranks write
+nothing and exit 0. The results equal a one-process run's (greedy decoding; same seed).
 """
 from __future__ import annotations
 
@@ -46,10 +56,11 @@ from entropy_guided_generation.eval.from_config import (
     plain_container,
     resolve_kit_paths,
 )
+from entropy_guided_generation.eval.distributed import gather_to_rank_zero, join_process_group, leave_process_group
 from entropy_guided_generation.eval.lm import MODEL_NAME, DecodeStats
 from entropy_guided_generation.eval.report import calibration_rows, calibration_table
 from entropy_guided_generation.eval.tasks import expand_task_spec, task_manager_for
-from entropy_guided_generation.eval.traces import write_traces_jsonl
+from entropy_guided_generation.eval.traces import in_document_order, write_traces_jsonl
 
 log = utils.get_logger("INFO")
 
@@ -60,17 +71,18 @@ def _json_number(value: Optional[float]) -> Optional[float]:
     return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
 
 
-def run_summary(results: dict, rows: list, interleaving: EvalInterleaving, lm: Any, eval_seconds: float) -> dict:
+def run_summary(
+    results: dict, rows: list, interleaving: EvalInterleaving, lm: Any, stats: DecodeStats, eval_seconds: float
+) -> dict:
     """The numbers of one eval run, JSON-friendly (NaN -> None).
 
     Headline ``accuracy``, ``ece``, ``auroc``, ``mean_confidence`` and ``num_samples`` are those of
     the first calibration row (first calibrated task in lm-eval's order, its first filter, its first
     0/1 metric, e.g. gsm8k's strict-match exact_match); None when no task yields per-sample
     correctness. ``calibration`` holds every row; ``lm_eval_results`` is lm-eval's ``results``
-    (aggregated metrics per task).
+    (aggregated metrics per task). ``stats``: the decode counts of every rank together.
     """
     headline = rows[0].to_dict() if rows else {}
-    stats = lm.decode_stats
     return {
         "mode": interleaving.name,
         "marker": interleaving.marker,
@@ -100,11 +112,16 @@ class EleutherEvalRecipeDirect:
     model, ``evaluate`` runs lm-eval's evaluator, writes results, samples, traces and the run summary,
     prints lm-eval's table and the calibration table, and returns the summary (see :func:`run_summary`)
     with lm-eval's whole results dict (samples included) under ``"lm_eval"``.
+
+    Launched with more than one process (torchrun), ``__init__`` joins the process group (gloo on
+    CPU, NCCL on GPU), the documents are split across ranks, and ``evaluate`` returns the results on
+    rank 0 and None elsewhere; ``cleanup`` leaves the process group.
     """
 
     def __init__(self, cfg: DictConfig) -> None:
         check_recipe_keys(cfg)
         self.device = utils.get_device(device=cfg.get("device", "cpu"))
+        join_process_group(self.device)
         self.dtype = training.get_dtype(dtype=cfg.get("dtype", "fp32"), device=self.device)
         self.seed = training.set_seed(seed=cfg.get("seed", None) if cfg.get("seed", None) is not None else DEFAULT_SEED)
         self.tasks = list(plain_container(cfg.tasks))
@@ -121,18 +138,19 @@ class EleutherEvalRecipeDirect:
     def setup(self, cfg: DictConfig) -> None:
         """Resolve ``kit:`` paths, reconcile the config with ``confidence.json``, build the model."""
         cfg = resolve_kit_paths(cfg)
+        self.tasks = list(plain_container(cfg.tasks))  # again: a kit: data_dir is a path now
         self.include_path = plain_container(cfg.get("include_path", None))
         self.checkpoint_dir = str(cfg.checkpointer.checkpoint_dir)
         self.lm, self.interleaving, self.metadata = build_lm(cfg, self.device, self.dtype)
         log.info(f"lm-eval model {type(self.lm).__name__} in interleaving mode {self.interleaving.name!r}, decoder {self.lm.decoder_name!r}")
 
-    def evaluate(self) -> dict:
+    def evaluate(self) -> Optional[dict]:
         """Run lm-eval on the tasks; write and print results, samples, traces, calibration and summary.
 
         Returns:
             :func:`run_summary`'s dict plus ``"lm_eval"``: lm-eval's ``simple_evaluate`` results
             (``results``, ``configs``, ``samples``, ..., and our ``confidence_calibration`` and
-            ``interleaving`` entries).
+            ``interleaving`` entries); None on ranks other than 0.
         """
         if self.lm is None:
             raise RuntimeError("call setup(cfg) before evaluate()")
@@ -158,10 +176,17 @@ class EleutherEvalRecipeDirect:
             torch_random_seed=self.seed,
             fewshot_random_seed=self.seed,
         )
+        # Every rank joins these gathers; lm-eval has gathered samples and metrics already.
+        traces_per_rank = gather_to_rank_zero(self.lm.traces)
+        stats_per_rank = gather_to_rank_zero(self.lm.decode_stats)
         eval_seconds = time.perf_counter() - started
+        if results is None:  # a rank other than 0
+            return None
         log.info(f"Eval completed in {eval_seconds:.02f} seconds.")
+        traces = in_document_order([trace for traces in traces_per_rank for trace in traces])
+        stats = DecodeStats.across_ranks(stats_per_rank)
         output_types = {task: cfg.get("output_type") for task, cfg in results["configs"].items()}
-        rows = calibration_rows(results["samples"], output_types, self.lm.traces)
+        rows = calibration_rows(results["samples"], output_types, traces)
         results["confidence_calibration"] = [row.to_dict() for row in rows]
         results["interleaving"] = {
             "mode": self.interleaving.name,
@@ -170,13 +195,17 @@ class EleutherEvalRecipeDirect:
             "decoder": self.lm.decoder_name,
             "confidence_json": self.metadata.__dict__ if self.metadata is not None else None,
         }
-        summary = run_summary(results, rows, self.interleaving, self.lm, eval_seconds)
+        summary = run_summary(results, rows, self.interleaving, self.lm, stats, eval_seconds)
         if tracker is not None:
-            self._write_outputs(tracker, results, summary)
+            self._write_outputs(tracker, results, traces, summary)
         self._print_tables(results, rows, summary)
         return {**summary, "lm_eval": results}
 
-    def _write_outputs(self, tracker: Any, results: dict, summary: dict) -> None:
+    def cleanup(self) -> None:
+        """Leave the process group (if this run joined one)."""
+        leave_process_group()
+
+    def _write_outputs(self, tracker: Any, results: dict, traces: list, summary: dict) -> None:
         """lm-eval's results and samples files (through its tracker), then our traces and summary beside them."""
         samples = results["samples"]
         tracker.save_results_aggregated(results={k: v for k, v in results.items() if k != "samples"}, samples=samples)
@@ -185,8 +214,8 @@ class EleutherEvalRecipeDirect:
             raise RuntimeError(f"lm-eval did not write {results_file}; see its warning above")
         for task in results["configs"]:
             tracker.save_results_samples(task_name=task, samples=copy.deepcopy(samples.get(task, [])))
-            traces = [t for t in self.lm.traces if t.task == task]
-            write_traces_jsonl(self.output_dir / f"confidence_traces_{task}_{tracker.date_id}.jsonl", traces)
+            task_traces = [t for t in traces if t.task == task]
+            write_traces_jsonl(self.output_dir / f"confidence_traces_{task}_{tracker.date_id}.jsonl", task_traces)
         (self.output_dir / SUMMARY_FILENAME).write_text(json.dumps(summary, indent=2, default=handle_non_serializable))
         log.info(f"Results, samples, confidence traces and {SUMMARY_FILENAME} written to {self.output_dir}")
 
@@ -211,6 +240,7 @@ def recipe_main(cfg: DictConfig) -> None:
     recipe = EleutherEvalRecipeDirect(cfg)
     recipe.setup(cfg)
     recipe.evaluate()
+    recipe.cleanup()
 
 
 if __name__ == "__main__":

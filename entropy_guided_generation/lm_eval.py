@@ -15,6 +15,11 @@ modules do not register themselves.
 request to ``HFLM.generate_until`` unchanged. lm-eval's class stays registered as ``huggingface``
 and ``hf-auto``; ``hf-guided`` names ours explicitly.
 
+Data parallel: ``torchrun --nproc_per_node N -m entropy_guided_generation.lm_eval --model egg_torchtune
+...`` (or ``diffusion``), and ``accelerate launch --num_processes N -m entropy_guided_generation.lm_eval
+--model hf-guided ...`` as for lm-eval's ``hf``: every rank serves its share of the documents and rank 0
+writes lm-eval's results and samples.
+
 Named ``lm_eval`` inside our package; absolute imports keep ``import lm_eval`` meaning lm-eval.
 """
 from __future__ import annotations
@@ -26,6 +31,7 @@ from lm_eval.utils import setup_logging
 
 from entropy_guided_generation.diffusion.lm_eval_model import MODEL_NAME as DIFFUSION
 from entropy_guided_generation.diffusion.lm_eval_model import DiffusionLM
+from entropy_guided_generation.eval.distributed import leave_process_group
 from entropy_guided_generation.eval.from_config import TorchtuneLMFromConfig, lm_eval_cli_settings
 from entropy_guided_generation.eval.lm import MODEL_NAME as EGG_TORCHTUNE
 from entropy_guided_generation.sampling.hf_guided import MODEL_NAME as HF_GUIDED
@@ -64,13 +70,14 @@ def register_models() -> None:
 def main() -> None:
     """Register our models, then run lm-eval's CLI on ``sys.argv`` (its ``cli_evaluate``, with the
     parsed command line kept so ``egg_torchtune`` can tell a ``--device`` / ``--batch_size`` the user
-    gave from lm-eval's defaults)."""
+    gave from lm-eval's defaults), leaving any process group after."""
     register_models()
     setup_logging()
     cli = HarnessCLI()
     args = cli.parse_args()
     with lm_eval_cli_settings(args):
         cli.execute(args)
+    leave_process_group()
 
 
 if __name__ == "__main__":

@@ -280,20 +280,8 @@ def test_unknown_mode_and_unknown_keys_fail_before_model_work(tmp_path, no_model
         EleutherEvalRecipeDirect(cfg)
 
 
-# ---------------------------------------------------------------- lm-eval's own gsm8k, shipped configs, tune run
-
-
-def swap_in_kit_model(cfg, arch: str = "llama") -> None:
-    """Replace a real-model config's model, tokenizer and checkpoint by the kit's tiny one (CPU, fp32)."""
-    cfg.model = {"_component_": "entropy_guided_generation.kit.decoder_from_hf_config", "checkpoint_dir": "${checkpointer.checkpoint_dir}"}
-    cfg.tokenizer = {
-        "_component_": "torchtune.models.qwen2_5.qwen2_5_tokenizer", "path": "${checkpointer.checkpoint_dir}/vocab.json",
-        "merges_file": "${checkpointer.checkpoint_dir}/merges.txt", "special_tokens_path": "${checkpointer.checkpoint_dir}/tokenizer.json",
-    }
-    cfg.checkpointer.checkpoint_dir = f"kit:tiny_{arch}"
-    cfg.checkpointer.checkpoint_files = ["model.safetensors"]
-    cfg.checkpointer.model_type = "LLAMA3" if arch == "llama" else "QWEN2"
-    cfg.merge_with({"device": "cpu", "dtype": "fp32", "limit": 2, "max_seq_length": 512, "gen_kwargs": {"max_gen_toks": 8}, "bootstrap_iters": 0})
+# ---------------------------------------------------------------- lm-eval's own gsm8k, tune run (the shipped
+# real-model configs: tests/test_real_configs.py)
 
 
 def test_lm_evals_own_gsm8k_task_runs_on_the_shared_test_file(tmp_path, shared_data):
@@ -316,22 +304,6 @@ def test_lm_evals_own_gsm8k_task_runs_on_the_shared_test_file(tmp_path, shared_d
     assert samples[0]["arguments"][0][0].endswith(f"Question: {first['question']}\nAnswer:")
     assert {"exact_match,strict-match", "exact_match,flexible-extract"} <= set(summary["lm_eval_results"]["gsm8k_shared"])
     assert summary["task"] == "gsm8k_shared" and summary["num_samples"] == 2
-
-
-@pytest.mark.parametrize("config", ["entropy_intl/gsm8k_eval.yaml", "bigbench_mistake/1B_eval.yaml"])
-def test_shipped_real_model_eval_configs_run_with_the_kit_model_swapped_in(tmp_path, shared_data, config):
-    cfg = OmegaConf.load(REPO_ROOT / "configs" / config)
-    swap_in_kit_model(cfg)
-    cfg.output_dir = str(tmp_path / "out")
-    task = cfg.tasks[0]
-    if "gsm8k" in config:
-        task.dataset_kwargs.data_files = {"train": str(shared_data / "gsm8k/train.jsonl"), "test": str(shared_data / "gsm8k/test.jsonl")}
-        cfg.num_fewshot = 1
-    else:
-        task.dataset_kwargs.data_files = {"test": str(shared_data / "bigbench_mistake/multistep_arithmetic.jsonl")}
-    _, summary = run_recipe(cfg)
-    assert summary["task"] == task.task and summary["num_samples"] == 2
-    assert summary["metric"] == "exact_match"
 
 
 def test_tune_run_eval_recipe_on_the_tiny_answer_config(tmp_path, subprocess_env):

@@ -16,9 +16,15 @@
 
 Every model argument is an lm-eval ``--model_args`` key; ``tta_temperature_range`` is written
 ``low:high`` (commas separate arguments).
+
+Data parallel under torchrun or ``accelerate launch`` (``device=cuda`` is each process's local GPU):
+every process serves its share of the documents and rank 0 writes the results. Random draws are
+seeded by request (a batch's by its first request), so with ``batch_size=1`` no result depends on
+which rank serves a request; larger batches depend on their members, in one process as in several.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from typing import Any, Optional
@@ -26,6 +32,7 @@ from typing import Any, Optional
 import torch
 from lm_eval.api.model import LM
 from lm_eval.models.utils import normalize_gen_kwargs
+from torchtune import utils
 from tqdm import tqdm
 
 from entropy_guided_generation.diffusion.decoding import REMASKING_STRATEGIES, generate, predictor_logits
@@ -33,6 +40,7 @@ from entropy_guided_generation.diffusion.likelihood import monte_carlo_loglikeli
 from entropy_guided_generation.diffusion.mask_predictor import response_text
 from entropy_guided_generation.diffusion.pretrained import load_mask_predictor
 from entropy_guided_generation.diffusion.tta import TTAOptions, generate_with_tta_uncertainty
+from entropy_guided_generation.eval.distributed import DataParallelLM, join_process_group
 from entropy_guided_generation.eval.generation import check_sampling_values
 from entropy_guided_generation.generation import left_pad
 
@@ -56,7 +64,13 @@ def parse_temperature_range(value: Any) -> tuple[float, float]:
     return float(low), float(high)
 
 
-class DiffusionLM(LM):
+def request_seed(seed: int, args: tuple) -> int:
+    """A seed for one request: ``seed`` mixed with a stable hash of the request's arguments."""
+    digest = hashlib.sha256(repr((seed, args)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+class DiffusionLM(DataParallelLM, LM):
     """lm-eval ``LM`` over a mask predictor folder (default: ``trained_mask_predictor()``).
 
     Args:
@@ -68,7 +82,9 @@ class DiffusionLM(LM):
         mc_num, mc_batch_size: Monte-Carlo copies per ``loglikelihood`` request and per forward.
         check_greedy: compute ``is_greedy`` by suffix prediction (one forward per target token).
         batch_size: prompts per decoding call.
-        seed: seeds decoding and Monte-Carlo draws (a private generator; the global RNG for TTA).
+        seed: mixed with a request's arguments (:func:`request_seed`), seeds the decoding of the
+            batch that request starts (a private generator; the global RNG for TTA) and the request's
+            Monte-Carlo draws.
         **tta: any ``generate_with_tta_uncertainty`` option (``tta_k``, ``remask_top_pct``, ...).
     """
 
@@ -106,7 +122,9 @@ class DiffusionLM(LM):
         if device and device.startswith("cuda") and not torch.cuda.is_available():
             log.warning("device %r requested but CUDA is not available; running the diffusion model on cpu", device)
             device = "cpu"
-        self._device = torch.device(device or "cpu")
+        self._device = utils.get_device(device or "cpu")  # cuda: this process's local GPU
+        join_process_group(self._device)
+        self.join_ranks()
         self.model.to(self._device)
         self.decoding, self.tta = decoding, tta
         self.steps, self.gen_length, self.block_length = int(steps), int(gen_length), int(block_length)
@@ -143,11 +161,11 @@ class DiffusionLM(LM):
         steps_per_block = self.steps // (self.gen_length // self.block_length)
         return gen_length, steps_per_block * (gen_length // self.block_length)
 
-    def _decode(self, prompt: torch.Tensor, gen_length: int, steps: int, batch_index: int) -> tuple[torch.Tensor, dict]:
+    def _decode(self, prompt: torch.Tensor, gen_length: int, steps: int, seed: int) -> tuple[torch.Tensor, dict]:
         common = dict(steps=steps, gen_length=gen_length, block_length=self.block_length, mask_id=self.ids.mask_id)
         if self.decoding == "tta":
-            return generate_with_tta_uncertainty(self.model, prompt, seed=self.seed + batch_index, **common, **self.tta)
-        generator = torch.Generator(device=prompt.device).manual_seed(self.seed + batch_index)
+            return generate_with_tta_uncertainty(self.model, prompt, seed=seed, **common, **self.tta)
+        generator = torch.Generator(device=prompt.device).manual_seed(seed)
         return generate(self.model, prompt, temperature=self.temperature, cfg_scale=self.cfg_scale, remasking=self.remasking, generator=generator, **common)
 
     def request_settings(self, gen_kwargs: dict) -> dict:
@@ -182,17 +200,23 @@ class DiffusionLM(LM):
         Raises:
             ValueError: before any decoding, on gen_kwargs this model cannot honour (:meth:`request_settings`).
         """
+        for request in requests:
+            self.request_settings(request.args[1])
+        return self.serve_once(requests, lambda served: self._generate_until(served, disable_tqdm))
+
+    def _generate_until(self, requests: list, disable_tqdm: bool) -> list[str]:
         settings = [self.request_settings(r.args[1]) for r in requests]
         out: list[str] = []
         batches = range(0, len(requests), self.batch_size)
-        for batch_index, begin in enumerate(tqdm(batches, desc=f"diffusion[{self.decoding}] generate", disable=disable_tqdm)):
+        for begin in tqdm(batches, desc=f"diffusion[{self.decoding}] generate", disable=disable_tqdm):
             chunk = requests[begin : begin + self.batch_size]
             kwargs = settings[begin : begin + self.batch_size]
             gen_length, steps = self._layout(max(k["max_gen_toks"] for k in kwargs))
             prompts = [self._encode(r.args[0])[-(self.max_length - gen_length) :] for r in chunk]
             prompt = left_pad(prompts, self.ids.pad_id, device=self.device)
             start = time.perf_counter()
-            tokens, logs = self._decode(prompt, gen_length, steps, batch_index)
+            # seeded by the batch's first request, not its position: the same wherever a rank serves it
+            tokens, logs = self._decode(prompt, gen_length, steps, request_seed(self.seed, chunk[0].args))
             self.decode_seconds += time.perf_counter() - start
             self.nfe_total += logs["nfe"] * len(chunk)
             for row, request_kwargs, request in zip(tokens[:, prompt.shape[1] :].tolist(), kwargs, chunk):
@@ -222,9 +246,12 @@ class DiffusionLM(LM):
 
     def loglikelihood(self, requests: list, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         """``(log p(continuation | context), is_greedy)`` per request, log p by LLaDA's Monte-Carlo estimate."""
-        generator = torch.Generator().manual_seed(self.seed)
+        return self.serve_once(requests, lambda served: self._loglikelihood(served, disable_tqdm))
+
+    def _loglikelihood(self, requests: list, disable_tqdm: bool) -> list[tuple[float, bool]]:
         out = []
         for request in tqdm(requests, desc="diffusion loglikelihood", disable=disable_tqdm):
+            generator = torch.Generator().manual_seed(request_seed(self.seed, request.args))
             context_ids, target_ids = self._encode_pair(*request.args)
             if not target_ids:
                 raise ValueError(f"empty continuation for context {request.args[0][-40:]!r}; expected at least one token")
@@ -248,4 +275,4 @@ class DiffusionLM(LM):
         )
 
 
-__all__ = ["DECODINGS", "GEN_KWARGS", "MODEL_NAME", "DiffusionLM", "parse_temperature_range"]
+__all__ = ["DECODINGS", "GEN_KWARGS", "MODEL_NAME", "DiffusionLM", "parse_temperature_range", "request_seed"]

@@ -27,6 +27,7 @@ from entropy_guided_generation.confidence import (
     find_confidence_json,
     read_confidence_json,
 )
+from entropy_guided_generation.eval.distributed import join_process_group
 from entropy_guided_generation.eval.lm import MODEL_NAME, TorchtuneLM
 from entropy_guided_generation.layout import NONE, Mode, check_position_rule, mode_named
 from entropy_guided_generation.modeling import vocab_size_of
@@ -35,7 +36,7 @@ from entropy_guided_generation.training.kit_paths import resolve_kit_references
 RECIPE_KEYS = (
     "output_dir", "model", "checkpointer", "tokenizer", "interleaving", "confidence", "tasks", "include_path",
     "limit", "num_fewshot", "batch_size", "max_seq_length", "max_gen_toks", "gen_kwargs", "enable_kv_cache",
-    "device", "dtype", "seed", "bootstrap_iters", "log_level", "sampler",
+    "device", "dtype", "seed", "bootstrap_iters", "log_level", "sampler", "data_dir",
 )
 INTERLEAVING_KEYS = ("mode", "marker", "positions", "max_passes")
 DEFAULT_SEED = 1234  # lm-eval's and torchtune's eval default
@@ -238,11 +239,13 @@ def load_yaml(path: str | Path) -> DictConfig:
 
 def lm_from_config_file(path: str, overrides: Optional[Mapping[str, Any]] = None):
     """The lm-eval model of an eval recipe YAML (``--model egg_torchtune --model_args config=...``);
-    ``overrides`` are top-level keys (e.g. ``batch_size``) that replace the file's."""
+    ``overrides`` are top-level keys (e.g. ``batch_size``) that replace the file's. Under torchrun it
+    joins the process group first, so the model serves its rank's share of the requests."""
     cfg = OmegaConf.merge(load_yaml(path), dict(overrides or {}))
     check_recipe_keys(cfg)
     cfg = resolve_kit_paths(cfg)
     device = utils.get_device(device=cfg.get("device", "cpu"))
+    join_process_group(device)
     lm, _, _ = build_lm(cfg, device, training.get_dtype(dtype=cfg.get("dtype", "fp32"), device=device))
     return lm
 
@@ -295,7 +298,8 @@ def lm_from_model_args(arg_dict: Mapping[str, Any], additional_config: Optional[
     The YAML decides every setting, ``device``, ``batch_size`` and ``dtype`` included. ``model_args``
     keys override it, and so do lm-eval's ``--device`` / ``--batch_size`` when the user set them
     (:func:`explicit_lm_eval_settings`): lm-eval's defaults (``cuda:0``, batch 1) never replace the
-    YAML's. ``--max_batch_size`` is not used.
+    YAML's (under torchrun that default would also put every rank on GPU 0; with ``device: cuda``
+    each rank takes its local GPU). ``--max_batch_size`` is not used.
     """
     args = dict(arg_dict)
     extra = explicit_lm_eval_settings(additional_config)

@@ -11,7 +11,9 @@ Three methods, as lm-eval's ``LM`` asks:
 
 Every request also leaves a :class:`~entropy_guided_generation.eval.traces.ConfidenceTrace` in
 :attr:`TorchtuneLM.traces`. Mode ``none`` reproduces lm-eval's ``hf`` model (same tokenization,
-truncation, prefix token, scoring and greedy decoding).
+truncation, prefix token, scoring and greedy decoding). Under torchrun (a process group initialized
+before the model is built) the model reports its rank and world size and lm-eval splits the requests
+across ranks (:class:`~entropy_guided_generation.eval.distributed.DataParallelLM`).
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ from tqdm import tqdm
 # Importing the sampling package registers its decoders (e.g. ``entropix``) with ``register_decoder``.
 from entropy_guided_generation import sampling  # noqa: F401
 from entropy_guided_generation.confidence import ConfidenceCodec
+from entropy_guided_generation.eval.distributed import DataParallelLM
 from entropy_guided_generation.eval.generation import (
     DecodeSettings,
     cut_at_stop,
@@ -82,6 +85,11 @@ class DecodeStats:
     def tokens_per_second(self) -> Optional[float]:
         return self.tokens / self.seconds if self.seconds > 0 else None
 
+    @classmethod
+    def across_ranks(cls, per_rank: Sequence["DecodeStats"]) -> "DecodeStats":
+        """Ranks decode side by side: tokens add up, seconds are the slowest rank's."""
+        return cls(tokens=sum(s.tokens for s in per_rank), seconds=max((s.seconds for s in per_rank), default=0.0))
+
 
 @dataclass(frozen=True)
 class RequestKey:
@@ -126,7 +134,7 @@ def _accepts_keyword(fn: Any, name: str) -> bool:
     return name in inspect.signature(fn).parameters
 
 
-class TorchtuneLM(TemplateLM):
+class TorchtuneLM(DataParallelLM, TemplateLM):
     """lm-eval model over a torchtune ``TransformerDecoder`` and tokenizer.
 
     Args:
@@ -147,6 +155,9 @@ class TorchtuneLM(TemplateLM):
             up per generate call and freed after.
         max_passes: cap on fixed-point passes when scoring (None: enough to be exact).
         seed: seed of the sampling generator.
+
+    Rank and world size are the default process group's when one is initialized (every rank holds the
+    whole model and serves its share of the requests), else 0 and 1.
     """
 
     def __init__(
@@ -209,6 +220,7 @@ class TorchtuneLM(TemplateLM):
         if enable_kv_cache:
             param = next(model.parameters())
             model.setup_caches(batch_size=batch_size, dtype=param.dtype, decoder_max_seq_len=max_seq_length)
+        self.join_ranks()
 
     # ------------------------------------------------------------------ interleaving
     @property
@@ -276,6 +288,9 @@ class TorchtuneLM(TemplateLM):
 
     def loglikelihood(self, requests: list[Any], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         """``(log p(continuation | context), is_greedy)`` per request, content tokens only."""
+        return self.serve_once(requests, lambda served: self._loglikelihood(served, disable_tqdm))
+
+    def _loglikelihood(self, requests: list[Any], disable_tqdm: bool) -> list[tuple[float, bool]]:
         encoded = [self._encode_request(*request.args) for request in requests]
         scored = self._score(encoded, disable_tqdm=disable_tqdm)
         for request, result in zip(requests, scored):
@@ -290,6 +305,9 @@ class TorchtuneLM(TemplateLM):
         (``Interleaving.rolling_window``: all of them in mode none, ``(max_seq_length - 1) // 2`` when
         every token may be followed by its confidence token).
         """
+        return self.serve_once(requests, lambda served: self._loglikelihood_rolling(served, disable_tqdm))
+
+    def _loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool) -> list[float]:
         window = self.interleaving.rolling_window(self.max_length)
         if window < 1:
             raise ValueError(f"max_seq_length {self.max_length} is too short for rolling windows in mode {self.mode!r}")
@@ -369,10 +387,14 @@ class TorchtuneLM(TemplateLM):
         """Greedy or sampled continuations of each context, cut before the first ``until`` string.
 
         Requests whose gen_kwargs ask for budget forcing (mode none only) are served by it, the
-        others by this model's decoder.
+        others by this model's decoder; under torchrun each rank serves its share (``serve_once``).
         """
         if not self.interleaving.is_plain and any(budget_forcing_requested(request.args[1]) for request in requests):
             raise ValueError(f"budget forcing decodes in interleaving.mode none; this model is in mode {self.mode!r}")
+        return self.serve_once(requests, lambda served: self._serve(served, disable_tqdm))
+
+    def _serve(self, requests: list[Any], disable_tqdm: bool) -> list[str]:
+        """This rank's share of ``generate_until``: budget forcing where asked, the decoder elsewhere."""
         return serve_generate_until(
             self, requests, plain=lambda others: self._decode_requests(others, disable_tqdm), force=self._force_budget,
             batch_size=self.batch_size, disable_tqdm=disable_tqdm,

@@ -101,6 +101,12 @@ class ConfidenceTrace:
         return asdict(self)
 
 
+def in_document_order(traces: Iterable[ConfidenceTrace]) -> list[ConfidenceTrace]:
+    """``traces`` ordered by task, document and request index, as lm-eval lists samples; traces of
+    one request (repeats) keep their order. The same list whatever the ranks or batches that served it."""
+    return sorted(traces, key=lambda t: (t.task or "", -1 if t.doc_id is None else t.doc_id, t.request_index))
+
+
 def write_traces_jsonl(path: Union[str, Path], traces: Iterable[ConfidenceTrace]) -> Path:
     """Write one trace per line; returns the path."""
     path = Path(path)
@@ -111,4 +117,4 @@ def write_traces_jsonl(path: Union[str, Path], traces: Iterable[ConfidenceTrace]
     return path
 
 
-__all__ = ["ConfidenceTrace", "sequence_confidence", "write_traces_jsonl"]
+__all__ = ["ConfidenceTrace", "in_document_order", "sequence_confidence", "write_traces_jsonl"]

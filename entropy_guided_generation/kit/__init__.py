@@ -26,6 +26,8 @@ API (see each function's docstring):
   ``bigbench_mistake_examples``, ``write_bigbench_mistake_jsonl(path, n, seed)``, ``final_answer``
 - ``tasks_dir(data=None, fewshot_data=None)`` with tasks ``TASK_NAMES``;
   ``bigbench_mistake_tasks_dir(data)`` with task ``BIGBENCH_MISTAKE_TASK``
+- ``llama3_standin(layout)`` (``llama3_2_1b`` | ``llama3_1_8b``): a Llama 3.x download's files with
+  the real vocabulary and tiny weights, and ``standin_size_overrides(layout)`` for the real configs
 """
 from entropy_guided_generation.kit.cache import kit_cache_dir
 from entropy_guided_generation.kit.data import (
@@ -46,6 +48,8 @@ from entropy_guided_generation.kit.lm_eval_tasks import (
     bigbench_mistake_tasks_dir,
     tasks_dir,
 )
+from entropy_guided_generation.kit.llama3_standin import llama3_standin
+from entropy_guided_generation.kit.llama3_standin import size_overrides as standin_size_overrides
 from entropy_guided_generation.kit.models import (
     build_tiny_checkpoint,
     checkpointer_config,
@@ -89,11 +93,13 @@ __all__ = [
     "gsm8k_examples",
     "heldout_accuracy",
     "kit_cache_dir",
+    "llama3_standin",
     "load_tokenizer",
     "load_torchtune_model",
     "prompt_of",
     "read_jsonl",
     "split_of",
+    "standin_size_overrides",
     "tasks_dir",
     "tokenizer_kwargs",
     "torchtune_model_config",

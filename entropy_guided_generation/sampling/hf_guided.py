@@ -8,7 +8,9 @@ requests whose gen_kwargs name budget forcing (``max_tokens_thinking``, ``max_to
 budget-forcing loop over the model's ``past_key_values`` (an
 :class:`~entropy_guided_generation.generation.HFSession`; rounds never re-prefill); every other
 request goes to ``HFLM.generate_until`` unchanged, so without those gen_kwargs it is exactly
-lm-eval's own ``hf``.
+lm-eval's own ``hf``. Under ``accelerate launch`` or torchrun every process serves its share of
+the documents, on CPU too and by global rank across nodes (``HFLM`` splits only with more than one
+GPU per node, by local rank); ``tp_plan`` (tensor parallel) keeps one logical rank.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from typing import Any, Optional, Sequence
 import torch
 from lm_eval.models.huggingface import HFLM
 
+from entropy_guided_generation.eval.distributed import DataParallelLM, join_process_group
 from entropy_guided_generation.sampling.budget_forcing import BudgetForcedOutput, run_budget_forcing, serve_generate_until
 
 MODEL_NAME = "hf-guided"
@@ -66,10 +69,25 @@ def budget_force_hf(
     )
 
 
-class HFGuidedLM(HFLM):
+class HFGuidedLM(DataParallelLM, HFLM):
     """lm-eval's ``hf`` model whose ``generate_until`` also serves budget-forcing gen_kwargs."""
 
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        if kwargs.get("tp_plan") is None:
+            join_process_group(self.device)  # accelerate has joined one already, except on CPU under torchrun
+            self.join_ranks()
+
+    def loglikelihood(self, requests: list, disable_tqdm: bool = False) -> list:
+        return self.serve_once(requests, lambda served: super(HFGuidedLM, self).loglikelihood(served, disable_tqdm))
+
+    def loglikelihood_rolling(self, requests: list, disable_tqdm: bool = False) -> list:
+        return self.serve_once(requests, lambda served: super(HFGuidedLM, self).loglikelihood_rolling(served, disable_tqdm))
+
     def generate_until(self, requests: list, disable_tqdm: bool = False) -> list[str]:
+        return self.serve_once(requests, lambda served: self._generate_until(served, disable_tqdm))
+
+    def _generate_until(self, requests: list, disable_tqdm: bool) -> list[str]:
         batch_size = self.batch_size if isinstance(self.batch_size, int) else 1
         return serve_generate_until(
             self, requests, plain=lambda reqs: super(HFGuidedLM, self).generate_until(reqs, disable_tqdm),

@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from entropy_guided_generation import kit
 from entropy_guided_generation.kit import data as kit_data
 from entropy_guided_generation.kit.cache import cached_folder
+from entropy_guided_generation.kit.llama3_standin import llama3_standin
 
 PREFIX = "kit:"
 GSM8K_TRAIN_ROWS = 512
@@ -62,6 +63,13 @@ def _bigbench_mistake() -> Path:
     return cached_folder("bigbench_mistake", spec, build, (Path(kit_data.__file__),))
 
 
+def _standin(layout: str) -> Callable[[], Path]:
+    def build() -> Path:
+        return llama3_standin(layout)
+
+    return build
+
+
 def _lm_eval_tasks() -> Path:
     return kit.tasks_dir()
 
@@ -74,6 +82,10 @@ KIT_ARTIFACTS: Dict[str, Callable[[], Path]] = {
     "gsm8k": _gsm8k,
     "bigbench_mistake": _bigbench_mistake,
     "lm_eval_tasks": _lm_eval_tasks,  # kit.tasks_dir(): kit_gsm8k, kit_arith_choice, kit_perplexity
+    # Llama-3-shaped stand-ins of the real configs' downloads (real vocabulary, tiny weights):
+    # original/tokenizer.model + config.json + weights; kit.llama3_standin.size_overrides swaps the size in
+    "llama3_2_1b_standin": _standin("llama3_2_1b"),
+    "llama3_1_8b_standin": _standin("llama3_1_8b"),
 }
 
 

@@ -11,6 +11,7 @@ layout's data (which positions are slots), never in this loop.
 """
 from __future__ import annotations
 
+import importlib.util
 import math
 import time
 from functools import partial
@@ -53,6 +54,27 @@ log = utils.get_logger("INFO")
 
 DEFAULT_COLLATE = "entropy_guided_generation.data.padded_collate_with_response_mask"
 BATCH_KEYS = ("tokens", "labels", "response_mask", "valid_mask")
+
+
+# Packages a config may name that the project installs only as an extra: top-level module -> extra.
+OPTIONAL_EXTRAS = {"bitsandbytes": "bnb"}
+
+
+def check_optional_component(cfg_component: Any, key: str) -> None:
+    """Raise when ``cfg_component._component_`` lives in an optional package that is not installed.
+
+    Raises:
+        ModuleNotFoundError: naming the component, the extra that installs it and an alternative
+            (``optimizer._component_ 'bitsandbytes.optim.PagedAdamW8bit' needs bitsandbytes ...``).
+    """
+    component = str(cfg_component.get("_component_", ""))
+    package = component.split(".", 1)[0]
+    if package in OPTIONAL_EXTRAS and importlib.util.find_spec(package) is None:
+        raise ModuleNotFoundError(
+            f"{key}._component_ {component!r} needs {package}, which is not installed: "
+            f"pip install 'entropy_guided_generation[{OPTIONAL_EXTRAS[package]}]' (or pip install {package}), "
+            f"or override it, e.g. {key}._component_=torch.optim.AdamW"
+        )
 
 
 class CaCFinetuneRecipe(FTRecipeInterface):
@@ -100,6 +122,7 @@ class CaCFinetuneRecipe(FTRecipeInterface):
     def setup(self, cfg: DictConfig) -> None:
         """Build everything; on ``resume_from_checkpoint`` restore the newest readable step checkpoint
         of this run, else claim ``output_dir`` for a fresh run."""
+        check_optional_component(cfg.optimizer, "optimizer")  # before minutes of checkpoint loading
         if not self._loop.resume_from_checkpoint:
             self._claim_output_dir()
         if self._parallel.is_rank_zero:
@@ -669,4 +692,4 @@ def make_recipe_main(mode: Optional[str], distributed: bool) -> Callable[[], Any
     return config.parse(recipe_main)
 
 
-__all__ = ["CaCFinetuneRecipe", "make_recipe_main", "run_recipe"]
+__all__ = ["OPTIONAL_EXTRAS", "CaCFinetuneRecipe", "check_optional_component", "make_recipe_main", "run_recipe"]
