@@ -114,14 +114,15 @@ class EleutherEvalRecipeDirect:
     with lm-eval's whole results dict (samples included) under ``"lm_eval"``.
 
     Launched with more than one process (torchrun), ``__init__`` joins the process group (gloo on
-    CPU, NCCL on GPU), the documents are split across ranks, and ``evaluate`` returns the results on
-    rank 0 and None elsewhere; ``cleanup`` leaves the process group.
+    CPU, NCCL on GPU; or uses the one the caller initialized), the documents are split across ranks,
+    and ``evaluate`` returns the results on rank 0 and None elsewhere; ``cleanup`` leaves a process
+    group ``__init__`` created.
     """
 
     def __init__(self, cfg: DictConfig) -> None:
         check_recipe_keys(cfg)
         self.device = utils.get_device(device=cfg.get("device", "cpu"))
-        join_process_group(self.device)
+        self._owns_process_group = join_process_group(self.device)
         self.dtype = training.get_dtype(dtype=cfg.get("dtype", "fp32"), device=self.device)
         self.seed = training.set_seed(seed=cfg.get("seed", None) if cfg.get("seed", None) is not None else DEFAULT_SEED)
         self.tasks = list(plain_container(cfg.tasks))
@@ -202,8 +203,9 @@ class EleutherEvalRecipeDirect:
         return {**summary, "lm_eval": results}
 
     def cleanup(self) -> None:
-        """Leave the process group (if this run joined one)."""
-        leave_process_group()
+        """Leave the process group if ``__init__`` created it (one the caller made stays)."""
+        if self._owns_process_group:
+            leave_process_group()
 
     def _write_outputs(self, tracker: Any, results: dict, traces: list, summary: dict) -> None:
         """lm-eval's results and samples files (through its tracker), then our traces and summary beside them."""

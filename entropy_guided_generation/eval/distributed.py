@@ -33,11 +33,12 @@ def join_process_group(device: torch.device) -> bool:
     yet (backend for ``device``: gloo on CPU, NCCL on CUDA; rendezvous from the launcher's env vars).
 
     Returns:
-        True when a process group of more than one rank is initialized (by this call or before).
+        True when this call initialized it (the caller then owns it and leaves it when done).
     """
     if launched_world_size() > 1 and not dist.is_initialized():
         dist.init_process_group(backend=training.get_distributed_backend(device.type))
-    return dist.is_initialized() and dist.get_world_size() > 1
+        return True
+    return False
 
 
 def leave_process_group() -> None:
