@@ -10,6 +10,7 @@ from typing import Callable, Dict
 
 from entropy_guided_generation.generation.answer_intl import generate_answer_interleaved
 from entropy_guided_generation.generation.common import DecodeResult, KVSession, decode, kv_session
+from entropy_guided_generation.generation.overrides import ConfidenceOverride, FixedBin, ShuffledBins
 from entropy_guided_generation.generation.full_intl import generate_full_interleaved
 from entropy_guided_generation.generation.marker_intl import generate_answer_interleaved_marker
 from entropy_guided_generation.generation.plain import generate_plain
@@ -45,10 +46,13 @@ def get_decoder(mode: str) -> Callable[..., DecodeResult]:
 
 
 __all__ = [
+    "ConfidenceOverride",
     "DECODERS",
+    "FixedBin",
     "MODES",
     "DecodeResult",
     "KVSession",
+    "ShuffledBins",
     "decode",
     "filter_top_k",
     "filter_top_p",

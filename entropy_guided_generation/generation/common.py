@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from entropy_guided_generation import signals
 from entropy_guided_generation.confidence import ConfidenceCodec
+from entropy_guided_generation.generation.overrides import ConfidenceOverride
 from entropy_guided_generation.generation.sampling import sample_next_token
 from entropy_guided_generation.layout import Interleaving, compute_bins, interleave
 from entropy_guided_generation.modeling import is_torchtune_decoder, logits_at
@@ -145,6 +146,7 @@ def decode(
     max_prompt_passes: Optional[int] = None,
     progress: bool = False,
     step_hook: Optional[Callable[..., Any]] = None,
+    confidence_override: Optional[ConfidenceOverride] = None,
 ) -> DecodeResult:
     """Generate up to ``max_generated_tokens`` content tokens per row under ``interleaving``.
 
@@ -152,6 +154,9 @@ def decode(
     call this; see them for the arguments. ``interleaving`` is an :class:`~entropy_guided_generation.layout.Interleaving`
     or a mode name, bound here to ``stop_tokens`` and ``marker`` (token ids). ``step_hook(logits=..., step=...)``
     may return content token ids ``[b]`` to replace the built-in sampler (the entropix sampler uses it).
+    ``confidence_override`` (see :mod:`~entropy_guided_generation.generation.overrides`) replaces the
+    bin fed back after each token (an ablation); ``bins`` then records the fed bins, ``signal`` and
+    ``entropies`` stay the model's own.
     """
     if prompt.dim() == 1:
         prompt = prompt.unsqueeze(0)
@@ -168,7 +173,8 @@ def decode(
         raise ValueError("every prompt row needs at least one non-pad token")
 
     prefill_tokens, prefill_valid = _prefill_sequence(
-        model, prompt, prompt_valid, interleaving, codec=codec, pad_id=pad_id, max_passes=max_prompt_passes
+        model, prompt, prompt_valid, interleaving, codec=codec, pad_id=pad_id, max_passes=max_prompt_passes,
+        override=confidence_override,
     )
     cache_len = prefill_tokens.shape[1] + interleaving.columns_per_content_token * max_generated_tokens
     gets_confidence = interleaving.step_policy(b, device)
@@ -183,6 +189,7 @@ def decode(
             out = _content_step(
                 logits, codec, gets_confidence, active, pad_id,
                 temperature=temperature, top_k=top_k, top_p=top_p, rng=rng, step_hook=step_hook, step=step,
+                override=confidence_override,
             )
             records.append(out)
             active = active & ~torch.isin(out.token, stops)
@@ -201,9 +208,11 @@ def _prefill_sequence(
     codec: Optional[ConfidenceCodec],
     pad_id: int,
     max_passes: Optional[int],
+    override: Optional[ConfidenceOverride] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The left-padded sequence the prefill feeds: the prompt, interleaved with exact bins when the
-    mode interleaves prompts, by the same functions the training layout uses."""
+    mode interleaves prompts, by the same functions the training layout uses (or with the bins an
+    ``override`` makes of them)."""
     if not interleaving.interleaves_prompt:
         return prompt, prompt_valid
     slots = interleaving.slots(prompt, valid_mask=prompt_valid)
@@ -213,7 +222,11 @@ def _prefill_sequence(
         fixed = compute_bins(
             model, prompt, codec=codec, slots=slots, valid_mask=prompt_valid, pad_id=pad_id, max_passes=passes, left_pad=True
         )
-    return fixed.interleaved.tokens, fixed.interleaved.valid_mask
+    layout = fixed.interleaved
+    if override is not None:
+        conf = codec.token_ids_for_bins(override.prompt_bins(fixed.bins, slots).clamp(min=0))
+        layout = interleave(prompt, slots, conf, pad_id=pad_id, valid_mask=prompt_valid, left_pad=True)
+    return layout.tokens, layout.valid_mask
 
 
 @dataclass
@@ -246,6 +259,7 @@ def _content_step(
     rng: Optional[torch.Generator],
     step_hook: Optional[Callable[..., Any]],
     step: int,
+    override: Optional[ConfidenceOverride] = None,
 ) -> ContentStep:
     """Pick x_t from the logits that produce it and, where the interleaving's step policy
     (``gets_confidence``) says so, its c_t.
@@ -271,8 +285,12 @@ def _content_step(
         return ContentStep(token, has_conf, torch.full_like(token, pad_id), no_bin, nan, entropy, logp, active)
     signal = step_entropy if codec.signal == "entropy" else codec.signal_from_log_probs(logp_all)
     every_bin = codec.bins_from_signal(signal)  # in [0, K) for every row
+    if override is not None:
+        every_bin = override.step_bins(every_bin, step)
+    # An override's bins are checked against [0, K) (an error naming the range); the codec's own are in range.
+    conf_ids = codec.token_ids_for_bins(every_bin) if override is not None else codec.token_ids.to(token.device)[every_bin]
     bins = torch.where(has_conf, every_bin, no_bin)
-    conf = torch.where(has_conf, codec.token_ids.to(token.device)[every_bin], torch.full_like(token, pad_id))
+    conf = torch.where(has_conf, conf_ids, torch.full_like(token, pad_id))
     signal = torch.where(has_conf, signal.to(entropy.dtype), nan)
     return ContentStep(token, has_conf, conf, bins, signal, entropy, logp, active)
 
