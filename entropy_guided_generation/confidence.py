@@ -417,6 +417,8 @@ class ConfidenceMetadata:
     token_ids: list[int]
     token_strings: Optional[list[str]]
     marker: Optional[str]
+    # Written since interleaving.positions exists; files without it were all trained sequential.
+    positions: str = "sequential"
     dtype: str = "float32"
     format_version: int = FORMAT_VERSION
     extra: dict = field(default_factory=dict)
@@ -434,8 +436,11 @@ class ConfidenceMetadata:
         )
 
 
-def metadata_for(codec: ConfidenceCodec, mode: str, marker: Optional[str] = None, **extra: Any) -> ConfidenceMetadata:
-    """The metadata describing ``codec`` used in ``mode`` (with ``marker`` for mode marker)."""
+def metadata_for(
+    codec: ConfidenceCodec, mode: str, marker: Optional[str] = None, *, positions: str = "sequential", **extra: Any
+) -> ConfidenceMetadata:
+    """The metadata describing ``codec`` used in ``mode`` (with ``marker`` for mode marker) under the
+    position rule ``positions``."""
     dtype = next(k for k, v in _DTYPES.items() if v == codec.compute_dtype)
     return ConfidenceMetadata(
         mode=mode,
@@ -448,20 +453,27 @@ def metadata_for(codec: ConfidenceCodec, mode: str, marker: Optional[str] = None
         token_ids=[int(i) for i in codec.token_ids.tolist()],
         token_strings=list(codec.token_strings) if codec.token_strings else None,
         marker=marker,
+        positions=positions,
         dtype=dtype,
         extra=dict(extra),
     )
 
 
 def write_confidence_json(
-    directory: Union[str, Path], codec: ConfidenceCodec, mode: str, marker: Optional[str] = None, **extra: Any
+    directory: Union[str, Path],
+    codec: ConfidenceCodec,
+    mode: str,
+    marker: Optional[str] = None,
+    *,
+    positions: str = "sequential",
+    **extra: Any,
 ) -> Path:
     """Write ``confidence.json`` into ``directory`` (atomically) and return its path."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / METADATA_FILENAME
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(metadata_for(codec, mode, marker, **extra).__dict__, indent=2) + "\n")
+    tmp.write_text(json.dumps(metadata_for(codec, mode, marker, positions=positions, **extra).__dict__, indent=2) + "\n")
     tmp.replace(path)
     return path
 
@@ -495,6 +507,7 @@ def check_config_matches(
     mode: Optional[str] = None,
     codec: Optional[ConfidenceCodec] = None,
     marker: Optional[str] = None,
+    positions: Optional[str] = None,
     source: str = "confidence.json",
 ) -> None:
     """Raise if a user's config contradicts the checkpoint's metadata.
@@ -509,6 +522,8 @@ def check_config_matches(
         pairs.append(("interleaving.mode", mode, metadata.mode))
     if marker is not None:
         pairs.append(("interleaving.marker", marker, metadata.marker))
+    if positions is not None:
+        pairs.append(("interleaving.positions", positions, metadata.positions))
     if codec is not None:
         ref = metadata.to_codec()
         pairs += [

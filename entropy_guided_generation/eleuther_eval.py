@@ -42,7 +42,7 @@ from entropy_guided_generation.confidence import (
     find_confidence_json,
     read_confidence_json,
 )
-from entropy_guided_generation.layout import NONE, Mode, mode_named
+from entropy_guided_generation.layout import NONE, Mode, check_position_rule, mode_named
 from entropy_guided_generation.modeling import vocab_size_of
 
 log = utils.get_logger("INFO")
@@ -52,7 +52,7 @@ RECIPE_KEYS = (
     "limit", "num_fewshot", "batch_size", "max_seq_length", "max_gen_toks", "gen_kwargs", "enable_kv_cache",
     "device", "dtype", "seed", "bootstrap_iters", "log_level", "sampler",
 )
-INTERLEAVING_KEYS = ("mode", "marker", "max_passes")
+INTERLEAVING_KEYS = ("mode", "marker", "positions", "max_passes")
 SUMMARY_FILENAME = "eval_summary.json"
 DEFAULT_SEED = 1234  # lm-eval's and torchtune's eval default
 
@@ -64,11 +64,13 @@ class EvalInterleaving:
     Attributes:
         mode: the registered mode the config names, else confidence.json's, else none.
         marker: the marker string (modes that read one).
+        positions: the position rule (the config's, else confidence.json's, else sequential).
         max_passes: cap on fixed-point passes when scoring (None: exact).
     """
 
     mode: Mode
     marker: Optional[str] = None
+    positions: str = "sequential"
     max_passes: Optional[int] = None
 
     @property
@@ -104,13 +106,16 @@ def eval_interleaving(cfg: DictConfig, metadata: Optional[ConfidenceMetadata], s
     unknown = sorted(set(section) - set(INTERLEAVING_KEYS))
     if unknown:
         raise ValueError(f"unknown interleaving keys {unknown}; expected some of {', '.join(INTERLEAVING_KEYS)}")
-    mode, marker = section.get("mode"), section.get("marker")
+    mode, marker, positions = section.get("mode"), section.get("marker"), section.get("positions")
     if mode is not None:
         mode_named(mode)
+    if positions is not None:
+        check_position_rule(positions)
     if metadata is not None:
-        check_config_matches(metadata, mode=mode, marker=marker, source=source)
+        check_config_matches(metadata, mode=mode, marker=marker, positions=positions, source=source)
         mode = mode if mode is not None else metadata.mode
         marker = marker if marker is not None else metadata.marker
+        positions = positions if positions is not None else metadata.positions
     mode = mode_named(mode if mode is not None else NONE.name)
     max_passes = section.get("max_passes")
     if max_passes is not None and (not isinstance(max_passes, int) or isinstance(max_passes, bool) or max_passes < 1):
@@ -118,6 +123,7 @@ def eval_interleaving(cfg: DictConfig, metadata: Optional[ConfidenceMetadata], s
     return EvalInterleaving(
         mode=mode,
         marker=marker if mode.needs_marker else None,
+        positions=positions if positions is not None else "sequential",
         max_passes=max_passes,
     )
 
@@ -192,6 +198,7 @@ def build_lm(cfg: DictConfig, device: torch.device, dtype: torch.dtype):
         mode=interleaving.mode,
         codec=codec,
         marker=interleaving.marker,
+        positions=interleaving.positions,
         sampler=sampler,
         batch_size=int(cfg.get("batch_size", 8)),
         max_seq_length=int(cfg.get("max_seq_length", 4096)),
@@ -237,6 +244,7 @@ def run_summary(results: dict, rows: list, interleaving: EvalInterleaving, lm: A
     return {
         "mode": interleaving.name,
         "marker": interleaving.marker,
+        "positions": interleaving.positions,
         "decoder": lm.decoder_name,
         "task": headline.get("task"),
         "filter": headline.get("filter"),
@@ -335,6 +343,7 @@ class EleutherEvalRecipeDirect:
         results["interleaving"] = {
             "mode": self.interleaving.name,
             "marker": self.interleaving.marker,
+            "positions": self.interleaving.positions,
             "decoder": self.lm.decoder_name,
             "confidence_json": self.metadata.__dict__ if self.metadata is not None else None,
         }

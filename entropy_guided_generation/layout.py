@@ -32,6 +32,9 @@ from entropy_guided_generation.confidence import ConfidenceCodec, encode_text
 from entropy_guided_generation.modeling import logits_of
 
 IGNORE_INDEX = -100
+POSITION_RULES = ("sequential", "shared")
+"""``interleaving.positions``: does a confidence token advance the position id (sequential), or take
+its content token's (shared)?"""
 
 
 def marker_end_positions(tokens: torch.Tensor, marker_ids: Sequence[int], allowed: torch.Tensor) -> torch.Tensor:
@@ -186,20 +189,31 @@ class Interleaving:
         mode: the :class:`Mode`.
         stop_ids: ids that never get a confidence token (EOS, end of turn).
         marker_ids: the tokenized ``interleaving.marker`` (modes that read one, else None).
+        positions: the position rule, ``sequential`` or ``shared`` (see :meth:`advances_position`).
     """
 
     mode: Mode
     stop_ids: Tuple[int, ...] = ()
     marker_ids: Optional[Tuple[int, ...]] = None
+    positions: str = "sequential"
 
     @classmethod
-    def of(cls, mode: Any, *, stop_ids: Sequence[int] = (), marker_ids: Optional[Sequence[int]] = None) -> "Interleaving":
-        """Bind ``mode`` (a name or a :class:`Mode`) to its ids.
+    def of(
+        cls,
+        mode: Any,
+        *,
+        stop_ids: Sequence[int] = (),
+        marker_ids: Optional[Sequence[int]] = None,
+        positions: str = "sequential",
+    ) -> "Interleaving":
+        """Bind ``mode`` (a name or a :class:`Mode`) to its ids and position rule.
 
         Raises:
-            ValueError: on an unknown mode, or a marker mode without marker ids (an empty marker included).
+            ValueError: on an unknown mode or position rule, or a marker mode without marker ids
+                (an empty marker included).
         """
         mode = mode_named(mode)
+        check_position_rule(positions)
         if mode.needs_marker:
             if marker_ids is None:
                 raise ValueError(
@@ -207,10 +221,13 @@ class Interleaving:
                 )
             if len(marker_ids) == 0:
                 raise ValueError("the marker must tokenize to at least one id; got an empty marker")
-        return cls(mode, tuple(int(i) for i in stop_ids), tuple(int(i) for i in marker_ids) if mode.needs_marker else None)
+        marker = tuple(int(i) for i in marker_ids) if mode.needs_marker else None
+        return cls(mode, tuple(int(i) for i in stop_ids), marker, positions)
 
     @classmethod
-    def for_tokenizer(cls, mode: Any, tokenizer: Any, marker: Optional[str] = None) -> "Interleaving":
+    def for_tokenizer(
+        cls, mode: Any, tokenizer: Any, marker: Optional[str] = None, positions: str = "sequential"
+    ) -> "Interleaving":
         """Bind ``mode`` to a torchtune or transformers tokenizer: its stop tokens and EOS never get a
         confidence token; ``marker`` (a string) is tokenized without BOS/EOS.
 
@@ -220,7 +237,8 @@ class Interleaving:
         mode = mode_named(mode)
         if mode.needs_marker and not marker:
             raise ValueError(f"interleaving.mode {mode.name!r} needs interleaving.marker (e.g. '####'), got {marker!r}")
-        return cls.of(mode, stop_ids=tokenizer_stop_ids(tokenizer), marker_ids=encode_text(marker, tokenizer) if mode.needs_marker else None)
+        marker_ids = encode_text(marker, tokenizer) if mode.needs_marker else None
+        return cls.of(mode, stop_ids=tokenizer_stop_ids(tokenizer), marker_ids=marker_ids, positions=positions)
 
     @property
     def name(self) -> str:
@@ -281,6 +299,21 @@ class Interleaving:
         if self.mode.response is not None:
             slots |= eligible & self.mode.response.slots(tokens, response, self.marker_ids)
         return slots
+
+    def advances_position(self, valid_mask: torch.Tensor, is_confidence: torch.Tensor) -> torch.Tensor:
+        """``[b, L]`` bool: the tokens that move the position counter on. ``sequential``: every real
+        token, confidence tokens included (as the public CaC code). ``shared``: content tokens only,
+        so a confidence token takes the position of the content token it follows and content keeps
+        the plain model's relative positions under RoPE."""
+        if self.positions == "shared":
+            return valid_mask & ~is_confidence
+        return valid_mask.clone()
+
+    def position_ids(self, valid_mask: torch.Tensor, is_confidence: torch.Tensor) -> torch.Tensor:
+        """Position id ``[b, L]`` of each token of an interleaved sequence (any padding side): 0 at
+        the row's first real token (padding gets 0 before it, and is never attended)."""
+        advances = self.advances_position(valid_mask, is_confidence)
+        return (advances.long().cumsum(1) - 1).clamp(min=0)
 
     def step_policy(self, batch_size: int, device: torch.device) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         """The decoding side of :meth:`slots`: a fresh callable ``(token [b], active [b]) -> [b]`` bool,
@@ -343,6 +376,13 @@ MARKER = register_mode(
 )
 PLAIN = Interleaving(NONE)
 """Mode none bound to no ids: plain generation and plain scoring."""
+
+
+def check_position_rule(positions: Any) -> str:
+    """Return ``positions`` if it is one of :data:`POSITION_RULES`, else raise naming it."""
+    if positions not in POSITION_RULES:
+        raise ValueError(f"unknown interleaving.positions {positions!r}; expected one of {', '.join(POSITION_RULES)}")
+    return positions
 
 
 def tokenizer_stop_ids(tokenizer: Any) -> list[int]:
@@ -599,6 +639,7 @@ __all__ = [
     "MODES",
     "NONE",
     "PLAIN",
+    "POSITION_RULES",
     "EveryResponseToken",
     "FixedPointBins",
     "Interleaved",
@@ -608,6 +649,7 @@ __all__ = [
     "ResponseRule",
     "UntilMarker",
     "check_mode",
+    "check_position_rule",
     "compute_bins",
     "confidence_slots",
     "first_real_position",

@@ -135,6 +135,7 @@ class TorchtuneLM(TemplateLM):
         mode: interleaving mode, a name in ``layout.MODES`` (none | full | answer | marker) or a ``Mode``.
         codec: the confidence codec (required unless mode is none).
         marker: the marker string (mode marker).
+        positions: the position rule, ``sequential`` or ``shared`` (as the checkpoint was trained).
         sampler: mode none only: ``{name: <registered decoder>, **settings}`` (e.g. ``{name: entropix,
             ...EntropixConfig fields}``); the decoder ``get_decoder(name)`` is called with our decoders'
             keyword arguments plus ``sampler_config=settings``. None: the mode's own decoder.
@@ -156,6 +157,7 @@ class TorchtuneLM(TemplateLM):
         mode: Any = "none",
         codec: Optional[ConfidenceCodec] = None,
         marker: Optional[str] = None,
+        positions: str = "sequential",
         sampler: Optional[Mapping[str, Any]] = None,
         batch_size: int = 8,
         max_seq_length: int = 4096,
@@ -165,7 +167,7 @@ class TorchtuneLM(TemplateLM):
         seed: int = 1234,
     ):
         super().__init__()
-        interleaving = Interleaving.for_tokenizer(mode, tokenizer, marker)
+        interleaving = Interleaving.for_tokenizer(mode, tokenizer, marker, positions)
         if not interleaving.is_plain and codec is None:
             raise ValueError(
                 f"interleaving.mode {interleaving.name!r} needs a confidence codec (confidence.json or a confidence section)"

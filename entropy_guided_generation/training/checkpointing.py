@@ -225,6 +225,7 @@ def save_hf_checkpoint(
     codec: Optional[ConfidenceCodec],
     mode: str,
     marker: Optional[str],
+    positions: str = "sequential",
 ) -> Path:
     """Write ``<output_dir>/epoch_<epoch>/`` through torchtune's checkpointer (HF format for
     ``FullModelHFCheckpointer``) and ``confidence.json`` beside the weights.
@@ -235,7 +236,7 @@ def save_hf_checkpoint(
     checkpointer.save_checkpoint({training.MODEL_KEY: model_state}, epoch=epoch, intermediate_checkpoint=False)
     folder = Path(output_dir) / f"epoch_{epoch}"
     if codec is not None:
-        write_confidence_json(folder, codec, mode, marker)
+        write_confidence_json(folder, codec, mode, marker, positions=positions)
     return folder
 
 

@@ -36,6 +36,8 @@ class ModelBatch:
         is_confidence: ``[b, L]`` True on confidence tokens.
         bins: the fixed-point result (None in mode none).
         slots: ``[b, n]`` plain positions followed by a confidence token (None in mode none).
+        positions: ``[b, L]`` position ids under ``interleaving.positions: shared``; None when they
+            are the model's default ``0..L-1`` (sequential positions of a right-padded batch).
     """
 
     tokens: torch.Tensor
@@ -43,6 +45,7 @@ class ModelBatch:
     is_confidence: torch.Tensor
     bins: Optional[FixedPointBins] = None
     slots: Optional[torch.Tensor] = None
+    positions: Optional[torch.Tensor] = None
 
 
 def shifted_labels(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
@@ -129,7 +132,10 @@ class ConfidenceLayout:
         )
         parallel.align_forward_count(bin_model, result.passes, tokens)
         layout = result.interleaved
-        return ModelBatch(layout.tokens, layout.labels, layout.is_confidence, result, slots)
+        positions = None
+        if self.interleaving.positions != "sequential":
+            positions = self.interleaving.position_ids(layout.valid_mask, layout.is_confidence)
+        return ModelBatch(layout.tokens, layout.labels, layout.is_confidence, result, slots, positions)
 
 
 def plain_model_batch(batch: Dict[str, torch.Tensor]) -> ModelBatch:
@@ -164,7 +170,7 @@ def summed_token_loss(
     targets = shifted_labels(batch.labels, ignore_index)
     num_tokens = (targets != ignore_index).sum()
     with forward_ctx or contextlib.nullcontext():
-        logits = model(batch.tokens)
+        logits = model(batch.tokens) if batch.positions is None else model(batch.tokens, input_pos=batch.positions)
     if int(num_tokens) == 0:
         # Nothing to learn here, but every parameter must still join the backward pass (FSDP).
         chunks = logits if isinstance(logits, list) else [logits]

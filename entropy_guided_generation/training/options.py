@@ -10,9 +10,9 @@ from typing import Any, Optional
 
 from omegaconf import DictConfig
 
-from entropy_guided_generation.layout import MODES, Mode, check_mode, mode_named
+from entropy_guided_generation.layout import MODES, Mode, check_mode, check_position_rule, mode_named
 
-INTERLEAVING_KEYS = ("mode", "marker", "max_passes", "reference_checkpoint", "init_confidence_embeddings")
+INTERLEAVING_KEYS = ("mode", "marker", "positions", "max_passes", "reference_checkpoint", "init_confidence_embeddings")
 EMBEDDING_INITS = (None, "mean")
 DEFAULT_MAX_PASSES = 4
 
@@ -24,6 +24,8 @@ class InterleavingOptions:
     Attributes:
         mode: the interleaving mode (a registered :class:`~entropy_guided_generation.layout.Mode`).
         marker: the string ending the interleaved reasoning (modes that read a marker only).
+        positions: ``sequential`` (every token advances the position id, as the public CaC code) or
+            ``shared`` (a confidence token takes its content token's position id).
         max_passes: cap on fixed-point passes per batch (>= 1); each pass is one no-grad forward.
         reference_checkpoint: where bins come from: None = the model being trained (no grad);
             a checkpoint folder (str) or a checkpointer config = a frozen reference model.
@@ -36,6 +38,7 @@ class InterleavingOptions:
 
     mode: Mode
     marker: Optional[str] = None
+    positions: str = "sequential"
     max_passes: int = DEFAULT_MAX_PASSES
     reference_checkpoint: Any = None
     init_confidence_embeddings: Optional[str] = None
@@ -90,6 +93,7 @@ def interleaving_options(cfg: DictConfig, entry_mode: Optional[str] = None) -> I
     return InterleavingOptions(
         mode=mode,
         marker=marker if mode.needs_marker else None,
+        positions=check_position_rule(section.get("positions", "sequential")),
         max_passes=max_passes,
         reference_checkpoint=section.get("reference_checkpoint", None),
         init_confidence_embeddings=init_embeddings,

@@ -248,7 +248,9 @@ class CaCFinetuneRecipe(FTRecipeInterface):
     def _build_layout(self, codec: Optional[ConfidenceCodec] = None) -> ConfidenceLayout:
         codec = codec or self._codec
         return ConfidenceLayout(
-            Interleaving.for_tokenizer(self._interleaving.mode, self._tokenizer, self._interleaving.marker),
+            Interleaving.for_tokenizer(
+                self._interleaving.mode, self._tokenizer, self._interleaving.marker, self._interleaving.positions
+            ),
             codec,
             pad_id=self._tokenizer.pad_id,
             max_passes=self._interleaving.max_passes,
@@ -295,7 +297,9 @@ class CaCFinetuneRecipe(FTRecipeInterface):
             batch_size=self._loop.batch_size,
             gradient_accumulation_steps=self._loop.gradient_accumulation_steps,
             max_steps_per_epoch=self._loop.max_steps_per_epoch,
-            confidence=metadata_for(self._codec, self._interleaving.name, self._interleaving.marker).__dict__
+            confidence=metadata_for(
+                self._codec, self._interleaving.name, self._interleaving.marker, positions=self._interleaving.positions
+            ).__dict__
             if self._codec is not None
             else None,
         )
@@ -515,6 +519,7 @@ class CaCFinetuneRecipe(FTRecipeInterface):
                 codec=self._codec,
                 mode=self._interleaving.name,
                 marker=self._interleaving.marker,
+                positions=self._interleaving.positions,
             )
             log.info(f"Epoch {epoch} checkpoint written to {folder}.")
         self._parallel.barrier()
