@@ -20,7 +20,8 @@ import torch
 
 from entropy_guided_generation import kit
 from entropy_guided_generation.diffusion import generate, generate_with_tta_uncertainty, heldout_problems, run_benchmark, summarize
-from entropy_guided_generation.diffusion.mask_predictor import left_pad, load_mask_predictor, trained_mask_predictor
+from entropy_guided_generation.diffusion.mask_predictor import left_pad
+from entropy_guided_generation.diffusion.pretrained import load_mask_predictor, trained_mask_predictor
 from entropy_guided_generation.diffusion.train import EVAL_DECODING
 
 LAYOUT = {key: EVAL_DECODING[key] for key in ("steps", "gen_length", "block_length")}  # LLaDA low_confidence baseline

@@ -39,7 +39,18 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+import torch
 from omegaconf import DictConfig, OmegaConf
+
+from entropy_guided_generation import kit, visualize
+from entropy_guided_generation.confidence import ConfidenceCodec, find_confidence_json, read_confidence_json
+from entropy_guided_generation.demo_analysis import analyze_run
+from entropy_guided_generation.eleuther_eval import EleutherEvalRecipeDirect
+from entropy_guided_generation.eval.report import generation_confidence_by_doc
+from entropy_guided_generation.generation import decode
+from entropy_guided_generation.kit.train_base import mixed_format_base
+from entropy_guided_generation.layout import Interleaving
+from entropy_guided_generation.training import read_disk_log, run_recipe
 
 REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 MODES = ("none", "full", "answer", "marker")
@@ -192,8 +203,6 @@ def prepare_data(out: Path, settings: DemoSettings, gsm8k_dir: Optional[Path], b
     traces without a mistake (``mistake_index`` null), so the finetune learns correct reasoning; the
     held-out rows keep all traces and are scored against ``target``.
     """
-    from entropy_guided_generation import kit
-
     data = out / "data"
     if gsm8k_dir is not None:
         gsm8k_train = _require_file(gsm8k_dir / "train.jsonl", "GSM8K train file")
@@ -340,8 +349,6 @@ def _gen_budget(mode: str, settings: DemoSettings) -> int:
 def eval_config(mode: str, checkpoint: Path, base: BaseModel, files: DataFiles, settings: DemoSettings, eval_dir: Path) -> DictConfig:
     """The tiny eval config of ``mode`` on the finetuned checkpoint and the held-out task (mode,
     marker, positions and codec come from the checkpoint's ``confidence.json``)."""
-    from entropy_guided_generation import kit
-
     cfg = _load_config(f"eval_{mode}.yaml")
     if on_bigbench(mode, settings):
         include, tasks = kit.bigbench_mistake_tasks_dir(files.bbm_test), [kit.BIGBENCH_MISTAKE_TASK]
@@ -412,8 +419,6 @@ class FinishedRun:
 def finetune(mode: str, cfg: DictConfig, run_dir: Path, fingerprint: str) -> tuple[Path, float]:
     """Run the recipe (or reuse its finished output); returns the final checkpoint folder and the
     seconds the finetune took (when it first ran)."""
-    from entropy_guided_generation.training import run_recipe
-
     stamp = _stamp_of(run_dir, fingerprint, "logs")
     if stamp is not None:
         print(f"[demo] {mode}: reusing the finetune in {run_dir}")
@@ -428,8 +433,6 @@ def finetune(mode: str, cfg: DictConfig, run_dir: Path, fingerprint: str) -> tup
 
 def evaluate(mode: str, cfg: DictConfig, eval_dir: Path, fingerprint: str) -> dict:
     """Run the eval recipe (or reuse its summary); returns the summary plus per-sample pairs."""
-    from entropy_guided_generation.eleuther_eval import EleutherEvalRecipeDirect
-
     summary_path = eval_dir / "demo_eval.json"
     if _stamp_of(eval_dir, fingerprint, summary_path.name) is not None:
         print(f"[demo] {mode}: reusing the evaluation in {eval_dir}")
@@ -450,8 +453,6 @@ def evaluate(mode: str, cfg: DictConfig, eval_dir: Path, fingerprint: str) -> di
 
 def per_sample_pairs(summary: dict, recipe: Any) -> dict:
     """(confidence, correct) per held-out sample of the headline (task, filter, metric)."""
-    from entropy_guided_generation.eval.report import generation_confidence_by_doc
-
     task, filt, metric = summary.get("task"), summary.get("filter"), summary.get("metric")
     if task is None:
         return {"confidence": [], "correct": []}
@@ -481,8 +482,6 @@ class Demo:
         if self.custom_base or settings.base == "plain":
             return self.plain_base
         if settings.base not in self._bases:
-            from entropy_guided_generation.kit.train_base import mixed_format_base
-
             folder = mixed_format_base(settings.positions, log=lambda line: print(f"[demo] {line}", flush=True))
             self._bases[settings.base] = BaseModel(folder, folder, self.plain_base.model_type)
         return self._bases[settings.base]
@@ -503,8 +502,6 @@ class Demo:
     def analysis(self, run: FinishedRun, *, full: bool) -> dict:
         """:func:`~entropy_guided_generation.demo_analysis.analyze_run` of ``run`` (or its saved result;
         a saved full analysis also serves a short one)."""
-        from entropy_guided_generation.demo_analysis import analyze_run
-
         folder = self.out / "analysis" / run.settings.label()
         reference = self.reference_codec(run.settings) if run.mode == "none" and full else None
         fingerprint = _fingerprint(run.fingerprint, run.settings.eval_limit, ANALYSIS_VERSION, reference is not None)
@@ -534,8 +531,6 @@ class Demo:
     def reference_codec(self, settings: DemoSettings) -> Any:
         """Mode answer's codec under ``settings``, mode none's stand-in for would-be bins (None when
         mode answer is not part of this demo)."""
-        from entropy_guided_generation.confidence import find_confidence_json, read_confidence_json
-
         if ("answer", settings) not in self._runs:
             return None
         found = find_confidence_json(self._runs[("answer", settings)].checkpoint)
@@ -561,8 +556,6 @@ def heldout_rows(files: DataFiles, mode: str, settings: DemoSettings) -> list[di
 
 def loss_history(log_dir: Path) -> list[float]:
     """Training loss per optimizer step, from the recipe's DiskLogger files."""
-    from entropy_guided_generation.training import read_disk_log
-
     logged = read_disk_log(log_dir)
     return [logged[step]["loss"] for step in sorted(logged) if "loss" in logged[step]]
 
@@ -629,13 +622,6 @@ def summary_row(label: str, mode: str, run: FinishedRun, found: dict, reused_def
 
 def draw_confidence_example(mode: str, checkpoint: Path, base: BaseModel, question: str, out: Path, settings: DemoSettings) -> dict:
     """Decode one held-out question greedily in ``mode`` and write it coloured by confidence bin."""
-    import torch
-
-    from entropy_guided_generation import kit, visualize
-    from entropy_guided_generation.confidence import ConfidenceCodec, find_confidence_json, read_confidence_json
-    from entropy_guided_generation.generation import decode
-    from entropy_guided_generation.layout import Interleaving
-
     tokenizer = kit.load_tokenizer(folder=base.tokenizer_dir)
     model = kit.load_torchtune_model(checkpoint).eval()
     found = find_confidence_json(checkpoint)
@@ -741,8 +727,6 @@ def sweep_table(points: dict[str, list[dict]]) -> str:
 
 def resolve_base(checkpoint: Optional[Path], tokenizer_dir: Optional[Path], model_type: str) -> BaseModel:
     """The demo's base model: ``checkpoint`` (a Hugging Face folder) or the kit's trained base."""
-    from entropy_guided_generation import kit
-
     folder = Path(checkpoint) if checkpoint is not None else kit.trained_base()
     tok = Path(tokenizer_dir) if tokenizer_dir is not None else folder
     missing = [name for name in TOKENIZER_FILES if not (tok / name).is_file()]
@@ -812,8 +796,6 @@ def run_demo(
     compare: Sequence[dict] = (),
 ) -> dict:
     """The whole pipeline; returns what ``results.json`` holds."""
-    from entropy_guided_generation import visualize
-
     unknown = [m for m in modes if m not in MODES]
     if unknown or not modes:
         raise ValueError(f"unknown demo modes {unknown or list(modes)}; expected some of {', '.join(MODES)}")

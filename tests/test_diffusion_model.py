@@ -14,7 +14,8 @@ import torch
 from diffusion_models import MASK_ID, ScriptedModel
 from entropy_guided_generation import kit
 from entropy_guided_generation.diffusion import generate, heldout_problems, monte_carlo_loglikelihood, solve
-from entropy_guided_generation.diffusion.mask_predictor import CARD_FILENAME, load_mask_predictor, trained_mask_predictor
+from entropy_guided_generation.diffusion.mask_predictor import CARD_FILENAME
+from entropy_guided_generation.diffusion.pretrained import load_mask_predictor, trained_mask_predictor
 from entropy_guided_generation.diffusion.train import EVAL_DECODING
 
 # Measured (torch 2.13 CPU, the shipped predictor, 2 build threads): 12/128 = 0.094 (the card: 0.105 on 200).
@@ -117,8 +118,9 @@ def test_lm_eval_diffusion_model_through_the_evaluator_and_our_cli(tmp_path, sub
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    import entropy_guided_generation.diffusion.lm_eval_model  # noqa: F401  (registers "diffusion")
+    from entropy_guided_generation.lm_eval import register_models
 
+    register_models()  # "diffusion" among them
     folder, tasks = trained_mask_predictor(), kit.tasks_dir()
     baseline = simple_evaluate(
         model="diffusion", model_args=f"pretrained={folder}," + MODEL_ARGS.format("baseline"),

@@ -13,9 +13,10 @@ import torch
 from lm_eval.api.instance import Instance
 from omegaconf import OmegaConf
 
-from entropy_guided_generation import eleuther_eval, kit
+from entropy_guided_generation import kit
 from entropy_guided_generation.confidence import write_confidence_json
 from entropy_guided_generation.eleuther_eval import SUMMARY_FILENAME, EleutherEvalRecipeDirect
+from entropy_guided_generation.eval import from_config
 from entropy_guided_generation.eval.lm import TorchtuneLM
 from entropy_guided_generation.generation import DECODERS, generate_plain, register_decoder
 from entropy_guided_generation.layout import compute_bins, confidence_slots
@@ -238,7 +239,7 @@ def no_model_loading(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded before the config was checked")
 
-    monkeypatch.setattr(eleuther_eval, "load_model", refuse)
+    monkeypatch.setattr(from_config, "load_model", refuse)
 
 
 def checkpoint_with_confidence_json(folder: Path, tokenizer, mode: str) -> Path:

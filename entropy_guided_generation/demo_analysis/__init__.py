@@ -17,8 +17,11 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from entropy_guided_generation import kit
+from entropy_guided_generation.confidence import find_confidence_json, read_confidence_json
 from entropy_guided_generation.demo_analysis.heldout import GSM8K, bigbench_mistake_task, heldout_content_loss
 from entropy_guided_generation.demo_analysis.report import ABLATIONS, HeldOut, analyze_checkpoint
+from entropy_guided_generation.layout import Interleaving
 
 
 def analyze_run(
@@ -43,10 +46,6 @@ def analyze_run(
     Mode, marker, position rule and codec come from the checkpoint's ``confidence.json`` (mode none:
     no codec).
     """
-    from entropy_guided_generation import kit
-    from entropy_guided_generation.confidence import find_confidence_json, read_confidence_json
-    from entropy_guided_generation.layout import Interleaving
-
     tokenizer = kit.load_tokenizer(folder=tokenizer_dir)
     codec, positions = None, "sequential"
     if mode != "none":

@@ -18,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from entropy_guided_generation.confidence import ConfidenceCodec
+from entropy_guided_generation.data.bigbench_mistake import trace_response
 from entropy_guided_generation.eval.generation import cut_at_stop, left_pad, tokens_covering
 from entropy_guided_generation.eval.teacher_forcing import score_continuations
 from entropy_guided_generation.generation import ConfidenceOverride, decode
@@ -74,8 +75,6 @@ GSM8K = HeldOutTask(
 
 def bigbench_mistake_task(marker: str) -> HeldOutTask:
     """The kit's BIG-Bench-Mistake task: thoughts, ``marker``, answer; scored against ``target``."""
-    from entropy_guided_generation.data.bigbench_mistake import trace_response
-
     return HeldOutTask(
         name="kit_bigbench_mistake",
         prompt=lambda row: row["input"] + "\n",

@@ -15,6 +15,7 @@ from entropy_guided_generation import kit
 from entropy_guided_generation.diffusion.decoding import generate
 from entropy_guided_generation.diffusion.mask_predictor import TokenIds, left_pad, response_text
 from entropy_guided_generation.diffusion.tta import generate_with_tta_uncertainty
+from entropy_guided_generation.visualize import _pyplot
 
 DecodeFn = Callable[..., tuple[torch.Tensor, dict[str, Any]]]
 HELDOUT_SEED = 1
@@ -143,8 +144,6 @@ def summarize(results: dict[str, SolveResult], plot_path: Optional[Union[str, Pa
     lines = [f"{'run':<24} {'accuracy':>8} {'nfe':>7} {'s/sample':>9}"]
     lines += [f"{name:<24} {r.accuracy:8.3f} {r.nfe_per_sample:7.1f} {r.seconds_per_sample:9.4f}" for name, r in results.items()]
     if plot_path is not None:
-        from entropy_guided_generation.visualize import _pyplot
-
         plt = _pyplot()
         figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
         for name, r in results.items():

@@ -25,12 +25,12 @@ from typing import Any, Optional
 
 import torch
 from lm_eval.api.model import LM
-from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
 from entropy_guided_generation.diffusion.decoding import REMASKING_STRATEGIES, generate, predictor_logits
 from entropy_guided_generation.diffusion.likelihood import monte_carlo_loglikelihood
-from entropy_guided_generation.diffusion.mask_predictor import left_pad, load_mask_predictor, response_text
+from entropy_guided_generation.diffusion.mask_predictor import left_pad, response_text
+from entropy_guided_generation.diffusion.pretrained import load_mask_predictor
 from entropy_guided_generation.diffusion.tta import TTAOptions, generate_with_tta_uncertainty
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,6 @@ def parse_temperature_range(value: Any) -> tuple[float, float]:
     return float(low), float(high)
 
 
-@register_model(MODEL_NAME)
 class DiffusionLM(LM):
     """lm-eval ``LM`` over a mask predictor folder (default: ``trained_mask_predictor()``).
 

@@ -7,14 +7,12 @@ Layout the predictor is trained on and decoded with (one row)::
 
 Prompts of a batch are left-padded with ``<|endoftext|>`` (the model learns to ignore them, so
 ``model(tokens)`` needs no attention mask); the response is the answer, ``<|im_end|>``, and more
-``<|im_end|>`` up to ``response_length`` (LLaDA's SFT fill). ``trained_mask_predictor()`` trains
-the kit's predictor once (deterministic, a few minutes on 2 CPU cores) and caches it under
-``kit.kit_cache_dir()``; ``python -m entropy_guided_generation.diffusion.train --out DIR`` writes a
-copy anywhere.
+``<|im_end|>`` up to ``response_length`` (LLaDA's SFT fill). ``pretrained.trained_mask_predictor()``
+finds the kit's trained predictor (training it once, deterministically, if the shipped copy is
+missing); ``python -m entropy_guided_generation.diffusion.train --out DIR`` writes a copy anywhere.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
@@ -129,58 +127,12 @@ def response_text(tokenizer: Any, response: Sequence[int], ids: TokenIds) -> str
     return tokenizer.decode(list(response[:cut]))
 
 
-# ---------------------------------------------------------------- saving and loading
+# ---------------------------------------------------------------- saving (loading: pretrained.py)
 
 
 def save_mask_predictor(model: Any, out_dir: PathLike, card: dict[str, Any]) -> Path:
     """Write ``model`` (fp32 safetensors + ``config.json``), the kit tokenizer files and the card."""
     return save_trained_checkpoint(model, out_dir, card, CARD_FILENAME)
-
-
-SHIPPED_DIR = Path(__file__).resolve().parents[1] / "kit" / "assets" / "mask_predictor"
-SHIPPED_FILES = ("config.json", "model.safetensors", CARD_FILENAME, "vocab.json", "merges.txt", "tokenizer.json")
-
-
-def trained_mask_predictor() -> Path:
-    """The folder of the kit's trained mask predictor.
-
-    The shipped copy (``kit/assets/mask_predictor/``, 2.3 MB; read-only by contract) when it is
-    complete; else trained on first use (about 3 min on 2 idle CPU cores) and cached in
-    ``<kit cache>/mask-predictor-<hash>``, where the hash covers the training settings and the
-    sources of the training code, the predictor and the kit's data. The folder holds
-    ``model.safetensors``, ``config.json``, the kit tokenizer files and ``predictor_card.json``
-    (settings, seconds, held-out accuracy). Rebuild the shipped copy with
-    ``python -m entropy_guided_generation.diffusion.train --out entropy_guided_generation/kit/assets/mask_predictor``.
-    """
-    if all((SHIPPED_DIR / name).is_file() for name in SHIPPED_FILES):
-        return SHIPPED_DIR
-    from entropy_guided_generation.diffusion import train
-
-    return train.cached_predictor(train.TrainSettings())
-
-
-def predictor_card(folder: Optional[PathLike] = None) -> dict[str, Any]:
-    """The training record of a predictor folder (default: ``trained_mask_predictor()``): settings,
-    token ids, seconds, held-out accuracy."""
-    return json.loads((Path(folder or trained_mask_predictor()) / CARD_FILENAME).read_text())
-
-
-def load_mask_predictor(folder: Optional[PathLike] = None, dtype: torch.dtype = torch.float32):
-    """``(model, tokenizer, ids)`` of a predictor folder (default: ``trained_mask_predictor()``), model in eval mode.
-
-    ``model(tokens [b, s]).logits`` is ``[b, s, v]``; ``tokenizer`` is the kit's torchtune tokenizer
-    read from the folder; ``ids`` the mask / pad / eos ids recorded on the card.
-    """
-    from transformers import ModernBertForMaskedLM
-
-    folder = Path(folder) if folder is not None else trained_mask_predictor()
-    card = predictor_card(folder)
-    model = ModernBertForMaskedLM.from_pretrained(str(folder), dtype=dtype).eval()
-    tokenizer = kit.load_tokenizer(folder=folder)
-    ids = TokenIds(**card["token_ids"])
-    if ids != TokenIds.from_tokenizer(tokenizer, model.config.vocab_size):
-        raise ValueError(f"{folder}: the card's token ids {ids} disagree with the tokenizer's {TokenIds.from_tokenizer(tokenizer, model.config.vocab_size)}")
-    return model, tokenizer, ids
 
 
 __all__ = [
@@ -190,10 +142,7 @@ __all__ = [
     "build_mask_predictor",
     "encode_problem",
     "left_pad",
-    "load_mask_predictor",
-    "predictor_card",
     "predictor_config",
     "response_text",
     "save_mask_predictor",
-    "trained_mask_predictor",
 ]

@@ -2,8 +2,8 @@
 
     python -m entropy_guided_generation.diffusion.train --out DIR  # train and write DIR
 
-``trained_mask_predictor()`` calls ``cached_predictor(TrainSettings())``: the same build, once, into
-the kit cache.
+``pretrained.trained_mask_predictor()`` calls ``cached_predictor(TrainSettings())``: the same build,
+once, into the kit cache.
 
 Objective (LLaDA's SFT loss): per example draw a mask ratio t in (eps, 1] (stratified over the
 batch), mask each response token with probability t, and minimise
@@ -27,8 +27,14 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from entropy_guided_generation import kit
+from entropy_guided_generation.kit import data as kit_data
+from entropy_guided_generation.kit import optim as kit_optim
+from entropy_guided_generation.kit import tokenizer as kit_tokenizer
+from entropy_guided_generation.kit.cache import cached_folder
 from entropy_guided_generation.kit.optim import EpochBatches, adamw_decaying_matrices, optimizer_step, warmup_cosine_lr
 from entropy_guided_generation.diffusion import mask_predictor
+from entropy_guided_generation.diffusion.decoding import generate
+from entropy_guided_generation.diffusion.experiments import heldout_problems, solve
 from entropy_guided_generation.diffusion.mask_predictor import (
     PredictorSizes,
     TokenIds,
@@ -151,9 +157,6 @@ EVAL_DECODING = {"steps": 40, "gen_length": 40, "block_length": 8, "remasking": 
 
 def build_predictor(out_dir: Path, settings: TrainSettings, threads: int, eval_n: int = 200, log_every: int = 100) -> dict[str, Any]:
     """Train, measure held-out accuracy with baseline decoding and write the folder (replaced whole)."""
-    from entropy_guided_generation.diffusion.decoding import generate
-    from entropy_guided_generation.diffusion.experiments import heldout_problems, solve
-
     torch.set_num_threads(threads)
     model, tokenizer, ids, seconds = train(settings, log_every)
     result = solve(model, tokenizer, ids, heldout_problems(eval_n), generate, **EVAL_DECODING)
@@ -187,11 +190,9 @@ def cached_predictor(settings: TrainSettings, eval_n: int = 200) -> Path:
     The hash covers ``settings``, ``eval_n``, the torch version and the source files of training,
     the predictor and the kit data/tokenizer. The caller's torch thread count and RNG state are restored.
     """
-    from entropy_guided_generation.kit import cache, data, optim, tokenizer
-
     spec = {"settings": asdict(settings), "eval_n": eval_n, "threads": BUILD_THREADS, "torch": torch.__version__}
     # What determines the weights; the card's accuracy is a record of the decoding code at build time.
-    sources = tuple(Path(m.__file__) for m in (sys.modules[__name__], mask_predictor, data, optim, tokenizer))
+    sources = tuple(Path(m.__file__) for m in (sys.modules[__name__], mask_predictor, kit_data, kit_optim, kit_tokenizer))
 
     def build(folder: Path) -> None:
         threads = torch.get_num_threads()
@@ -201,7 +202,7 @@ def cached_predictor(settings: TrainSettings, eval_n: int = 200) -> Path:
         finally:
             torch.set_num_threads(threads)
 
-    return cache.cached_folder("mask-predictor", spec, build, sources)
+    return cached_folder("mask-predictor", spec, build, sources)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -1,4 +1,4 @@
-"""An lm-eval model over a torchtune decoder, in any interleaving mode (registered as ``egg_torchtune``).
+"""An lm-eval model over a torchtune decoder, in any interleaving mode (lm-eval's ``egg_torchtune``).
 
 Three methods, as lm-eval's ``LM`` asks:
 
@@ -15,8 +15,6 @@ truncation, prefix token, scoring and greedy decoding).
 from __future__ import annotations
 
 import inspect
-
-import importlib.util
 import logging
 import time
 from dataclasses import dataclass
@@ -24,11 +22,12 @@ from typing import Any, Mapping, Optional, Sequence
 
 import torch
 from lm_eval.api.model import TemplateLM
-from lm_eval.api.registry import register_model
 from lm_eval.models.utils import Collator
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
+# Importing the sampling package registers its decoders (e.g. ``entropix``) with ``register_decoder``.
+from entropy_guided_generation import sampling  # noqa: F401
 from entropy_guided_generation.confidence import ConfidenceCodec
 from entropy_guided_generation.eval.generation import (
     DecodeSettings,
@@ -41,21 +40,20 @@ from entropy_guided_generation.eval.generation import (
 )
 from entropy_guided_generation.eval.teacher_forcing import ContinuationScores, score_continuations
 from entropy_guided_generation.eval.traces import ConfidenceTrace
-from entropy_guided_generation.generation import DECODERS, DecodeResult, get_decoder
+from entropy_guided_generation.generation import DecodeResult, get_decoder
 from entropy_guided_generation.layout import Interleaving
+from entropy_guided_generation.sampling.budget_forcing import budget_forcing_requested, generate_until_torchtune
 
 log = logging.getLogger(__name__)
 
 MODEL_NAME = "egg_torchtune"
-# Importing this package registers its decoders (e.g. ``entropix``) with ``register_decoder``.
-SAMPLERS_PACKAGE = "entropy_guided_generation.sampling"
 
 
 def sampler_decoder(sampler: Mapping[str, Any]) -> tuple[str, Any, dict]:
     """``(name, decoder, sampler_config)`` of a YAML ``sampler: {name: <registered decoder>, ...}``.
 
-    The decoder is ``get_decoder(name)``, after importing :data:`SAMPLERS_PACKAGE` (where samplers
-    register themselves) if ``name`` is not registered yet; ``sampler_config`` is the rest of the section.
+    The decoder is ``get_decoder(name)`` (the sampling package, imported above, registers its samplers);
+    ``sampler_config`` is the rest of the section.
 
     Raises:
         ValueError: without a ``name``, or naming no registered decoder (the error lists them).
@@ -64,8 +62,6 @@ def sampler_decoder(sampler: Mapping[str, Any]) -> tuple[str, Any, dict]:
     name = config.pop("name", None)
     if not isinstance(name, str) or not name:
         raise ValueError(f"sampler needs a 'name' (a registered decoder, e.g. entropix), got {dict(sampler)!r}")
-    if name not in DECODERS and importlib.util.find_spec(SAMPLERS_PACKAGE) is not None:
-        importlib.import_module(SAMPLERS_PACKAGE)
     return name, get_decoder(name), config
 
 
@@ -125,7 +121,6 @@ def _accepts_keyword(fn: Any, name: str) -> bool:
     return name in inspect.signature(fn).parameters
 
 
-@register_model(MODEL_NAME)
 class TorchtuneLM(TemplateLM):
     """lm-eval model over a torchtune ``TransformerDecoder`` and tokenizer.
 
@@ -367,8 +362,6 @@ class TorchtuneLM(TemplateLM):
     # ------------------------------------------------------------------ generation
     def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
         """Greedy or sampled continuations of each context, cut before the first ``until`` string."""
-        from entropy_guided_generation.sampling.budget_forcing import budget_forcing_requested, generate_until_torchtune
-
         if any(budget_forcing_requested(request.args[1]) for request in requests):
             return generate_until_torchtune(self, requests, disable_tqdm)  # serves the rest through this method
         items = [(request.args[0], request.args[1], position) for position, request in enumerate(requests)]
@@ -448,25 +441,6 @@ class TorchtuneLM(TemplateLM):
                 tokens=tokens.cpu(), bins=bins.cpu(), signal=signal.cpu(), entropy=entropy.cpu(), logprob=logprob.cpu(),
             )
         )
-
-    # ------------------------------------------------------------------ construction from lm-eval's CLI
-    @classmethod
-    def create_from_arg_obj(cls, arg_dict: dict, additional_config: Optional[dict] = None) -> "TorchtuneLM":
-        """``--model egg_torchtune --model_args config=<eval yaml>[,key=value...]``: the model,
-        tokenizer and interleaving of an eval recipe config (other keys override the config)."""
-        from entropy_guided_generation.eleuther_eval import lm_from_config_file
-
-        args = dict(arg_dict)
-        extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k != "max_batch_size"}
-        if "config" not in args:
-            raise ValueError(f"--model {MODEL_NAME} needs model_args config=<eval recipe YAML>, got {sorted(args)}")
-        return lm_from_config_file(args.pop("config"), {**args, **extra})
-
-    @classmethod
-    def create_from_arg_string(cls, arg_string: str, additional_config: Optional[dict] = None) -> "TorchtuneLM":
-        from lm_eval.utils import simple_parse_args_string
-
-        return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
 
 
 __all__ = ["MODEL_NAME", "DecodeStats", "RequestKey", "ScoredContinuation", "TorchtuneLM", "sampler_decoder"]

@@ -35,6 +35,7 @@ import torch
 
 from entropy_guided_generation.kit import data
 from entropy_guided_generation.kit import tokenizer as kit_tokenizer
+from entropy_guided_generation.kit.cache import cached_folder
 from entropy_guided_generation.kit.models import hf_config
 from entropy_guided_generation.kit.optim import EpochBatches, adamw_decaying_matrices, optimizer_step, warmup_cosine_lr
 
@@ -289,8 +290,6 @@ def mixed_format_base(positions: str = "sequential", log=print) -> Path:
     Raises:
         ValueError: on an unknown position rule.
     """
-    from entropy_guided_generation.kit.cache import cached_folder
-
     if positions not in POSITION_RULES:
         raise ValueError(f"unknown confidence_positions {positions!r}; expected one of {', '.join(POSITION_RULES)}")
     shipped = ASSETS_DIR / f"mixed_base_{positions}"

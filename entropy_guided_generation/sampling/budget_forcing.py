@@ -25,6 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from entropy_guided_generation import signals
+from entropy_guided_generation.eval.generation import cut_at_stop, decode_settings
 from entropy_guided_generation.generation import kv_session, sample_next_token
 from entropy_guided_generation.sampling import scalers
 
@@ -517,8 +518,6 @@ def run_budget_forcing(
         One output per prompt with ``text`` = thinking section + delimiter + prefix + the answer
         cut before the first ``until`` string.
     """
-    from entropy_guided_generation.eval.generation import cut_at_stop, decode_settings
-
     if not prompts:
         return []
     ours = set(consumed_keys(gen_kwargs))

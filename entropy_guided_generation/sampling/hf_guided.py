@@ -14,7 +14,6 @@ import inspect
 from typing import Any, Optional, Sequence
 
 import torch
-from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
 from entropy_guided_generation.sampling.budget_forcing import BudgetForcedOutput, run_budget_forcing, serve_generate_until
@@ -112,7 +111,6 @@ def budget_force_hf(
     )
 
 
-@register_model(MODEL_NAME)
 class HFGuidedLM(HFLM):
     """lm-eval's ``hf`` model whose ``generate_until`` also serves budget-forcing gen_kwargs."""
 

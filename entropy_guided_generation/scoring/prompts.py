@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
+from entropy_guided_generation.kit import data as kit_data
+
 PathLike = Union[str, Path]
 GSM8K_PROMPT_TEMPLATE = "Question: {question}\nAnswer:"
 KIT_GSM8K_POOL_SIZE = 500
@@ -140,8 +142,6 @@ def register_gsm8k_jsonl(
 
 def kit_gsm8k(split: str) -> list[PromptExample]:
     """The kit's GSM8K-format problems of ``split`` (a fixed pool of 500), in the kit model's prompt format."""
-    from entropy_guided_generation.kit import data as kit_data
-
     rows = kit_data.gsm8k_examples(KIT_GSM8K_POOL_SIZE, seed=0, split=split)
     return gsm8k_examples_from_rows(rows, prompt_template=kit_data.prompt_of("{question}"))
 

@@ -18,6 +18,10 @@ from typing import Any, Callable, Dict
 
 from omegaconf import DictConfig, OmegaConf
 
+from entropy_guided_generation import kit
+from entropy_guided_generation.kit import data as kit_data
+from entropy_guided_generation.kit.cache import cached_folder
+
 PREFIX = "kit:"
 GSM8K_TRAIN_ROWS = 512
 GSM8K_TEST_ROWS = 64
@@ -27,52 +31,38 @@ KIT_BIGBENCH_TASK = "multistep_arithmetic"
 
 
 def _tokenizer() -> Path:
-    from entropy_guided_generation import kit
-
     return kit.build_tokenizer()
 
 
 def _trained_base() -> Path:
-    from entropy_guided_generation import kit
-
     return kit.trained_base()
 
 
 def _tiny(arch: str) -> Callable[[], Path]:
     def build() -> Path:
-        from entropy_guided_generation import kit
-
         return kit.build_tiny_checkpoint(arch)
 
     return build
 
 
 def _gsm8k() -> Path:
-    from entropy_guided_generation.kit import data
-    from entropy_guided_generation.kit.cache import cached_folder
-
     def build(folder: Path) -> None:
-        data.write_gsm8k_jsonl(folder / "train.jsonl", GSM8K_TRAIN_ROWS, seed=0, split="train")
-        data.write_gsm8k_jsonl(folder / "test.jsonl", GSM8K_TEST_ROWS, seed=0, split="test")
+        kit_data.write_gsm8k_jsonl(folder / "train.jsonl", GSM8K_TRAIN_ROWS, seed=0, split="train")
+        kit_data.write_gsm8k_jsonl(folder / "test.jsonl", GSM8K_TEST_ROWS, seed=0, split="test")
 
     spec = {"train": GSM8K_TRAIN_ROWS, "test": GSM8K_TEST_ROWS, "seed": 0}
-    return cached_folder("gsm8k", spec, build, (Path(data.__file__),))
+    return cached_folder("gsm8k", spec, build, (Path(kit_data.__file__),))
 
 
 def _bigbench_mistake() -> Path:
-    from entropy_guided_generation.kit import data
-    from entropy_guided_generation.kit.cache import cached_folder
-
     def build(folder: Path) -> None:
-        data.write_bigbench_mistake_jsonl(folder / f"{KIT_BIGBENCH_TASK}.jsonl", BIGBENCH_MISTAKE_ROWS, seed=0)
+        kit_data.write_bigbench_mistake_jsonl(folder / f"{KIT_BIGBENCH_TASK}.jsonl", BIGBENCH_MISTAKE_ROWS, seed=0)
 
     spec = {"rows": BIGBENCH_MISTAKE_ROWS, "seed": 0, "task": KIT_BIGBENCH_TASK}
-    return cached_folder("bigbench_mistake", spec, build, (Path(data.__file__),))
+    return cached_folder("bigbench_mistake", spec, build, (Path(kit_data.__file__),))
 
 
 def _lm_eval_tasks() -> Path:
-    from entropy_guided_generation import kit
-
     return kit.tasks_dir()
 
 

@@ -1,0 +1,248 @@
+"""An lm-eval model from an eval recipe config: the config's ``interleaving`` and ``confidence``
+sections reconciled with the checkpoint's ``confidence.json``, tokenizer, codec and weights loaded,
+and a :class:`~entropy_guided_generation.eval.lm.TorchtuneLM` built.
+
+Two users: the eval recipe (:mod:`entropy_guided_generation.eleuther_eval`) and lm-eval's CLI
+(``--model egg_torchtune --model_args config=<eval recipe YAML>[,key=value...]``, through
+:class:`TorchtuneLMFromConfig`, registered in :mod:`entropy_guided_generation.lm_eval`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import torch
+from lm_eval.utils import simple_parse_args_string
+from omegaconf import DictConfig, OmegaConf
+from torchtune import config, training, utils
+
+from entropy_guided_generation.confidence import (
+    ConfidenceCodec,
+    ConfidenceMetadata,
+    check_config_matches,
+    find_confidence_json,
+    read_confidence_json,
+)
+from entropy_guided_generation.eval.lm import MODEL_NAME, TorchtuneLM
+from entropy_guided_generation.layout import NONE, Mode, check_position_rule, mode_named
+from entropy_guided_generation.modeling import vocab_size_of
+from entropy_guided_generation.training.kit_paths import resolve_kit_references
+
+RECIPE_KEYS = (
+    "output_dir", "model", "checkpointer", "tokenizer", "interleaving", "confidence", "tasks", "include_path",
+    "limit", "num_fewshot", "batch_size", "max_seq_length", "max_gen_toks", "gen_kwargs", "enable_kv_cache",
+    "device", "dtype", "seed", "bootstrap_iters", "log_level", "sampler",
+)
+INTERLEAVING_KEYS = ("mode", "marker", "positions", "max_passes")
+DEFAULT_SEED = 1234  # lm-eval's and torchtune's eval default
+
+
+@dataclass(frozen=True)
+class EvalInterleaving:
+    """The ``interleaving`` section, reconciled with the checkpoint's ``confidence.json``.
+
+    Attributes:
+        mode: the registered mode the config names, else confidence.json's, else none.
+        marker: the marker string (modes that read one).
+        positions: the position rule (the config's, else confidence.json's, else sequential).
+        max_passes: cap on fixed-point passes when scoring (None: exact).
+    """
+
+    mode: Mode
+    marker: Optional[str] = None
+    positions: str = "sequential"
+    max_passes: Optional[int] = None
+
+    @property
+    def name(self) -> str:
+        return self.mode.name
+
+
+def plain_container(node: Any) -> Any:
+    """A config node as plain Python (dicts, lists, resolved); any other value unchanged."""
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+
+
+def check_recipe_keys(cfg: DictConfig) -> None:
+    """Raise on a top-level key this recipe does not read (a typo would otherwise be ignored)."""
+    unknown = sorted(set(cfg.keys()) - set(RECIPE_KEYS))
+    if unknown:
+        raise ValueError(f"unknown eval config keys {unknown}; expected some of {', '.join(RECIPE_KEYS)}")
+
+
+def checkpoint_metadata(cfg: DictConfig) -> tuple[Optional[ConfidenceMetadata], Optional[Path]]:
+    """``confidence.json`` beside the checkpoint (in ``checkpointer.checkpoint_dir`` or its parent), if any."""
+    path = find_confidence_json(cfg.checkpointer.checkpoint_dir)
+    return (read_confidence_json(path), path) if path is not None else (None, None)
+
+
+def eval_interleaving(cfg: DictConfig, metadata: Optional[ConfidenceMetadata], source: str = "confidence.json") -> EvalInterleaving:
+    """Read ``cfg.interleaving`` and check it against the checkpoint's metadata.
+
+    Raises:
+        ValueError: on an unknown key or mode, or a mode/marker that contradicts ``confidence.json``
+            (``config interleaving.mode is 'full' but <path> says 'answer'``).
+    """
+    section = plain_container(cfg.get("interleaving", None)) or {}
+    unknown = sorted(set(section) - set(INTERLEAVING_KEYS))
+    if unknown:
+        raise ValueError(f"unknown interleaving keys {unknown}; expected some of {', '.join(INTERLEAVING_KEYS)}")
+    mode, marker, positions = section.get("mode"), section.get("marker"), section.get("positions")
+    if mode is not None:
+        mode_named(mode)
+    if positions is not None:
+        check_position_rule(positions)
+    if metadata is not None:
+        check_config_matches(metadata, mode=mode, marker=marker, positions=positions, source=source)
+        mode = mode if mode is not None else metadata.mode
+        marker = marker if marker is not None else metadata.marker
+        positions = positions if positions is not None else metadata.positions
+    mode = mode_named(mode if mode is not None else NONE.name)
+    max_passes = section.get("max_passes")
+    if max_passes is not None and (not isinstance(max_passes, int) or isinstance(max_passes, bool) or max_passes < 1):
+        raise ValueError(f"interleaving.max_passes must be an int >= 1 or null, got {max_passes!r}")
+    return EvalInterleaving(
+        mode=mode,
+        marker=marker if mode.needs_marker else None,
+        positions=positions if positions is not None else "sequential",
+        max_passes=max_passes,
+    )
+
+
+def eval_codec(
+    cfg: DictConfig, metadata: Optional[ConfidenceMetadata], tokenizer: Any, mode: Mode, source: str = "confidence.json"
+) -> Optional[ConfidenceCodec]:
+    """The codec: confidence.json's (a ``confidence`` section, if given, must agree with it), else the
+    config's ``confidence`` section; None in a plain mode.
+
+    Raises:
+        ValueError: on a contradicting section, or an interleaved mode with no codec anywhere.
+    """
+    if mode.is_plain:
+        return None
+    section = cfg.get("confidence", None)
+    configured = ConfidenceCodec.from_config(section, tokenizer) if section is not None else None
+    if metadata is not None:
+        if configured is not None:
+            check_config_matches(metadata, codec=configured, source=source)
+        return metadata.to_codec()
+    if configured is None:
+        raise ValueError(
+            f"interleaving.mode {mode.name!r} needs a confidence codec: no confidence.json beside checkpoint "
+            f"{cfg.checkpointer.checkpoint_dir} and no `confidence` section in the config"
+        )
+    return configured
+
+
+def load_model(cfg: DictConfig, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """``cfg.model`` with the weights of ``cfg.checkpointer`` loaded (strict), in eval mode.
+
+    A small function the finetune recipes can share: instantiate the checkpointer, build the model
+    under the target dtype and device, load the state dict.
+    """
+    checkpointer = config.instantiate(cfg.checkpointer)
+    state_dict = checkpointer.load_checkpoint()[training.MODEL_KEY]
+    with training.set_default_dtype(dtype), device:
+        model = config.instantiate(cfg.model)
+    model.load_state_dict(state_dict)
+    return model.eval()
+
+
+def resolve_kit_paths(cfg: DictConfig) -> DictConfig:
+    """``cfg`` with ``kit:`` references replaced by the paths the offline kit builds."""
+    return resolve_kit_references(cfg)
+
+
+def build_lm(cfg: DictConfig, device: torch.device, dtype: torch.dtype):
+    """The lm-eval model a (kit-resolved) eval config describes, and its interleaving.
+
+    Order: confidence.json and the config are reconciled, then the tokenizer and codec are built,
+    and only then the model is loaded, so a contradicting config fails before any model work.
+    """
+    metadata, source = checkpoint_metadata(cfg)
+    interleaving = eval_interleaving(cfg, metadata, str(source))
+    sampler = plain_container(cfg.get("sampler", None))
+    if sampler and not interleaving.mode.is_plain:
+        raise ValueError(f"sampler {sampler!r} selects a decoder for mode none; interleaving.mode is {interleaving.name!r}")
+    tokenizer = config.instantiate(cfg.tokenizer)
+    codec = eval_codec(cfg, metadata, tokenizer, interleaving.mode, str(source))
+    model = load_model(cfg, device, dtype)
+    if codec is not None:
+        codec.check_vocab(vocab_size_of(model))
+    lm = TorchtuneLM(
+        model,
+        tokenizer,
+        mode=interleaving.mode,
+        codec=codec,
+        marker=interleaving.marker,
+        positions=interleaving.positions,
+        sampler=sampler,
+        batch_size=int(cfg.get("batch_size", 8)),
+        max_seq_length=int(cfg.get("max_seq_length", 4096)),
+        max_gen_toks=int(cfg.get("max_gen_toks", 256)),
+        enable_kv_cache=bool(cfg.get("enable_kv_cache", True)),
+        max_passes=interleaving.max_passes,
+        seed=int(cfg.get("seed", None) or DEFAULT_SEED),
+    )
+    return lm, interleaving, metadata
+
+
+def load_yaml(path: str | Path) -> DictConfig:
+    """An eval config file as a ``DictConfig`` (torchtune 0.6.1 has no ``config.load_yaml``)."""
+    return OmegaConf.load(path)
+
+
+def lm_from_config_file(path: str, overrides: Optional[Mapping[str, Any]] = None):
+    """The lm-eval model of an eval recipe YAML (``--model egg_torchtune --model_args config=...``);
+    ``overrides`` are top-level keys (e.g. ``batch_size``) that replace the file's."""
+    cfg = OmegaConf.merge(load_yaml(path), dict(overrides or {}))
+    check_recipe_keys(cfg)
+    cfg = resolve_kit_paths(cfg)
+    device = utils.get_device(device=cfg.get("device", "cpu"))
+    lm, _, _ = build_lm(cfg, device, training.get_dtype(dtype=cfg.get("dtype", "fp32"), device=device))
+    return lm
+
+
+def lm_from_model_args(arg_dict: Mapping[str, Any], additional_config: Optional[Mapping[str, Any]] = None) -> TorchtuneLM:
+    """``--model egg_torchtune --model_args config=<eval yaml>[,key=value...]``: the model,
+    tokenizer and interleaving of an eval recipe config (other keys override the config's;
+    lm-eval's ``additional_config`` too, less ``max_batch_size`` and unset values)."""
+    args = dict(arg_dict)
+    extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k != "max_batch_size"}
+    if "config" not in args:
+        raise ValueError(f"--model {MODEL_NAME} needs model_args config=<eval recipe YAML>, got {sorted(args)}")
+    return lm_from_config_file(args.pop("config"), {**args, **extra})
+
+
+class TorchtuneLMFromConfig(TorchtuneLM):
+    """What lm-eval's ``--model egg_torchtune`` names: lm-eval builds models through these two
+    class methods, which return the :class:`TorchtuneLM` an eval recipe config describes."""
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict, additional_config: Optional[dict] = None) -> TorchtuneLM:
+        return lm_from_model_args(arg_dict, additional_config)
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: Optional[dict] = None) -> TorchtuneLM:
+        return lm_from_model_args(simple_parse_args_string(arg_string), additional_config)
+
+
+__all__ = [
+    "DEFAULT_SEED",
+    "INTERLEAVING_KEYS",
+    "RECIPE_KEYS",
+    "EvalInterleaving",
+    "TorchtuneLMFromConfig",
+    "build_lm",
+    "check_recipe_keys",
+    "checkpoint_metadata",
+    "eval_codec",
+    "eval_interleaving",
+    "lm_from_config_file",
+    "lm_from_model_args",
+    "load_model",
+    "load_yaml",
+    "plain_container",
+    "resolve_kit_paths",
+]
