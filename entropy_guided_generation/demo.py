@@ -33,6 +33,7 @@ import hashlib
 import json
 import math
 import random
+import resource
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -73,6 +74,7 @@ mixed-format base (pretrained with random confidence tokens in half of its rows,
 EMBEDDING_INITS = ("none", "mean")
 POSITION_RULES = ("sequential", "shared")
 STAMP = "demo_stamp.json"
+ANALYSIS_VERSION = 1  # bump when the analysis changes what it measures: saved analyses are redone
 MAX_PLAIN_TOKENS = 256
 MAX_INTERLEAVED_POSITIONS = 512
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json")
@@ -405,7 +407,8 @@ def final_checkpoint(run_dir: Path) -> Path:
 
 @dataclass(frozen=True)
 class FinishedRun:
-    """A finetune's checkpoint, its training-loss history and how long it took (when it ran)."""
+    """A finetune's checkpoint, its training-loss history and how long it took (wall and CPU seconds,
+    when it ran)."""
 
     mode: str
     settings: DemoSettings
@@ -413,22 +416,23 @@ class FinishedRun:
     run_dir: Path
     fingerprint: str
     train_seconds: float
+    train_cpu_seconds: float
     loss: list[float]
 
 
-def finetune(mode: str, cfg: DictConfig, run_dir: Path, fingerprint: str) -> tuple[Path, float]:
+def finetune(mode: str, cfg: DictConfig, run_dir: Path, fingerprint: str) -> tuple[Path, float, float]:
     """Run the recipe (or reuse its finished output); returns the final checkpoint folder and the
-    seconds the finetune took (when it first ran)."""
+    wall and CPU seconds the finetune took (when it first ran)."""
     stamp = _stamp_of(run_dir, fingerprint, "logs")
     if stamp is not None:
         print(f"[demo] {mode}: reusing the finetune in {run_dir}")
-        return final_checkpoint(run_dir), float(stamp.get("seconds", math.nan))
+        return final_checkpoint(run_dir), float(stamp.get("seconds", math.nan)), float(stamp.get("cpu_seconds", math.nan))
     print(f"[demo] {mode}: finetuning ({cfg.epochs * cfg.max_steps_per_epoch} steps) -> {run_dir}", flush=True)
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), _cpu_seconds()
     run_recipe(cfg, mode=mode, distributed=False)
-    seconds = round(time.perf_counter() - started, 1)
-    _write_stamp(run_dir, fingerprint, seconds=seconds)
-    return final_checkpoint(run_dir), seconds
+    seconds, cpu = round(time.perf_counter() - started, 1), round(_cpu_seconds() - cpu_started, 1)
+    _write_stamp(run_dir, fingerprint, seconds=seconds, cpu_seconds=cpu)
+    return final_checkpoint(run_dir), seconds, cpu
 
 
 def evaluate(mode: str, cfg: DictConfig, eval_dir: Path, fingerprint: str) -> dict:
@@ -495,8 +499,8 @@ class Demo:
             cfg = train_config(mode, base, self.files, settings, run_dir)
             trained_by = {k: v for k, v in asdict(settings).items() if k != "eval_limit"}
             fingerprint = _fingerprint(OmegaConf.to_container(cfg), trained_by, _file_digest(self.files, mode, settings))
-            checkpoint, seconds = finetune(mode, cfg, run_dir, fingerprint)
-            self._runs[key] = FinishedRun(mode, settings, checkpoint, run_dir, fingerprint, seconds, loss_history(run_dir / "logs"))
+            checkpoint, seconds, cpu = finetune(mode, cfg, run_dir, fingerprint)
+            self._runs[key] = FinishedRun(mode, settings, checkpoint, run_dir, fingerprint, seconds, cpu, loss_history(run_dir / "logs"))
         return self._runs[key]
 
     def analysis(self, run: FinishedRun, *, full: bool) -> dict:
@@ -536,8 +540,6 @@ class Demo:
         found = find_confidence_json(self._runs[("answer", settings)].checkpoint)
         return read_confidence_json(found).to_codec() if found else None
 
-
-ANALYSIS_VERSION = 1
 
 
 def training_max_passes(mode: str, settings: DemoSettings) -> Optional[int]:
@@ -581,6 +583,7 @@ def sweep_points(demo: Demo, modes: Sequence[str], steps_list: Sequence[int]) ->
                 "steps": steps, "accuracy": found["real"]["accuracy"], "ece": found["real"]["ece"],
                 "auroc": found["real"]["auroc"], "content_loss": found["content_loss"],
                 "final_train_loss": _final_loss(run.loss), "train_seconds": run.train_seconds,
+                "train_cpu_seconds": run.train_cpu_seconds,
             })
             print(f"[demo] sweep {mode} @ {steps} steps: accuracy {found['real']['accuracy']:.3f}, "
                   f"held-out content loss {found['content_loss']:.3f}", flush=True)
@@ -613,7 +616,7 @@ def summary_row(label: str, mode: str, run: FinishedRun, found: dict, reused_def
         "final_train_loss": _final_loss(run.loss),
         **{f"{name}_change": ablation["accuracy_change"] for name, ablation in ablations.items()},
         "agreement": (found.get("agreement") or {}).get("equal_fraction"),
-        "train_seconds": run.train_seconds, "reused_default_run": reused_default,
+        "train_seconds": run.train_seconds, "train_cpu_seconds": run.train_cpu_seconds, "reused_default_run": reused_default,
     }
 
 
@@ -675,7 +678,7 @@ def results_table(rows: Sequence[dict]) -> str:
         ("mode", "mode", 7, "s"), ("data", "data", 17, "s"), ("accuracy", "accuracy", 9, ".3f"),
         ("x none", "relative_accuracy", 7, ".2f"), ("ECE", "ece", 6, ".3f"), ("AUROC", "auroc", 6, ".3f"),
         ("mean conf", "mean_confidence", 9, ".3f"), ("decode tok/s", "decode_tokens_per_s", 12, ".1f"),
-        ("train s", "train_seconds", 8, ".0f"), ("n", "num_samples", 4, "d"),
+        ("train CPU s", "train_cpu_seconds", 11, ".0f"), ("n", "num_samples", 4, "d"),
     ], rows)
 
 
@@ -705,7 +708,7 @@ def compare_table(rows: Sequence[dict]) -> str:
         ("change", "change", 26, "s"), ("mode", "mode", 7, "s"), ("accuracy", "accuracy", 9, ".3f"),
         ("ECE", "ece", 6, ".3f"), ("trace AUROC", "trace_auroc", 11, ".3f"), ("loss@0", "base_content_loss", 7, ".3f"),
         ("loss", "content_loss", 6, ".3f"), ("d shuffled", "shuffled_change", 10, "+.3f"),
-        ("d fixed-unconf", "fixed_unconfident_change", 14, "+.3f"), ("train s", "train_seconds", 8, ".0f"),
+        ("d fixed-unconf", "fixed_unconfident_change", 14, "+.3f"), ("train CPU s", "train_cpu_seconds", 11, ".0f"),
     ], rows)
 
 
@@ -766,7 +769,7 @@ def _headline_row(mode: str, settings: DemoSettings, run: FinishedRun, summary: 
         "accuracy": summary["accuracy"], "ece": summary["ece"], "auroc": summary["auroc"],
         "mean_confidence": summary["mean_confidence"], "decode_tokens_per_s": summary["decode_tokens_per_s"],
         "num_samples": summary["num_samples"], "checkpoint": str(run.checkpoint),
-        "train_seconds": run.train_seconds, "eval_seconds": summary.get("seconds"),
+        "train_seconds": run.train_seconds, "train_cpu_seconds": run.train_cpu_seconds, "eval_seconds": summary.get("seconds"),
         "analysis_seconds": found.get("seconds"),
         "final_train_loss": _final_loss(run.loss),
         "analysis_accuracy": found["real"]["accuracy"],
@@ -799,7 +802,7 @@ def run_demo(
     unknown = [m for m in modes if m not in MODES]
     if unknown or not modes:
         raise ValueError(f"unknown demo modes {unknown or list(modes)}; expected some of {', '.join(MODES)}")
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), _cpu_seconds()
     out.mkdir(parents=True, exist_ok=True)
     base = resolve_base(checkpoint, tokenizer_dir, model_type)
     files = prepare_data(out, settings, gsm8k_dir, bbm_dir, bbm_tasks)
@@ -851,7 +854,14 @@ def run_demo(
                                   title=f"one finetune per budget ({settings.label()} otherwise)")
     if compare:
         results["compare"] = compare_rows(demo, ordered, compare)
+        by_mode: dict[str, dict[str, float]] = {}
+        for row in results["compare"]:
+            by_mode.setdefault(row["mode"], {})[row["change"]] = row["accuracy"]
+        visualize.ablation_bars({m: by_mode[m] for m in MODES if m in by_mode}, out / "compare.png",
+                                title=f"one setting changed for every mode ({settings.steps} steps)")
     results["seconds"] = round(time.perf_counter() - started, 1)
+    results["cpu_seconds"] = round(_cpu_seconds() - cpu_started, 1)
+    results["threads"] = torch.get_num_threads()
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
     print("\n" + results_table(rows))
     print("\nWhy (held-out content loss of the base (loss@0) and after; calibration of the bins; accuracy change when "
@@ -863,8 +873,15 @@ def run_demo(
         print("\nLearning curves (held-out accuracy / content loss per budget):\n" + sweep_table(results["sweep"]))
     if compare:
         print("\nOne setting changed for every mode:\n" + compare_table(results["compare"]))
-    print(f"\n[demo] {results['seconds']:.0f}s; pictures and results.json in {out}")
+    print(f"\n[demo] {results['seconds']:.0f}s ({results['cpu_seconds']:.0f} CPU seconds on {results['threads']} threads); "
+          f"pictures and results.json in {out}")
     return results
+
+
+def _cpu_seconds() -> float:
+    """User + system CPU time of this process so far (on a busy machine, what the run would take alone)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _int_list(text: str, what: str) -> list[int]:

@@ -170,10 +170,11 @@ def learning_curves(points: Mapping[str, Sequence[Mapping[str, float]]], path: P
 
 
 def ablation_bars(accuracy: Mapping[str, Mapping[str, float]], path: PathLike, title: str = "") -> Path:
-    """Grouped bars: per mode, held-out accuracy of each decode (real bins and each ablation).
+    """Grouped bars: per mode, held-out accuracy of each variant (e.g. each decode: real bins and
+    each ablation; or each setting of a comparison).
 
     Args:
-        accuracy: mode -> {decode name -> accuracy}, e.g. ``{"answer": {"real": 0.5, "shuffled": 0.4}}``.
+        accuracy: mode -> {variant name -> accuracy}, e.g. ``{"answer": {"real": 0.5, "shuffled": 0.4}}``.
     """
     plt = _pyplot()
     modes = list(accuracy)
