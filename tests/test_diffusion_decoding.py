@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from diffusion_models import MASK_ID, PAD_ID, ScriptedModel, random_predictor
-from entropy_guided_generation.diffusion import generate
+from entropy_guided_generation.diffusion import LLADA_MASK_ID, generate, generate_with_tta_uncertainty
 from entropy_guided_generation.diffusion.decoding import check_block_layout, tokens_per_step
 
 
@@ -158,3 +158,18 @@ def test_prompt_with_mask_and_unknown_remasking_are_rejected(predictor):
     flat = ScriptedModel(lambda call, tokens: torch.zeros(*tokens.shape, 24))
     with pytest.raises(ValueError, match="mask_id 99 is outside the predictor's vocabulary of 24 ids"):
         generate(flat, PROMPTS, steps=2, gen_length=2, block_length=2, mask_id=99)
+
+
+@pytest.mark.parametrize("decoder", [generate, generate_with_tta_uncertainty], ids=["generate", "tta"])
+def test_mask_id_defaults_to_the_models_config_or_is_asked_for_by_name(predictor, decoder):
+    layout = dict(steps=4, gen_length=4, block_length=4)
+    assert predictor.config.mask_token_id == MASK_ID
+    implicit, _ = decoder(predictor, PROMPTS, **layout)
+    explicit, _ = decoder(predictor, PROMPTS, mask_id=MASK_ID, **layout)
+    assert torch.equal(implicit, explicit)
+    flat = ScriptedModel(lambda call, tokens: torch.zeros(*tokens.shape, 24))
+    with pytest.raises(ValueError, match="mask_id is required: the ScriptedModel has no config.mask_token_id"):
+        decoder(flat, PROMPTS, **layout)
+    # LLaDA's id against a small vocabulary: a clear error before any forward, not an IndexError
+    with pytest.raises(ValueError, match=f"mask_id {LLADA_MASK_ID} is outside the predictor's vocabulary of 24 ids"):
+        decoder(predictor, PROMPTS, mask_id=LLADA_MASK_ID, **layout)

@@ -13,7 +13,7 @@ import torch
 
 from diffusion_models import MASK_ID, ScriptedModel
 from entropy_guided_generation import kit
-from entropy_guided_generation.diffusion import generate, heldout_problems, monte_carlo_loglikelihood, solve
+from entropy_guided_generation.diffusion import experiments, generate, heldout_problems, monte_carlo_loglikelihood, solve
 from entropy_guided_generation.diffusion.mask_predictor import CARD_FILENAME
 from entropy_guided_generation.diffusion.pretrained import load_mask_predictor, trained_mask_predictor
 from entropy_guided_generation.diffusion.train import EVAL_DECODING
@@ -168,3 +168,18 @@ def test_run_benchmark_compares_baseline_and_tta_and_summarizes_with_a_plot(trai
     table = summarize(results, tmp_path / "tta.png")
     assert (tmp_path / "tta.png").stat().st_size > 0
     assert table.splitlines()[0].split() == ["run", "accuracy", "nfe", "s/sample"] and len(table.splitlines()) == 4
+
+
+def test_seed_benchmark_names_read_the_ids_off_a_hugging_face_tokenizer(trained, capsys):
+    from transformers import AutoTokenizer
+
+    model, tokenizer, ids = trained
+    hf_tokenizer = AutoTokenizer.from_pretrained(str(trained_mask_predictor()))
+    assert experiments.token_ids_of(model, hf_tokenizer) == ids == experiments.token_ids_of(model, tokenizer)
+    assert experiments.run_academic_benchmark is experiments.run_benchmark
+    layout = dict(steps=4, gen_length=8, block_length=4)
+    results = experiments.run_academic_benchmark(model, hf_tokenizer, thresholds=[2], samples=3, decode_kwargs=layout, progress=False)
+    same = experiments.run_benchmark(model, tokenizer, thresholds=[2], samples=3, ids=ids, decode_kwargs=layout, progress=False)
+    assert [r.responses for r in results.values()] == [r.responses for r in same.values()]
+    table = experiments.analyze_icml_results(results)
+    assert capsys.readouterr().out.strip() == table == experiments.summarize(results)

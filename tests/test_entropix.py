@@ -16,10 +16,12 @@ from entropy_guided_generation.sampling.entropix import (
     EXPLORE,
     REGIMES,
     RESAMPLE,
+    choose_regime,
     entropix_step,
     regime_parameters,
     resolve_clarifying_token,
 )
+from entropy_guided_generation.sampling.entropix_metrics import EntropixMetrics
 
 V = 256
 CLARIFY_ID = 7
@@ -46,7 +48,7 @@ def brute_attention(scores: list[list[float]], visible: list[bool]) -> dict[str,
     ent = [-sum(p * math.log2(p) for p in ph.values() if p > 0) for ph in probs]
     n_h = len(scores)
     mean_ent = sum(ent) / n_h
-    var_ent = sum((e - mean_ent) ** 2 for e in ent) / (n_h - 1) if n_h > 1 else 0.0
+    var_ent = sum((e - mean_ent) ** 2 for e in ent) / n_h  # population variance (entropix's jnp.var)
     mean_p = {j: sum(ph[j] for ph in probs) / n_h for j in keys}
     agreement = sum(sum(abs(ph[j] - mean_p[j]) for j in keys) / len(keys) for ph in probs) / n_h
     interaction = sum(sum(abs(head[j]) for j in keys) / len(keys) for head in scores) / n_h
@@ -239,6 +241,70 @@ def test_regimes_mixed_in_one_batch_are_decided_per_row():
     params = regime_parameters(out.regime, metrics, EntropixConfig())
     assert torch.equal(params.top_k, out.params.top_k)
     assert {int(r) for r in out.regime} == {ARGMAX, CLARIFY, EXPLORE, RESAMPLE, ADAPTIVE}
+
+
+# ------------------------------------------------------------------ entropix's own rules, at their edges
+def upstream_regime(h: float, v: float, c: EntropixConfig) -> str:
+    """xjdr-alt/entropix sampler.py's if/elif chain, as written there (strict comparisons)."""
+    if h < c.low_ent_thresh and v < c.low_vent_thresh:
+        return "argmax"
+    elif h > c.high_ent_thresh and v < c.low_vent_thresh:
+        return "clarify"
+    elif h < c.high_ent_thresh and v > c.high_vent_thresh:
+        return "explore"
+    elif h > c.med_ent_thresh and v > c.high_vent_thresh:
+        return "resample"
+    return "adaptive"
+
+
+def metrics_of(**values: float) -> EntropixMetrics:
+    """One-row metrics, float32 as the sampler computes them; unnamed metrics are 0."""
+    names = ("entropy", "varentropy", "attn_entropy", "attn_varentropy", "agreement", "interaction_strength")
+    rows = max((len(v) for v in values.values() if isinstance(v, list)), default=1)
+    return EntropixMetrics(**{n: torch.tensor(values.get(n, 0.0), dtype=torch.float32).expand(rows).clone() for n in names})
+
+
+def test_regimes_follow_entropix_strict_threshold_comparisons_everywhere_on_a_grid():
+    cfg = EntropixConfig()
+    # every threshold, a point just below and above each, and values between them
+    hs = sorted({x for t in (cfg.low_ent_thresh, cfg.med_ent_thresh, cfg.high_ent_thresh) for x in (t - 0.01, t, t + 0.01)} | {0.0, 1.0, 4.0, 8.0})
+    vs = sorted({x for t in (cfg.low_vent_thresh, cfg.high_vent_thresh) for x in (t - 0.01, t, t + 0.01)} | {0.0, 2.0, 9.0})
+    grid = [(h, v) for h in hs for v in vs]
+    # float32 values, as the metrics are: thresholds compare as float32 in entropix too
+    f32 = [(float(torch.tensor(h)), float(torch.tensor(v))) for h, v in grid]
+    metrics = metrics_of(entropy=[h for h, _ in grid], varentropy=[v for _, v in grid])
+    got = choose_regime(metrics, cfg, torch.full((len(grid),), 3), CLARIFY_ID)
+    want = [upstream_regime(h, v, EntropixConfig(**{k: float(torch.tensor(getattr(cfg, k))) for k in (
+        "low_ent_thresh", "med_ent_thresh", "high_ent_thresh", "low_vent_thresh", "high_vent_thresh")})) for h, v in f32]
+    assert [REGIMES[int(r)] for r in got] == want
+    # exactly at a threshold is neither below nor above it: (5.0, 0.05) is adaptive, not clarify
+    at_high = choose_regime(metrics_of(entropy=5.0, varentropy=0.05), cfg, torch.tensor([3]), CLARIFY_ID)
+    assert REGIMES[int(at_high)] == "adaptive"
+    assert REGIMES[int(choose_regime(metrics_of(entropy=5.01, varentropy=0.05), cfg, torch.tensor([3]), CLARIFY_ID))] == "clarify"
+
+
+@pytest.mark.parametrize(
+    "config, interaction, agreement, want",
+    [
+        (EntropixConfig(), 1.8, 0.2, 40),  # 27 * 1.5 = 40.5 -> 40 (entropix: 40; rounding halves up gives 41)
+        (EntropixConfig(top_k=4, ada_top_k_int=0.25), 0.5, 0.0, 4),  # 4.5 -> 4
+        (EntropixConfig(top_k=4, ada_top_k_int=0.25), 1.5, 0.0, 6),  # 5.5 -> 6
+        (EntropixConfig(top_k=4, ada_top_k_int=0.25), 1.25, 0.0, 5),  # 5.25 -> 5
+    ],
+)
+def test_adaptive_top_k_rounds_half_to_even_as_entropix(config, interaction, agreement, want):
+    metrics = metrics_of(interaction_strength=interaction, agreement=agreement)
+    params = regime_parameters(torch.tensor([ADAPTIVE]), metrics, config)
+    assert int(params.top_k) == want
+
+
+def test_attention_varentropy_is_the_population_variance_across_heads():
+    # two heads, one attending to one key (0 bits), one uniform over 4 keys (2 bits): variance 1, not 2
+    scores = torch.tensor([[[50.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]]])
+    got = attention_metrics(scores, None)
+    assert got["attn_entropy"].item() == pytest.approx(1.0, abs=1e-5)
+    assert got["attn_varentropy"].item() == pytest.approx(1.0, abs=1e-5)
+    assert attention_metrics(scores[:, :1], None)["attn_varentropy"].item() == 0.0
 
 
 # ------------------------------------------------------------------ config

@@ -92,6 +92,29 @@ def test_tokenizer_rebuilt_from_scratch_equals_the_shipped_files(tmp_path, monke
         assert (rebuilt / name).read_bytes() == (kit.trained_base() / name).read_bytes(), name
 
 
+def test_hf_chat_template_is_qwen2_5s_and_renders_torchtunes_chat_ids(tok, hf_tok):
+    from torchtune.data import Message
+
+    user = "What number is bigger 9.11 or 9.9?"
+    text = hf_tok.apply_chat_template([{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True)
+    assert text == (
+        f"<|im_start|>system\n{kit_tokenizer.QWEN2_5_DEFAULT_SYSTEM}<|im_end|>\n"
+        f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
+    )
+    # With a system message, Hugging Face's template and torchtune's Qwen2.5 chat format (what
+    # datasets with chat: True train on) give the same ids: for a prompt, and for a whole conversation
+    # (torchtune ends it with eos = <|im_end|>, the template with <|im_end|> and a newline).
+    chat = [("system", "You are a helpful assistant."), ("user", user), ("assistant", "9.9 is bigger.")]
+    as_dicts = [{"role": r, "content": c} for r, c in chat]
+    prompt = hf_tok.apply_chat_template(as_dicts[:2], tokenize=True, add_generation_prompt=True, return_dict=False)
+    tt_prompt, _ = tok.tokenize_messages([Message(r, c) for r, c in chat[:2]] + [Message("assistant", "")], add_eos=False)
+    assert prompt == tt_prompt
+    whole = hf_tok.apply_chat_template(as_dicts, tokenize=True, return_dict=False)
+    tt_whole, _ = tok.tokenize_messages([Message(r, c) for r, c in chat], add_eos=True)
+    assert whole == tt_whole + tok.encode("\n", add_bos=False, add_eos=False)
+    assert hf_tok.mask_token_id == tok.special_tokens[kit.MASK_TOKEN]
+
+
 # ---------------------------------------------------------------- checkpoints: transformers <-> torchtune
 
 

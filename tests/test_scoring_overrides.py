@@ -165,6 +165,37 @@ def test_hf_tied_lm_head_is_one_parameter_and_may_be_named_by_its_alias(tokenize
     assert float((got - flat(sp.teacher_force_logprobs(seqs))).abs().max()) > 1e-3
 
 
+# ---------------------------------------------------------------- buffers
+def test_buffers_override_equals_a_model_holding_those_buffers(tokenizer):
+    hf = tiny_hf_qwen2()
+    with torch.no_grad():  # sharp attention, so that the rotary frequencies (a buffer) matter
+        for layer in hf.model.layers:
+            layer.self_attn.q_proj.weight.mul_(30.0)
+            layer.self_attn.k_proj.weight.mul_(30.0)
+    sp = processor(hf, tokenizer)
+    seqs = sp.generate_batched(PROMPTS, G=1, seed=0)
+    name = "model.rotary_emb.inv_freq"
+    faster = dict(hf.named_buffers())[name] * 4.0
+    got = flat(sp.teacher_force_logprobs(seqs, buffers_override={name: faster}))
+    moved = copy.deepcopy(hf)
+    dict(moved.named_buffers())[name].copy_(faster)
+    torch.testing.assert_close(got, flat(processor(moved, tokenizer).teacher_force_logprobs(seqs)), rtol=0, atol=1e-5)
+    live = flat(sp.teacher_force_logprobs(seqs))
+    assert float((got - live).abs().max()) > 1e-3
+    # with a params override too: both apply; the eta = 0 mapping with the live buffers is the live model
+    zero = sp.build_params_override({}, 0.0)
+    same = sp.teacher_force_logprobs(seqs, params_override=zero, buffers_override={name: dict(hf.named_buffers())[name]})
+    torch.testing.assert_close(flat(same), live, rtol=0, atol=1e-5)
+    with pytest.raises(KeyError, match="'model.nope'"):
+        sp.teacher_force_logprobs(seqs, buffers_override={"model.nope": faster})
+    with pytest.raises(ValueError, match=r"buffers_override\['model.rotary_emb.inv_freq'\] has shape \(3,\)"):
+        sp.teacher_force_logprobs_with_diagnostics(seqs, buffers_override={name: torch.zeros(3)})
+
+
+def test_seed_name_build_params_override_is_the_public_builder():
+    assert SequenceProcessor._build_params_override is SequenceProcessor.build_params_override
+
+
 # ---------------------------------------------------------------- bad directions
 def test_bad_directions_are_rejected_with_the_name(model):
     builder = ParamsOverrideBuilder(model)

@@ -3,13 +3,14 @@ same log q that teacher forcing recomputes, teacher-forced scores equal a direct
 with-grad gradients equal autograd of a direct computation, text paths (stop strings, GSM8K reward)."""
 from __future__ import annotations
 
+import logging
 import math
 
 import pytest
 import torch
 from torch import nn
 
-from entropy_guided_generation.kit import load_tokenizer, vocab_size_of, write_gsm8k_jsonl
+from entropy_guided_generation.kit import build_tokenizer, load_tokenizer, vocab_size_of, write_gsm8k_jsonl
 from entropy_guided_generation.scoring import (
     BASELINE_FEATURES,
     BatchedSequences,
@@ -389,3 +390,39 @@ def test_hugging_face_model_generation_log_q_equals_teacher_forced(tokenizer):
         for g in range(2):
             n = seqs.gen_lens[b][g]
             torch.testing.assert_close(res.token_logqs[b][g], seqs.gen_logqs[b, g, :n], rtol=0, atol=1e-4)
+
+
+# ---------------------------------------------------------------- Hugging Face tokenizers, logger
+def test_hugging_face_tokenizer_encodes_pads_and_scores_as_the_torchtune_one(model, tokenizer):
+    from transformers import AutoTokenizer
+
+    hf_tok = AutoTokenizer.from_pretrained(str(build_tokenizer()))
+    sp_hf, sp_tt = processor(model, hf_tok, max_new_tokens=5), processor(model, tokenizer, max_new_tokens=5)
+    assert sp_hf.pad_id == hf_tok.pad_token_id == tokenizer.pad_id and sp_hf.eos_id == tokenizer.eos_id
+    for got, want in zip(sp_hf.encode_prompts(PROMPTS), sp_tt.encode_prompts(PROMPTS)):
+        assert torch.equal(got, want)
+    seqs = sp_tt.generate_batched(PROMPTS, G=2, seed=0)
+    hf_scores, hf_diags = sp_hf.teacher_force_logprobs_with_diagnostics(seqs, compute_rb=True)
+    tt_scores, tt_diags = sp_tt.teacher_force_logprobs_with_diagnostics(seqs, compute_rb=True)
+    assert hf_scores.sequence_logprobs == tt_scores.sequence_logprobs
+    assert hf_diags.diagnostics[0][0].sequence == tt_diags.diagnostics[0][0].sequence  # eos_prob included
+    hf_seqs = sp_hf.generate_batched(PROMPTS, G=2, seed=0)
+    assert hf_seqs.responses_text[0][0] == hf_tok.decode(
+        hf_seqs.sequences[0, 0, hf_seqs.prompt_length : hf_seqs.prompt_length + hf_seqs.gen_lens[0][0]], skip_special_tokens=True
+    )
+    # no pad token: pads with eos, as transformers' generate does; neither: a clear error
+    no_pad = AutoTokenizer.from_pretrained(str(build_tokenizer()), pad_token=None)
+    assert no_pad.pad_token_id is None and processor(model, no_pad).pad_id == no_pad.eos_token_id
+    no_pad.eos_token = None
+    with pytest.raises(ValueError, match="no pad id .*pad_token_id"):
+        processor(model, no_pad)
+
+
+def test_logger_given_to_the_constructor_reports_generation_and_scoring(model, tokenizer, caplog):
+    log = logging.getLogger("seed-processor-test")
+    sp = SequenceProcessor(model, tokenizer, GenerationConfig(max_new_tokens=2, stop_strings=()), logger=log, progress=False)
+    with caplog.at_level(logging.DEBUG, logger=log.name):
+        sp.teacher_force_logprobs(sp.generate_batched(PROMPTS[:1], G=1, seed=0))
+    messages = [r.getMessage() for r in caplog.records if r.name == log.name]
+    assert any(m.startswith("generated 1 prompts") for m in messages) and any(m.startswith("teacher-forced 1 rows") for m in messages)
+    assert SequenceProcessor(model, tokenizer, logger=None, progress=False).logger.name == "entropy_guided_generation.scoring.processor"

@@ -36,6 +36,29 @@ def predictor_logits(model: Any, tokens: torch.Tensor) -> torch.Tensor:
     return logits.float()
 
 
+def resolve_mask_id(model: Any, mask_id: Optional[int]) -> int:
+    """The mask token id to decode with: ``mask_id`` when given, else the model's
+    ``config.mask_token_id`` (LLaDA's configs and the kit's predictor carry one).
+
+    Raises:
+        ValueError: naming ``mask_id`` when neither is set; or when the id lies outside the
+            model's ``config.vocab_size`` (checked before any forward, so no embedding lookup fails).
+    """
+    config = getattr(model, "config", None)
+    if mask_id is None:
+        mask_id = getattr(config, "mask_token_id", None)
+        if mask_id is None:
+            raise ValueError(
+                f"mask_id is required: the {type(model).__name__} has no config.mask_token_id to read it from; pass "
+                f"mask_id=<the predictor's mask token id> (LLaDA-8B: {LLADA_MASK_ID}; the kit's predictor: "
+                "load_mask_predictor()[2].mask_id)"
+            )
+    vocab_size = getattr(config, "vocab_size", None)
+    if isinstance(vocab_size, int) and not 0 <= mask_id < vocab_size:
+        raise ValueError(f"mask_id {mask_id} is outside the predictor's vocabulary of {vocab_size} ids")
+    return int(mask_id)
+
+
 def check_mask_id(logits: torch.Tensor, mask_id: int) -> None:
     """Raise if ``mask_id`` is not an id of the predictor's vocabulary (``logits`` ``[..., v]``)."""
     if not 0 <= mask_id < logits.shape[-1]:
@@ -207,7 +230,7 @@ def generate(
     temperature: float = 0.0,
     cfg_scale: float = 0.0,
     remasking: str = "low_confidence",
-    mask_id: int = LLADA_MASK_ID,
+    mask_id: Optional[int] = None,
     *,
     threshold: Optional[float] = None,
     generator: Optional[torch.Generator] = None,
@@ -226,7 +249,8 @@ def generate(
         temperature: Gumbel-max sampling temperature (0: argmax).
         cfg_scale: unsupervised classifier-free guidance scale (0: off; > 0 doubles the forward rows).
         remasking: ``low_confidence`` (commit the most probable predictions first) or ``random``.
-        mask_id: the predictor's mask token id.
+        mask_id: the predictor's mask token id (None: the model's ``config.mask_token_id``, see
+            :func:`resolve_mask_id`).
         threshold: Fast-dLLM confidence-threshold commits instead of the fixed schedule.
         generator: source of Gumbel and ``random`` noise (default: torch's global generator).
 
@@ -237,6 +261,7 @@ def generate(
     """
     steps_per_block = check_block_layout(steps, gen_length, block_length)
     _check_decoding_options(temperature, cfg_scale, remasking, threshold)
+    mask_id = resolve_mask_id(model, mask_id)
     x = masked_canvas(prompt, gen_length, mask_id)
     step_options = dict(prompt_length=prompt.shape[1], temperature=temperature, cfg_scale=cfg_scale, remasking=remasking, mask_id=mask_id, generator=generator)
     total_steps = 0
@@ -297,6 +322,7 @@ __all__ = [
     "never_predict_mask",
     "predictor_logits",
     "prediction_confidence",
+    "resolve_mask_id",
     "tokens_per_step",
     "top_k_per_row",
 ]

@@ -1,6 +1,6 @@
 """Experiment helpers: solve held-out kit problems with a decoder and compare baseline decoding
-with TTA remasking (accuracy, NFE, seconds per sample, uncertainty per step), as seed 004's
-``run_academic_benchmark`` / ``analyze_icml_results`` do.
+with TTA remasking (accuracy, NFE, seconds per sample, uncertainty per step). Seed 004's names
+``run_academic_benchmark`` / ``analyze_icml_results`` are :func:`run_benchmark` / :func:`summarize`.
 """
 from __future__ import annotations
 
@@ -12,9 +12,11 @@ from typing import Any, Callable, Optional, Sequence, Union
 import torch
 
 from entropy_guided_generation import kit
-from entropy_guided_generation.diffusion.decoding import generate
+from entropy_guided_generation.diffusion.decoding import generate, resolve_mask_id
 from entropy_guided_generation.diffusion.mask_predictor import TokenIds, left_pad, response_text
 from entropy_guided_generation.diffusion.tta import generate_with_tta_uncertainty
+from entropy_guided_generation.modeling import vocab_size_of
+from entropy_guided_generation.tokenizing import encode_ids, eos_id_of, is_hf_tokenizer, pad_id_of
 from entropy_guided_generation.visualize import _pyplot
 
 DecodeFn = Callable[..., tuple[torch.Tensor, dict[str, Any]]]
@@ -65,10 +67,28 @@ def _mean_per_step(per_batch: list[dict[str, list[float]]], weights: list[int]) 
     }
 
 
+def token_ids_of(model: Any, tokenizer: Any) -> TokenIds:
+    """The ids :func:`solve` needs, read off a torchtune or Hugging Face tokenizer and the model.
+
+    The mask is the tokenizer's (Hugging Face ``mask_token_id``; torchtune: the kit's ``<|mask|>``
+    special token), else the model's ``config.mask_token_id``; pad and eos are the tokenizer's.
+
+    Raises:
+        ValueError: naming ``mask_id`` when neither gives a mask id (see :func:`resolve_mask_id`).
+    """
+    if is_hf_tokenizer(tokenizer):
+        mask_id = tokenizer.mask_token_id
+    else:
+        mask_id = getattr(tokenizer, "special_tokens", {}).get(kit.MASK_TOKEN)
+    vocab_size = vocab_size_of(model) or getattr(getattr(model, "config", None), "vocab_size", None)
+    return TokenIds(resolve_mask_id(model, mask_id), pad_id_of(tokenizer), eos_id_of(tokenizer), vocab_size)
+
+
 def solve(model: Any, tokenizer: Any, ids: TokenIds, problems: Sequence, decode_fn: DecodeFn, *, batch_size: int = 50, **decode_kwargs: Any) -> SolveResult:
     """Decode ``prompt_of(question)`` for every problem in left-padded batches and grade the answers.
 
     Args:
+        tokenizer: torchtune or Hugging Face.
         problems: kit ``WordProblem``s or GSM8K rows ``{"question", "answer"}``.
         decode_fn: ``generate`` or ``generate_with_tta_uncertainty`` (called with ``mask_id=ids.mask_id``).
         batch_size: problems per decoding call.
@@ -81,7 +101,7 @@ def solve(model: Any, tokenizer: Any, ids: TokenIds, problems: Sequence, decode_
     responses, nfe, stats, weights, seconds = [], 0.0, [], [], 0.0
     for begin in range(0, len(questions), batch_size):
         chunk = questions[begin : begin + batch_size]
-        prompt = left_pad([tokenizer.encode(kit.prompt_of(q), add_bos=False, add_eos=False) for q in chunk], ids.pad_id)
+        prompt = left_pad([encode_ids(tokenizer, kit.prompt_of(q), add_bos=False) for q in chunk], ids.pad_id)
         start = time.perf_counter()
         tokens, logs = decode_fn(model, prompt, mask_id=ids.mask_id, **decode_kwargs)
         seconds += time.perf_counter() - start
@@ -103,7 +123,7 @@ def run_benchmark(
     thresholds: Sequence[int] = (3, 5, 7),
     samples: int = 50,
     *,
-    ids: TokenIds,
+    ids: Optional[TokenIds] = None,
     decode_kwargs: Optional[dict[str, Any]] = None,
     experimental_kwargs: Optional[dict[str, Any]] = None,
     batch_size: int = 50,
@@ -118,8 +138,9 @@ def run_benchmark(
             and ``experimental_kwargs`` (e.g. ``{"tta_use_dropout": True}``).
         thresholds: the ``tta_k`` values (the seed's name).
         samples: number of held-out problems.
-        ids: the predictor's token ids.
-        decode_kwargs: layout shared by every decoder (``steps``, ``gen_length``, ``block_length``).
+        ids: the predictor's token ids (default: :func:`token_ids_of` the model and tokenizer).
+        decode_kwargs: layout shared by every decoder (``steps``, ``gen_length``, ``block_length``;
+            default: the decoders' own, LLaDA's 128 / 128 / one block).
 
     Returns:
         ``{"baseline": ..., "tta_k=3": ..., ...}`` in that order.
@@ -128,6 +149,7 @@ def run_benchmark(
 
     baseline_fn = baseline_fn or generate
     experimental_fn = experimental_fn or generate_with_tta_uncertainty
+    ids = ids if ids is not None else token_ids_of(model, tokenizer)
     problems = heldout_problems(samples)
     shared = dict(decode_kwargs or {})
     runs: list[tuple[str, DecodeFn, dict[str, Any]]] = [("baseline", baseline_fn, shared)]
@@ -157,3 +179,14 @@ def summarize(results: dict[str, SolveResult], plot_path: Optional[Union[str, Pa
         figure.savefig(plot_path)
         plt.close(figure)
     return "\n".join(lines)
+
+
+# seed 004's names (its ``experiment_utils``)
+run_academic_benchmark = run_benchmark
+
+
+def analyze_icml_results(results: dict[str, SolveResult], plot_path: Optional[Union[str, Path]] = None) -> str:
+    """Seed 004's report: print :func:`summarize`'s table (and write its plot with ``plot_path``); return the table."""
+    table = summarize(results, plot_path)
+    print(table)
+    return table

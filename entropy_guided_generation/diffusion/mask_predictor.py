@@ -58,7 +58,8 @@ class TokenIds:
 
 def predictor_config(ids: TokenIds, sizes: PredictorSizes):
     """The ``transformers.ModernBertConfig`` of a predictor: every layer attends globally (no
-    sliding window), dropout only in the MLPs, tied input/output embeddings."""
+    sliding window), dropout only in the MLPs, tied input/output embeddings; ``mask_token_id`` (as
+    LLaDA's config has it) names the diffusion mask, so decoders need no ``mask_id`` argument."""
     from transformers import ModernBertConfig
 
     return ModernBertConfig(
@@ -75,6 +76,7 @@ def predictor_config(ids: TokenIds, sizes: PredictorSizes):
         attention_dropout=0.0,
         pad_token_id=ids.pad_id,
         eos_token_id=ids.eos_id,
+        mask_token_id=ids.mask_id,
         bos_token_id=None,
         cls_token_id=ids.pad_id,
         sep_token_id=ids.eos_id,

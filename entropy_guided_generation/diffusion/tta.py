@@ -28,12 +28,12 @@ import torch
 from torch import nn
 
 from entropy_guided_generation.diffusion.decoding import (
-    LLADA_MASK_ID,
     check_block_layout,
     check_mask_id,
     masked_canvas,
     never_predict_mask,
     predictor_logits,
+    resolve_mask_id,
     tokens_per_step,
     top_k_per_row,
 )
@@ -371,7 +371,7 @@ def generate_with_tta_uncertainty(
     freeze_duration: int = 3,
     constraint_fn: Optional[ConstraintFn] = None,
     seed: Optional[int] = None,
-    mask_id: int = LLADA_MASK_ID,
+    mask_id: Optional[int] = None,
     tta_mask_ratio: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """Masked-diffusion decoding that revisits committed tokens by TTA uncertainty.
@@ -402,7 +402,8 @@ def generate_with_tta_uncertainty(
             consensus (masks after the block remain ``mask_id``).
         seed: seeds every random draw (view samples, dropout, re-masking) without touching the
             caller's RNG state; None draws from torch's global generator.
-        mask_id: the predictor's mask token id.
+        mask_id: the predictor's mask token id (None: the model's ``config.mask_token_id``; an
+            error naming ``mask_id`` when it has none).
         tta_mask_ratio: share of the committed generated tokens masked at random in each view's copy
             (0: none); > 0 makes the views run as K x B forward rows.
 
@@ -421,6 +422,7 @@ def generate_with_tta_uncertainty(
         tta_k, tuple(tta_temperature_range), tta_use_dropout, tta_mask_ratio, alpha_entropy, beta_disagreement,
         gamma_violation, lambda_change, remask_top_k, remask_top_pct, freeze_window, freeze_threshold, freeze_duration,
     )
+    mask_id = resolve_mask_id(model, mask_id)
     x = masked_canvas(prompt, gen_length, mask_id)
     with _seeded(seed, x.device):
         return _TTADecoder(model, options, constraint_fn, mask_id, prompt.shape[1], x).decode(x, block_length, steps_per_block)

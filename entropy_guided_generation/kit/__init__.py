@@ -8,8 +8,9 @@ Prompt format of the kit's task (what the trained base learned, what the lm-eval
     response = answer + <|im_end|>                # answer: step lines, then "#### n"
 
 e.g. ``"Ann has 3 bags with 4 shells each. She finds 5 more. How many shells does she have now?\\n"``
--> ``"3 * 4 = 12\\n12 + 5 = 17\\n#### 17<|im_end|>"``. No BOS, no chat template; prompt and response
-are tokenized separately and concatenated. ``<|im_end|>`` is torchtune's ``tokenizer.eos_id``;
+-> ``"3 * 4 = 12\\n12 + 5 = 17\\n#### 17<|im_end|>"``. No BOS and no chat template in this format (the
+tokenizer carries Qwen2.5's chat template for chat use); prompt and response are tokenized separately
+and concatenated. ``<|im_end|>`` is torchtune's ``tokenizer.eos_id``;
 ``<|endoftext|>`` is ``pad_id``.
 
 API (see each function's docstring):

@@ -1,7 +1,8 @@
 """The kit tokenizer: a byte-level BPE trained with ``tokenizers`` on the kit corpus, saved in the
 files torchtune's Qwen2.5 tokenizer loads (``vocab.json`` + ``merges.txt`` + ``tokenizer.json`` as
 the special-tokens file) and that ``transformers.AutoTokenizer`` loads (``tokenizer.json`` +
-``tokenizer_config.json``). Both give the same ids.
+``tokenizer_config.json``, with Qwen2.5's chat template and ``<|mask|>`` as ``mask_token``). Both
+give the same ids, for plain text and for chats (the template renders torchtune's Qwen2.5 chat format).
 
 Id layout: the BPE vocabulary (all 256 byte tokens first, so every text encodes), then
 torchtune's ``QWEN2_5_SPECIAL_TOKENS`` in their canonical order, then ``<|conf_0|>`` ..
@@ -28,6 +29,66 @@ PAD_TOKEN = "<|endoftext|>"
 BPE_VOCAB_SIZE = 512
 MODEL_MAX_LENGTH = 2048
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json")
+
+# Qwen2.5-Instruct's chat template (its tokenizer_config.json ``chat_template``), tools branch
+# included (the kit has Qwen2.5's <tool_call> / </tool_call> tokens). Without a system message
+# it inserts Qwen's default one; ``add_generation_prompt`` opens the assistant turn.
+QWEN2_5_DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+QWEN2_5_CHAT_TEMPLATE = r"""{%- if tools %}
+    {{- '<|im_start|>system\n' }}
+    {%- if messages[0]['role'] == 'system' %}
+        {{- messages[0]['content'] }}
+    {%- else %}
+        {{- 'You are Qwen, created by Alibaba Cloud. You are a helpful assistant.' }}
+    {%- endif %}
+    {{- "\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided with function signatures within <tools></tools> XML tags:\n<tools>" }}
+    {%- for tool in tools %}
+        {{- "\n" }}
+        {{- tool | tojson }}
+    {%- endfor %}
+    {{- "\n</tools>\n\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call><|im_end|>\n" }}
+{%- else %}
+    {%- if messages[0]['role'] == 'system' %}
+        {{- '<|im_start|>system\n' + messages[0]['content'] + '<|im_end|>\n' }}
+    {%- else %}
+        {{- '<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n' }}
+    {%- endif %}
+{%- endif %}
+{%- for message in messages %}
+    {%- if (message.role == "user") or (message.role == "system" and not loop.first) or (message.role == "assistant" and not message.tool_calls) %}
+        {{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>' + '\n' }}
+    {%- elif message.role == "assistant" %}
+        {{- '<|im_start|>' + message.role }}
+        {%- if message.content %}
+            {{- '\n' + message.content }}
+        {%- endif %}
+        {%- for tool_call in message.tool_calls %}
+            {%- if tool_call.function is defined %}
+                {%- set tool_call = tool_call.function %}
+            {%- endif %}
+            {{- '\n<tool_call>\n{"name": "' }}
+            {{- tool_call.name }}
+            {{- '", "arguments": ' }}
+            {{- tool_call.arguments | tojson }}
+            {{- '}\n</tool_call>' }}
+        {%- endfor %}
+        {{- '<|im_end|>\n' }}
+    {%- elif message.role == "tool" %}
+        {%- if (loop.index0 == 0) or (messages[loop.index0 - 1].role != "tool") %}
+            {{- '<|im_start|>user' }}
+        {%- endif %}
+        {{- '\n<tool_response>\n' }}
+        {{- message.content }}
+        {{- '\n</tool_response>' }}
+        {%- if loop.last or (messages[loop.index0 + 1].role != "tool") %}
+            {{- '<|im_end|>\n' }}
+        {%- endif %}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\n' }}
+{%- endif %}
+"""
 
 # Strings the kit's users put into prompts (budget forcing, markers, lm-eval's templates): in the
 # corpus so that they become few tokens.
@@ -99,19 +160,22 @@ def _add_kit_tokens(tokenizer) -> None:
 
 
 def _hf_tokenizer_config(tokenizer) -> dict[str, Any]:
-    """``tokenizer_config.json`` for ``transformers.AutoTokenizer`` (Qwen2 class, eos ``<|im_end|>``)."""
+    """``tokenizer_config.json`` for ``transformers.AutoTokenizer`` (Qwen2 class, eos ``<|im_end|>``,
+    mask ``<|mask|>``, Qwen2.5's chat template)."""
     return {
         "tokenizer_class": "Qwen2Tokenizer",
         "bos_token": None,
         "eos_token": EOS_TOKEN,
         "pad_token": PAD_TOKEN,
         "unk_token": None,
+        "mask_token": MASK_TOKEN,
         "add_prefix_space": False,
         "clean_up_tokenization_spaces": False,
         "errors": "replace",
         "split_special_tokens": False,
         "model_max_length": MODEL_MAX_LENGTH,
         "extra_special_tokens": CONFIDENCE_TOKENS + [MASK_TOKEN],
+        "chat_template": QWEN2_5_CHAT_TEMPLATE,
     }
 
 

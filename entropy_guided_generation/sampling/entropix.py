@@ -53,9 +53,10 @@ def choose_regime(
 ) -> torch.Tensor:
     """Regime codes ``[b]`` (indices into :data:`REGIMES`) by entropix's rules.
 
-    Entropy is binned by ``low/med/high_ent_thresh`` and varentropy by ``low/high_vent_thresh``
-    (``torch.bucketize``; a value exactly at a threshold counts as above it), and a table maps
-    each (entropy bin, varentropy bin) to the regime entropix's if/elif chain picks there.
+    Entropy and varentropy are placed among their thresholds by :func:`threshold_cells` (a value
+    exactly at a threshold has a cell of its own, since entropix compares strictly: it is neither
+    below nor above), and a table maps each (entropy cell, varentropy cell) to the regime
+    entropix's if/elif chain picks there (:func:`_regime_of_cells`).
 
     Args:
         metrics: the step's metrics (entropy bits, varentropy bits^2).
@@ -64,17 +65,49 @@ def choose_regime(
         clarifying_id: the clarifying token's id, or None (then high entropy/low varentropy is ``careful``).
     """
     tables = _tables(config, metrics.entropy.device)
-    h_bin = torch.bucketize(metrics.entropy, tables.ent_edges, right=True)
-    v_bin = torch.bucketize(metrics.varentropy, tables.vent_edges, right=True)
-    regime = tables.regime_of_bins[h_bin * 3 + v_bin]
+    h_cell = threshold_cells(metrics.entropy, tables.ent_edges)
+    v_cell = threshold_cells(metrics.varentropy, tables.vent_edges)
+    regime = tables.regime_of_cells[h_cell * _VENT_CELLS + v_cell]
     if clarifying_id is None:
         return regime.masked_fill(regime == CLARIFY, CAREFUL)
     return regime.masked_fill((regime == CLARIFY) & (prev_token == clarifying_id), CAREFUL)
 
 
+def threshold_cells(values: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
+    """Where each value lies among ascending ``edges`` ``[n]``: cell ``2 i`` strictly between edge
+    ``i - 1`` and edge ``i``, cell ``2 i + 1`` exactly at edge ``i`` (2 n + 1 cells, long, shape of ``values``)."""
+    return torch.bucketize(values, edges, right=False) + torch.bucketize(values, edges, right=True)
+
+
+_ENT_CELLS, _VENT_CELLS = 7, 5  # cells of the 3 entropy and the 2 varentropy thresholds
+
+
+def _regime_of_cells(h_cell: int, v_cell: int) -> int:
+    """Entropix's if/elif chain, every comparison strict, on one (entropy cell, varentropy cell)
+    of :func:`threshold_cells`. Entropy thresholds 0, 1, 2 = low, med, high; varentropy 0, 1 = low, high."""
+
+    def below(cell: int, edge: int) -> bool:
+        return cell < 2 * edge + 1
+
+    def above(cell: int, edge: int) -> bool:
+        return cell > 2 * edge + 1
+
+    if below(h_cell, 0) and below(v_cell, 0):
+        return ARGMAX
+    if above(h_cell, 2) and below(v_cell, 0):
+        return CLARIFY
+    if below(h_cell, 2) and above(v_cell, 1):
+        return EXPLORE
+    if above(h_cell, 1) and above(v_cell, 1):
+        return RESAMPLE
+    return ADAPTIVE
+
+
 def regime_parameters(regime: torch.Tensor, metrics: EntropixMetrics, config: EntropixConfig) -> SamplingParams:
     """Each row's temperature, top-k, top-p and min-p for its regime (entropix's formulas, see
-    :func:`_parameter_formulas`), as one matmul of the metrics with the config's coefficients."""
+    :func:`_parameter_formulas`), as one matmul of the metrics with the config's coefficients.
+    ``top_k`` rounds half to even in ``adaptive`` (entropix's ``jnp.round``) and is floored
+    elsewhere (entropix's ``int``)."""
     params, _ = _linear_outputs(regime, metrics, config)
     return params
 
@@ -82,7 +115,7 @@ def regime_parameters(regime: torch.Tensor, metrics: EntropixMetrics, config: En
 def _parameter_formulas(c: EntropixConfig) -> dict[str, dict[int, tuple[dict[str, float], float, float]]]:
     """Entropix's per-regime formulas, each linear in the metrics before its clamp:
     ``{parameter: {regime: ({metric or "1": coefficient}, low, high)}}``; regimes not listed use the
-    base value. ``top_k`` is floored after the clamp (``+0.5`` in ``adaptive``: entropix rounds there)."""
+    base value. ``top_k`` is then rounded (see :func:`regime_parameters`)."""
     inf = float("inf")
     t, k, p, mp = c.temp, float(c.top_k), c.top_p, c.min_p
     return {
@@ -100,8 +133,8 @@ def _parameter_formulas(c: EntropixConfig) -> dict[str, dict[int, tuple[dict[str
         "top_k": {
             # top_k * (1 + coef * (1 - agreement)), floored, at least lehv_min_top_k
             EXPLORE: ({"1": k * (1 + c.lehv_agreement_coef), "agreement": -k * c.lehv_agreement_coef}, c.lehv_min_top_k, inf),
-            ADAPTIVE: ({"1": k + 0.5, "interaction_strength": k * c.ada_top_k_int, "agreement": -k * c.ada_top_k_agree},
-                       c.ada_top_k_min, c.ada_top_k_max + 0.5),
+            ADAPTIVE: ({"1": k, "interaction_strength": k * c.ada_top_k_int, "agreement": -k * c.ada_top_k_agree},
+                       c.ada_top_k_min, c.ada_top_k_max),
         },
         "top_p": {
             RESAMPLE: ({"1": p, "attn_entropy": -c.hehv_attn_ent_coef}, c.hehv_min_top_p, inf),
@@ -130,13 +163,14 @@ _ROWS = METRIC_NAMES + ("1",)
 
 @dataclass(frozen=True)
 class _Tables:
-    """A config as tensors: bin edges, the regime table, and the affine map ``metrics @ weights +
-    bias`` (``weights`` ``[6, 4 * R + 1]``: the six metrics -> each parameter under each regime, then
-    the adaptive confidence) with clamps ``bounds`` ``[R, 2, 4]`` (low, high)."""
+    """A config as tensors: threshold edges, the regime of each (entropy cell, varentropy cell), and
+    the affine map ``metrics @ weights + bias`` (float64, ``weights`` ``[6, 4 * R + 1]``: the six
+    metrics -> each parameter under each regime, then the adaptive confidence) with clamps
+    ``bounds`` ``[R, 2, 4]`` (low, high)."""
 
     ent_edges: torch.Tensor
     vent_edges: torch.Tensor
-    regime_of_bins: torch.Tensor
+    regime_of_cells: torch.Tensor
     weights: torch.Tensor
     bias: torch.Tensor
     bounds: torch.Tensor
@@ -158,42 +192,33 @@ def _tables(config: EntropixConfig, device: torch.device) -> _Tables:
                 weights[_ROWS.index(metric), j, regime] = value
             low[regime, j], high[regime, j] = lo, hi
     confidence = torch.tensor([_confidence_formula(c).get(metric, 0.0) for metric in _ROWS], dtype=torch.float64)
-    h, v = len(_ENT_BIN_ROWS), 3
-    regime_of_bins = torch.tensor(_ENT_BIN_ROWS, dtype=torch.long).reshape(h * v)
-    f32 = dict(dtype=torch.float32, device=device)
-    affine = torch.cat([weights.reshape(len(_ROWS), -1), confidence.unsqueeze(-1)], dim=1).to(**f32)
+    regime_of_cells = [_regime_of_cells(h, v) for h in range(_ENT_CELLS) for v in range(_VENT_CELLS)]
+    f32, f64 = dict(dtype=torch.float32, device=device), dict(dtype=torch.float64, device=device)
+    affine = torch.cat([weights.reshape(len(_ROWS), -1), confidence.unsqueeze(-1)], dim=1).to(**f64)
     return _Tables(
         ent_edges=torch.tensor([c.low_ent_thresh, c.med_ent_thresh, c.high_ent_thresh], **f32),
         vent_edges=torch.tensor([c.low_vent_thresh, c.high_vent_thresh], **f32),
-        regime_of_bins=regime_of_bins.to(device),
+        regime_of_cells=torch.tensor(regime_of_cells, dtype=torch.long, device=device),
         weights=affine[:-1].contiguous(), bias=affine[-1].contiguous(),
         bounds=torch.stack([low, high], dim=1).to(**f32),
     )
-
-
-# Regime by (entropy bin, varentropy bin): rows H < low | < med | < high | >= high,
-# columns V < low | < high | >= high; entropix's if/elif chain evaluated on each cell.
-_ENT_BIN_ROWS = (
-    (ARGMAX, ADAPTIVE, EXPLORE),
-    (ADAPTIVE, ADAPTIVE, EXPLORE),
-    (ADAPTIVE, ADAPTIVE, EXPLORE),
-    (CLARIFY, ADAPTIVE, RESAMPLE),
-)
 
 
 def _linear_outputs(regime: torch.Tensor, metrics: EntropixMetrics, config: EntropixConfig) -> tuple[SamplingParams, torch.Tensor]:
     """Sampling parameters of each row's regime and the adaptive confidence ``[b]``."""
     tables = _tables(config, metrics.entropy.device)
     m = metrics.as_dict()
-    features = torch.stack([m[name] for name in METRIC_NAMES], dim=-1)  # [b, 6]
-    out = torch.addmm(tables.bias, features, tables.weights)  # [b, 4 * R + 1]
+    features = torch.stack([m[name] for name in METRIC_NAMES], dim=-1).double()  # [b, 6]
+    # float64, then float32: entropix computes the adaptive top_k from Python floats (float64) and
+    # rounds it as float32 (jnp.round), so a float32 sum here could move a value across a .5 tie.
+    out = torch.addmm(tables.bias, features, tables.weights).float()  # [b, 4 * R + 1]
     per_regime = out[:, :-1].view(-1, len(PARAMETERS), len(REGIMES))
     chosen = per_regime.gather(2, regime.view(-1, 1, 1).expand(-1, len(PARAMETERS), 1)).squeeze(2)  # [b, 4]
     bounds = tables.bounds[regime]  # [b, 2, 4]
     chosen = torch.clamp(chosen, min=bounds[:, 0], max=bounds[:, 1])
-    params = SamplingParams(
-        temperature=chosen[:, 0], top_k=chosen[:, 1].floor().long(), top_p=chosen[:, 2], min_p=chosen[:, 3]
-    )
+    # bounds of top_k are integers, so rounding after the clamp equals entropix's clip(round(.))
+    top_k = torch.where(regime == ADAPTIVE, chosen[:, 1].round(), chosen[:, 1].floor())  # round: half to even
+    params = SamplingParams(temperature=chosen[:, 0], top_k=top_k.long(), top_p=chosen[:, 2], min_p=chosen[:, 3])
     return params, out[:, -1]
 
 
@@ -468,4 +493,5 @@ __all__ = [
     "regime_parameters",
     "resolve_clarifying_token",
     "sample_candidates",
+    "threshold_cells",
 ]

@@ -24,8 +24,8 @@ class EntropixMetrics:
         entropy: bits, of softmax(logits).
         varentropy: bits^2, variance of the surprisal -log2 p under p.
         attn_entropy: bits, mean over heads of each head's attention entropy.
-        attn_varentropy: bits^2, variance (unbiased) across heads of the heads' attention entropies;
-            0 for a single head.
+        attn_varentropy: bits^2, variance across heads of the heads' attention entropies (the
+            population variance, mean of squared deviations, as entropix's ``jnp.var``); 0 for one head.
         agreement: mean over heads and visible keys of |p_head - mean over heads of p|.
         interaction_strength: mean over heads and visible keys of |score|.
         attn_entropy_per_head: ``[b, h]`` bits (not part of :meth:`as_dict`).
@@ -91,10 +91,9 @@ def _attention_metrics(scores: torch.Tensor, visible: Optional[torch.Tensor]) ->
         p = torch.softmax(s.masked_fill(~keep, float("-inf")), dim=-1)  # exactly 0 on masked keys
         abs_scores, n_visible = torch.where(keep, s.abs(), 0.0), visible.sum(-1, keepdim=True).to(s.dtype)
     per_head = torch.special.entr(p).sum(-1) * (1 / LN2)  # entr(0) = 0: masked keys add nothing; [b, h]
-    heads = per_head.shape[1]
     mean_entropy = per_head.mean(1, keepdim=True)
     spread = per_head - mean_entropy
-    attn_varentropy = (spread * spread).sum(1) / max(heads - 1, 1)  # unbiased; 0 for one head
+    attn_varentropy = (spread * spread).mean(1)  # population variance, entropix's jnp.var
     # Per head, the mean over visible keys of |p - mean over heads of p| (masked keys have p = 0 in
     # every head, so they add 0) and of |score|; then the mean over heads.
     sums = torch.stack([(p - p.mean(dim=1, keepdim=True)).abs().sum(-1), abs_scores.sum(-1)], dim=-1)  # [b, h, 2]

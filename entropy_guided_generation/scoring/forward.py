@@ -21,7 +21,7 @@ from entropy_guided_generation.modeling import (
     logits_of,
     positions_from_padding,
 )
-from entropy_guided_generation.scoring.overrides import ParamsMapping
+from entropy_guided_generation.scoring.overrides import BuffersMapping, ParamsMapping
 
 
 def _unembed(model: Any, hidden: torch.Tensor) -> torch.Tensor:
@@ -76,12 +76,13 @@ class RegionLogits(nn.Module):
         tokens: torch.Tensor,
         padding_mask: torch.Tensor,
         prompt_length: int,
+        buffers: Optional[BuffersMapping] = None,
     ) -> torch.Tensor:
-        """Region logits under ``params`` (the wrapped model's parameter names), or the live
-        parameters when ``params`` is None. Buffers stay the live module's."""
-        if params is None:
+        """Region logits under ``params`` and ``buffers`` (the wrapped model's parameter and buffer
+        names); what neither names, and everything when both are None, is the live module's."""
+        if params is None and buffers is None:
             return self(tokens, padding_mask, prompt_length)
-        prefixed = {f"model.{name}": value for name, value in params.items()}
+        prefixed = {f"model.{name}": value for name, value in {**(params or {}), **(buffers or {})}.items()}
         return torch.func.functional_call(self, prefixed, (tokens, padding_mask, prompt_length), tie_weights=True)
 
 

@@ -15,6 +15,7 @@ import torch
 from entropy_guided_generation.scoring.precision import OverrideProfile, dtype_of
 
 ParamsMapping = dict[str, torch.Tensor]
+BuffersMapping = Mapping[str, torch.Tensor]
 
 
 def unwrap_model(model: Any) -> Any:
@@ -111,4 +112,21 @@ class ParamsOverrideBuilder:
         return out
 
 
-__all__ = ["ParamsMapping", "ParamsOverrideBuilder", "unwrap_model"]
+def check_buffers_override(model: Any, buffers: BuffersMapping) -> None:
+    """Check that every name of ``buffers`` is a buffer of ``model`` (as ``named_buffers()`` names it)
+    with the buffer's shape.
+
+    Raises:
+        KeyError: for a name that is no buffer of the model.
+        ValueError: for a shape that differs from the buffer's.
+    """
+    live = dict(unwrap_model(model).named_buffers())
+    for name, tensor in buffers.items():
+        if name not in live:
+            known = ", ".join(sorted(live)[:5]) or "none"
+            raise KeyError(f"buffers_override names {name!r}, which is no buffer of the model (its buffers: {known}, ...)")
+        if tuple(tensor.shape) != tuple(live[name].shape):
+            raise ValueError(f"buffers_override[{name!r}] has shape {tuple(tensor.shape)}, expected {tuple(live[name].shape)}")
+
+
+__all__ = ["BuffersMapping", "ParamsMapping", "ParamsOverrideBuilder", "check_buffers_override", "unwrap_model"]

@@ -10,6 +10,7 @@ Alignment: response token ``P + t`` of a row is scored by the logits at position
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
@@ -20,7 +21,13 @@ from entropy_guided_generation.modeling import is_torchtune_decoder, vocab_size_
 from entropy_guided_generation.scoring.config import ProcessorConfig, parse_processor_config
 from entropy_guided_generation.scoring.diagnostics import DiagnosticsResults, DistributionDiagnostics
 from entropy_guided_generation.scoring.forward import RegionLogits, at_least_fp32
-from entropy_guided_generation.scoring.overrides import ParamsMapping, ParamsOverrideBuilder, unwrap_model
+from entropy_guided_generation.scoring.overrides import (
+    BuffersMapping,
+    ParamsMapping,
+    ParamsOverrideBuilder,
+    check_buffers_override,
+    unwrap_model,
+)
 from entropy_guided_generation.scoring.policy import SamplingPolicy
 from entropy_guided_generation.scoring.precision import apply_global_precision, forward_context
 from entropy_guided_generation.scoring.prompts import (
@@ -39,6 +46,7 @@ from entropy_guided_generation.scoring.token_scores import (
     TokenScores,
     score_real_tokens,
 )
+from entropy_guided_generation.tokenizing import encode_ids, eos_id_of, pad_id_of, stop_ids_of
 
 PromptLike = Union[str, PromptExample]
 
@@ -55,11 +63,14 @@ class SequenceProcessor:
         model: a torchtune ``TransformerDecoder`` (generation is KV-cached), a Hugging Face causal
             LM, or any module mapping tokens ``[b, s]`` to logits ``[b, s, v]``; DDP is unwrapped.
             Its train/eval mode is left as it is (use eval mode for deterministic scores).
-        tokenizer: torchtune-style: ``encode(text, add_bos, add_eos)``, ``decode(ids)``, ``eos_id``,
-            ``pad_id`` (and optionally ``stop_tokens``).
+        tokenizer: a torchtune tokenizer (``encode(text, add_bos, add_eos)``, ``eos_id``, ``pad_id``,
+            optionally ``stop_tokens``) or a Hugging Face one (``pad_token_id``, else its
+            ``eos_token_id``, pads; ``eos_token_id`` stops). See :mod:`entropy_guided_generation.tokenizing`.
         config: a :class:`GenerationConfig`, or ``{"generation": {...}, "precision": {...}}``
             (see :class:`~entropy_guided_generation.scoring.precision.PrecisionConfig`). Global
             precision knobs, when set, are applied to the process here.
+        logger: where generation and scoring report batch counts (debug level); default: this
+            module's logger.
         reward_fn: ``(response_text, example) -> float`` (default: GSM8K ``####`` answer match).
         diagnostics_window: steps in the early / late windows of per-sequence diagnostics.
         progress: show progress bars over generation and scoring batches.
@@ -71,12 +82,16 @@ class SequenceProcessor:
         tokenizer: Any,
         config: ProcessorConfig = None,
         *,
+        logger: Optional[logging.Logger] = None,
         reward_fn: RewardFn = gsm8k_answer_reward,
         diagnostics_window: int = 8,
         progress: bool = True,
     ):
         self.model = model
         self.tokenizer = tokenizer
+        self.pad_id = pad_id_of(tokenizer)  # raises when the tokenizer has none
+        self.eos_id = eos_id_of(tokenizer)
+        self.logger = logger if logger is not None else logging.getLogger(__name__)
         self.config, self.precision = parse_processor_config(config)
         apply_global_precision(self.precision)
         self._mdl_target = unwrap_model(model)
@@ -86,8 +101,6 @@ class SequenceProcessor:
         self.diagnostics_window = diagnostics_window
         self.progress = progress
         self._stop_matchers: dict[tuple[str, ...], list[StopStringMatcher]] = {}
-        if getattr(tokenizer, "pad_id", None) is None:
-            raise ValueError("the tokenizer has no pad_id; left padding needs one")
 
     # ------------------------------------------------------------------ policy and settings
     @property
@@ -98,7 +111,7 @@ class SequenceProcessor:
     @property
     def distribution_diagnostics(self) -> DistributionDiagnostics:
         """Diagnostics under :attr:`policy`, reporting the tokenizer's EOS probability."""
-        return DistributionDiagnostics.for_policy(self.policy, self.tokenizer.eos_id, self.diagnostics_window)
+        return DistributionDiagnostics.for_policy(self.policy, self.eos_id, self.diagnostics_window)
 
     @property
     def device(self) -> torch.device:
@@ -107,8 +120,7 @@ class SequenceProcessor:
     @property
     def stop_token_ids(self) -> list[int]:
         """Ids that end a response: the tokenizer's ``stop_tokens`` if it has them, else its EOS."""
-        stops = getattr(self.tokenizer, "stop_tokens", None) or [self.tokenizer.eos_id]
-        return sorted({int(s) for s in stops if s is not None})
+        return stop_ids_of(self.tokenizer)
 
     def _matchers(self) -> list[StopStringMatcher]:
         key = tuple(self.config.stop_strings)
@@ -131,11 +143,11 @@ class SequenceProcessor:
         """Left-padded prompt ids ``[B, P]`` and their mask ``[B, P]`` (True on real tokens)."""
         if not prompts:
             raise ValueError("prompts must be a non-empty list of strings")
-        ids = [torch.tensor(self.tokenizer.encode(p, add_bos=True, add_eos=False), dtype=torch.long) for p in prompts]
+        ids = [torch.tensor(encode_ids(self.tokenizer, p, add_bos=True), dtype=torch.long) for p in prompts]
         empty = [i for i, row in enumerate(ids) if row.numel() == 0]
         if empty:
             raise ValueError(f"prompts {empty} encode to no tokens")
-        pad = self.tokenizer.pad_id
+        pad = self.pad_id
         tokens = pad_sequence(ids, batch_first=True, padding_value=pad, padding_side="left")
         lengths = torch.tensor([row.numel() for row in ids])
         valid = torch.arange(tokens.shape[1]).unsqueeze(0) >= (tokens.shape[1] - lengths).unsqueeze(1)
@@ -171,7 +183,7 @@ class SequenceProcessor:
             rng = torch.Generator(device=self.device).manual_seed(seed)
         prompt_ids, prompt_valid = self.encode_prompts(prompts)
         rows, rows_valid = prompt_ids.repeat_interleave(G, 0), prompt_valid.repeat_interleave(G, 0)
-        policy, matchers, pad = self.policy, self._matchers(), self.tokenizer.pad_id
+        policy, matchers, pad = self.policy, self._matchers(), self.pad_id
         parts = []
         starts = range(0, rows.shape[0], batch_size)
         for start in tqdm(starts, desc="generate", disable=not self.progress or len(starts) < 2, leave=False):
@@ -182,12 +194,13 @@ class SequenceProcessor:
                     stop_token_ids=self.stop_token_ids, stop_strings=matchers, rng=rng,
                 )
             )
+        self.logger.debug("generated %d prompts x G=%d rows in %d batches", len(prompts), G, len(parts))
         return self._assemble_generated(list(prompts), G, rows, rows_valid, parts)
 
     def _assemble_generated(self, prompts, G, rows, rows_valid, parts) -> BatchedSequences:
         width = max(p.log_q.shape[1] for p in parts)
         prompt_width = rows.shape[1]
-        pad = self.tokenizer.pad_id
+        pad = self.pad_id
 
         def right_pad(x: torch.Tensor, value: float) -> torch.Tensor:
             return torch.nn.functional.pad(x, (0, width - x.shape[1]), value=value)
@@ -215,6 +228,8 @@ class SequenceProcessor:
         which must not be mutated). See :class:`~entropy_guided_generation.scoring.overrides.ParamsOverrideBuilder`."""
         return self._overrides.build(v_named, eta)
 
+    _build_params_override = build_params_override  # the seed's name (SequenceProcessor documentation)
+
     # ------------------------------------------------------------------ teacher forcing
     def _forward_scope(self, with_grad: bool, override: bool):
         profile = self.precision.func_override if override else (
@@ -237,12 +252,13 @@ class SequenceProcessor:
         lengths: torch.Tensor,
         prompt_width: int,
         params_override: Optional[ParamsMapping],
+        buffers_override: Optional[BuffersMapping],
     ) -> RealTokens:
         """One teacher-forcing batch ``tokens`` ``[n, L]`` through the model (trailing padding
         trimmed first): its real generated tokens with the logits that produced them."""
         width = prompt_width + max(int(lengths.max()), 1)
         tokens, mask = tokens[:, :width], mask[:, :width].bool()
-        logits = self._region.with_params(params_override, tokens, mask, prompt_width)
+        logits = self._region.with_params(params_override, tokens, mask, prompt_width, buffers=buffers_override)
         return RealTokens.from_region(at_least_fp32(logits), tokens[:, prompt_width:], lengths)
 
     def _teacher_force(
@@ -254,6 +270,7 @@ class SequenceProcessor:
         compute_rb: bool,
         return_baseline_features: bool,
         params_override: Optional[ParamsMapping],
+        buffers_override: Optional[BuffersMapping],
         with_diagnostics: bool,
     ) -> tuple[LogprobResults, Optional[DiagnosticsResults]]:
         """Forwards run ``tf_batch_size`` rows at a time; the vocabulary math runs on the real tokens
@@ -261,6 +278,8 @@ class SequenceProcessor:
         so small batches do not each pay its fixed per-op cost."""
         B, G, L = sequences.sequences.shape
         prompt_width = sequences.prompt_length
+        if buffers_override is not None:
+            check_buffers_override(self._mdl_target, buffers_override)
         if prompt_width >= L:
             raise ValueError(f"sequences have no response columns (width {L}, prompt width {prompt_width})")
         rows = sequences.sequences.reshape(B * G, L).to(self.device)
@@ -288,12 +307,18 @@ class SequenceProcessor:
         starts = range(0, rows.shape[0], batch_size)
         if self.progress and len(starts) > 1:
             starts = tqdm(starts, desc="teacher-force", leave=False)
-        with self._forward_scope(with_grad, params_override is not None):
+        overridden = params_override is not None or buffers_override is not None
+        with self._forward_scope(with_grad, overridden):
             for start in starts:
                 stop = start + batch_size
-                waiting.append(self._region_tokens(rows[start:stop], masks[start:stop], lengths[start:stop], prompt_width, params_override))
+                waiting.append(self._region_tokens(
+                    rows[start:stop], masks[start:stop], lengths[start:stop], prompt_width, params_override, buffers_override
+                ))
                 if stop >= rows.shape[0] or sum(part.logits.numel() for part in waiting) >= DEFAULT_CHUNK_ELEMENTS:
                     score_waiting()
+        self.logger.debug(
+            "teacher-forced %d rows, %d per forward (with_grad=%s, functional override=%s)", B * G, batch_size, with_grad, overridden
+        )
 
         def nest(key: str) -> list[list[Any]]:
             return _nested(per_row[key], B, G)
@@ -341,6 +366,7 @@ class SequenceProcessor:
         compute_rb: bool = False,
         return_baseline_features: bool = False,
         params_override: Optional[ParamsMapping] = None,
+        buffers_override: Optional[BuffersMapping] = None,
     ) -> LogprobResults:
         """Score every response token by teacher forcing.
 
@@ -352,15 +378,19 @@ class SequenceProcessor:
             compute_rb: compute H(q_t) under the sampling policy.
             return_baseline_features: add ``[T, 7]`` per-step baseline features.
             params_override: run the forward through ``torch.func.functional_call`` with this
-                mapping (e.g. :meth:`build_params_override`); buffers stay the live module's. The
-                forward then uses the ``func_override`` precision profile.
+                mapping (e.g. :meth:`build_params_override`). The forward then uses the
+                ``func_override`` precision profile.
+            buffers_override: ``{buffer name: tensor}`` for the same functional forward (names as
+                ``model.named_buffers()`` gives them; buffers not named, and every buffer when None,
+                stay the live module's).
 
         Returns:
             :class:`LogprobResults` (``rewards`` None: see :meth:`generate_with_logprobs`).
         """
         results, _ = self._teacher_force(
             sequences, with_grad=with_grad, tf_batch_size=tf_batch_size, compute_rb=compute_rb,
-            return_baseline_features=return_baseline_features, params_override=params_override, with_diagnostics=False,
+            return_baseline_features=return_baseline_features, params_override=params_override,
+            buffers_override=buffers_override, with_diagnostics=False,
         )
         return results
 
@@ -372,12 +402,14 @@ class SequenceProcessor:
         compute_rb: bool = False,
         return_baseline_features: bool = False,
         params_override: Optional[ParamsMapping] = None,
+        buffers_override: Optional[BuffersMapping] = None,
     ) -> tuple[LogprobResults, DiagnosticsResults]:
         """:meth:`teacher_force_logprobs` plus per-step and per-sequence diagnostics under the
         sampling policy (see :mod:`~entropy_guided_generation.scoring.diagnostics`)."""
         results, diagnostics = self._teacher_force(
             sequences, with_grad=with_grad, tf_batch_size=tf_batch_size, compute_rb=compute_rb,
-            return_baseline_features=return_baseline_features, params_override=params_override, with_diagnostics=True,
+            return_baseline_features=return_baseline_features, params_override=params_override,
+            buffers_override=buffers_override, with_diagnostics=True,
         )
         return results, diagnostics
 
