@@ -20,9 +20,9 @@ import torch
 
 from entropy_guided_generation import kit
 from entropy_guided_generation.diffusion import generate, generate_with_tta_uncertainty, heldout_problems, run_benchmark, summarize
-from entropy_guided_generation.diffusion.mask_predictor import left_pad
 from entropy_guided_generation.diffusion.pretrained import load_mask_predictor, trained_mask_predictor
 from entropy_guided_generation.diffusion.train import EVAL_DECODING
+from entropy_guided_generation.generation import left_pad
 
 LAYOUT = {key: EVAL_DECODING[key] for key in ("steps", "gen_length", "block_length")}  # LLaDA low_confidence baseline
 PERTURBATIONS = {"temperature": {}, "dropout": {"tta_use_dropout": True}, "input-remask": {"tta_mask_ratio": 0.2}}

@@ -12,11 +12,18 @@ Two tables:
    backward on the interleaved batch and the optimizer step, run bare; the two alternate window by
    window, each window's cost is its fastest repeat, and the ratio is the median of the per-window
    ratios. Target: ratio <= ~1.1.
+3. Exact bins (``max_passes: null``, the fixed point run until every bin is final) vs the fixed
+   point capped at 4 passes vs mode ``none``, each mode's ``_train_step`` on the same windows,
+   alternating, with the mean passes per micro-batch, the mean share of a full pass's positions
+   that each pass after the first forwarded, and how many micro-batches the cap left unconverged.
+   Target (issue 20): exact <= 1.05 x capped, geometric mean over full/answer/marker.
 
     .venv/bin/python bench/train.py [--steps 10] [--repeats 3] [--stock-repeats 4] [--sizes tiny small]
+        [--exact-sizes trained small]
 
 ``tiny`` is the kit's ``tiny_qwen2`` (the tiny configs' model: hidden 64, 2 layers); ``small`` is a
-kit Qwen2 of hidden 256, 4 layers, so that compute rather than Python overhead dominates a step.
+kit Qwen2 of hidden 256, 4 layers, so that compute rather than Python overhead dominates a step;
+``trained`` is the kit's trained base (hidden 128, 3 layers), whose bins settle as a real model's do.
 """
 from __future__ import annotations
 
@@ -25,6 +32,7 @@ import contextlib
 import importlib.util
 import io
 import logging
+import math
 import statistics
 import tempfile
 import time
@@ -47,7 +55,12 @@ MODES = ("none", "full", "answer", "marker")
 SIZES = {
     "tiny": {},
     "small": {"num_layers": 4, "hidden_size": 256, "num_heads": 8, "num_kv_heads": 4, "intermediate_size": 512},
+    "trained": None,  # the kit's trained base
 }
+
+
+def checkpoint_of(size: str) -> Path:
+    return kit.trained_base() if SIZES[size] is None else kit.build_tiny_checkpoint("qwen2", **SIZES[size])
 
 
 def bench_config(mode: str, checkpoint_dir: Path, out: Path, steps: int) -> DictConfig:
@@ -132,6 +145,13 @@ def seconds(fn: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
+def cpu_seconds(fn: Callable[[], object]) -> float:
+    """CPU time of this process (one torch thread): a busy machine slows wall time unevenly."""
+    start = time.process_time()
+    fn()
+    return time.process_time() - start
+
+
 def step_vs_bound(mode: str, checkpoint_dir: Path, work: Path, steps: int, repeats: int) -> Dict[str, float]:
     """``_train_step`` time and compute-bound time on the same windows, measured alternately
     (bound, step, bound, step, ...) so that a busy machine slows both alike."""
@@ -179,26 +199,82 @@ def step_vs_bound(mode: str, checkpoint_dir: Path, work: Path, steps: int, repea
     }
 
 
+def exact_vs_capped(mode: str, checkpoint_dir: Path, work: Path, steps: int, repeats: int) -> Dict[str, float]:
+    """``_train_step`` with exact bins, with the fixed point capped at 4 passes, and in mode none,
+    alternating window by window; each window's cost is its fastest repeat, a ratio the median of
+    the per-window ratios. Fixed-point statistics are those of the timed steps."""
+    recipe = our_recipe(bench_config(mode, checkpoint_dir, work / f"exact_{mode}", steps))
+    plain = our_recipe(bench_config("none", checkpoint_dir, work / f"plain_{mode}", steps))
+    windows = [[recipe._to_device(b) for b in w] for w in recipe._accumulation_windows(0)]
+    plain_windows = [[plain._to_device(b) for b in w] for w in plain._accumulation_windows(0)]
+    layout = recipe._loss_step.layout
+    build = layout.build
+    caps = {"exact": None, "capped": 4}
+    seen: Dict[str, list] = {name: [] for name in caps}
+    times: Dict[str, List[List[float]]] = {name: [[] for _ in windows] for name in [*caps, "plain"]}
+    for rep in range(repeats + 1):  # repeat 0 warms up
+        for w, (window, plain_window) in enumerate(zip(windows, plain_windows)):
+            for name, cap in caps.items():
+                layout.max_passes = cap
+                layout.build = lambda *a, _name=name, **k: _record(seen[_name], build(*a, **k))
+                s = cpu_seconds(lambda: recipe._train_step(window))
+                if rep:
+                    times[name][w].append(s)
+            s = cpu_seconds(lambda: plain._train_step(plain_window))
+            if rep:
+                times["plain"][w].append(s)
+    recipe.cleanup()
+    plain.cleanup()
+    best = {name: [min(t) for t in per_window] for name, per_window in times.items()}
+
+    def ratio(a: str, b: str) -> float:
+        return statistics.median(x / y for x, y in zip(best[a], best[b]))
+
+    out = {f"{name}_ms": statistics.median(best[name]) * 1e3 for name in best}
+    out.update(exact_vs_capped=ratio("exact", "capped"), exact_vs_plain=ratio("exact", "plain"), capped_vs_plain=ratio("capped", "plain"))
+    for name, results in seen.items():
+        out[f"{name}_passes"] = statistics.mean(r.passes for r in results)
+        later = [r.recomputed_fraction for r in results if r.passes > 1]
+        out[f"{name}_recomputed"] = statistics.mean(later) if later else math.nan
+        out[f"{name}_unconverged"] = statistics.mean(0.0 if r.converged else 1.0 for r in results)
+    return out
+
+
+def _record(results: list, built):
+    results.append(built.bins)
+    return built
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=10, help="optimizer steps per measurement")
     parser.add_argument("--repeats", type=int, default=3, help="alternating repeats of each step-vs-bound measurement")
     parser.add_argument("--stock-repeats", type=int, default=4, help="alternating runs of each recipe for table 1")
     parser.add_argument("--sizes", nargs="+", default=["tiny", "small"], choices=sorted(SIZES))
+    parser.add_argument("--exact-sizes", nargs="*", default=["trained", "small"], choices=sorted(SIZES))
+    parser.add_argument("--skip-bound", action="store_true", help="only table 3")
     args = parser.parse_args()
     torch.set_num_threads(1)
     logging.disable(logging.INFO)  # the recipes' own set-up logs
-    rows_stock, rows_modes = [], []
+    rows_stock, rows_modes, rows_exact = [], [], []
     with tempfile.TemporaryDirectory(prefix="egg-bench-train-") as tmp:
-        for size in tqdm(args.sizes, desc="model sizes"):
+        for size in tqdm([] if args.skip_bound else args.sizes, desc="model sizes"):
             work = Path(tmp) / size
-            checkpoint_dir = kit.build_tiny_checkpoint("qwen2", **SIZES[size])
+            checkpoint_dir = checkpoint_of(size)
             with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
                 versus = none_vs_stock(checkpoint_dir, work, args.steps, args.stock_repeats)
                 modes = [(mode, step_vs_bound(mode, checkpoint_dir, work, args.steps, args.repeats)) for mode in MODES]
             rows_stock.append((size, versus["ours"], versus["stock"]))
             rows_modes += [(size, mode, r) for mode, r in modes]
+        for size in tqdm(args.exact_sizes, desc="exact vs capped"):
+            work = Path(tmp) / f"exact_{size}"
+            checkpoint_dir = checkpoint_of(size)
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                rows_exact += [(size, mode, exact_vs_capped(mode, checkpoint_dir, work, args.steps, args.repeats)) for mode in MODES[1:]]
     print(f"\ntorch threads 1, fp32 CPU, batch 8, {args.steps} steps per run; medians over steps")
+    if args.skip_bound:
+        print_exact(rows_exact, args.repeats)
+        return
     print(f"\n1) mode none: our recipe vs torchtune's full_finetune_single_device (step time inside train(), best of {args.stock_repeats} alternating runs)")
     print(f"{'model':<6} {'ours ms':>9} {'stock ms':>9} {'ours/stock':>11}")
     for size, ours, stock in rows_stock:
@@ -210,6 +286,29 @@ def main() -> None:
             f"{size:<6} {mode:<7} {r['plain_len']:9.1f} {r['model_len']:9.1f} {r['passes']:6.2f} "
             f"{r['step'] * 1e3:8.1f} {r['bound'] * 1e3:8.1f} {r['ratio']:10.3f}"
         )
+    print_exact(rows_exact, args.repeats)
+
+
+def print_exact(rows: list, repeats: int) -> None:
+    if not rows:
+        return
+    print(
+        f"\n3) exact bins (max_passes null) vs the fixed point capped at 4 passes vs mode none: _train_step CPU time, fastest of "
+        f"{repeats} alternating repeats per window, median over windows; passes and recomputed share per micro-batch"
+    )
+    print(
+        f"{'model':<8} {'mode':<7} {'exact ms':>8} {'cap4 ms':>8} {'none ms':>8} {'exact/cap4':>10} {'exact/none':>10} "
+        f"{'cap4/none':>9} {'passes':>6} {'cap4 passes':>11} {'recomputed':>10} {'cap4 unconv':>11}"
+    )
+    for size, mode, r in rows:
+        print(
+            f"{size:<8} {mode:<7} {r['exact_ms']:8.1f} {r['capped_ms']:8.1f} {r['plain_ms']:8.1f} {r['exact_vs_capped']:10.3f} "
+            f"{r['exact_vs_plain']:10.3f} {r['capped_vs_plain']:9.3f} {r['exact_passes']:6.2f} {r['capped_passes']:11.2f} "
+            f"{r['exact_recomputed']:10.3f} {r['capped_unconverged']:11.2f}"
+        )
+    for size in dict.fromkeys(size for size, _, _ in rows):
+        ratios = [r["exact_vs_capped"] for s, _, r in rows if s == size]
+        print(f"{size:<8} geometric mean exact/cap4 over full, answer, marker: {math.exp(statistics.mean(map(math.log, ratios))):.3f}")
 
 
 if __name__ == "__main__":

@@ -23,13 +23,20 @@ fixed-point iteration (DESIGN.md, "Exactness").
 from __future__ import annotations
 
 import abc
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 
 from entropy_guided_generation.confidence import ConfidenceCodec, encode_text
-from entropy_guided_generation.modeling import logits_of
+from entropy_guided_generation.modeling import (
+    PositionLogits,
+    is_fsdp_sharded,
+    is_torchtune_decoder,
+    kv_session,
+    vocab_size_of,
+)
 
 IGNORE_INDEX = -100
 POSITION_RULES = ("sequential", "shared")
@@ -301,19 +308,12 @@ class Interleaving:
         return slots
 
     def advances_position(self, valid_mask: torch.Tensor, is_confidence: torch.Tensor) -> torch.Tensor:
-        """``[b, L]`` bool: the tokens that move the position counter on. ``sequential``: every real
-        token, confidence tokens included (as the public CaC code). ``shared``: content tokens only,
-        so a confidence token takes the position of the content token it follows and content keeps
-        the plain model's relative positions under RoPE."""
-        if self.positions == "shared":
-            return valid_mask & ~is_confidence
-        return valid_mask.clone()
+        """See :func:`advances_position` under this interleaving's rule."""
+        return advances_position(self.positions, valid_mask, is_confidence)
 
     def position_ids(self, valid_mask: torch.Tensor, is_confidence: torch.Tensor) -> torch.Tensor:
-        """Position id ``[b, L]`` of each token of an interleaved sequence (any padding side): 0 at
-        the row's first real token (padding gets 0 before it, and is never attended)."""
-        advances = self.advances_position(valid_mask, is_confidence)
-        return (advances.long().cumsum(1) - 1).clamp(min=0)
+        """See :func:`position_ids` under this interleaving's rule."""
+        return position_ids(self.positions, valid_mask, is_confidence)
 
     def step_policy(self, batch_size: int, device: torch.device) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         """The decoding side of :meth:`slots`: a fresh callable ``(token [b], active [b]) -> [b]`` bool,
@@ -376,6 +376,22 @@ MARKER = register_mode(
 )
 PLAIN = Interleaving(NONE)
 """Mode none bound to no ids: plain generation and plain scoring."""
+
+
+def advances_position(rule: str, valid_mask: torch.Tensor, is_confidence: torch.Tensor) -> torch.Tensor:
+    """``[b, L]`` bool: the tokens that move the position id on. ``sequential``: every real token,
+    confidence tokens included (as the public CaC code). ``shared``: content tokens only, so a
+    confidence token takes the position of the content token it follows and content keeps the
+    plain model's relative positions under RoPE."""
+    if rule == "shared":
+        return valid_mask & ~is_confidence
+    return valid_mask
+
+
+def position_ids(rule: str, valid_mask: torch.Tensor, is_confidence: torch.Tensor) -> torch.Tensor:
+    """Position id ``[b, L]`` of each token of an interleaved sequence (any padding side) under
+    ``rule``: 0 at the row's first real token (padding before it gets 0 and is never attended)."""
+    return (advances_position(rule, valid_mask, is_confidence).long().cumsum(1) - 1).clamp(min=0)
 
 
 def check_position_rule(positions: Any) -> str:
@@ -525,12 +541,20 @@ class FixedPointBins:
         bins: ``[b, n]`` bin of each slot (-1 elsewhere); bins[b, t] describes the distribution
             that produced plain token t.
         signal: ``[b, n]`` the signal behind each bin (NaN elsewhere), codec dtype.
-        passes: forwards run (pass 0 is the plain forward).
+        passes: batched forwards run (pass 0 is the plain forward; each later one runs only the
+            rows whose bins are not all final yet).
         changed_fraction: fraction of slot bins the last pass changed (0.0 when converged, NaN
-            after a single pass).
-        converged: True when a pass changed no bin, i.e. the bins are exactly what sequential
-            decoding would produce.
+            after a single pass that did not settle every bin).
+        converged: True when every bin is final, i.e. exactly what sequential decoding produces.
         interleaved: the batch interleaved with the final bins.
+        unconverged_rows: rows holding a bin that is not final (0 when converged; more only when
+            ``max_passes`` stopped the iteration).
+        pass_rows: rows each pass forwarded (``pass_rows[0]`` is the batch size).
+        pass_slots: slot signals each pass computed (pass 0: every slot).
+        recomputed_fraction: over the passes after the first, the mean share of a full pass's
+            ``b x L`` positions that each forwarded (NaN when a single pass ran).
+        stepped_slots: slots whose bins came from KV-cached sequential stepping after the passes
+            made little progress (0 when none did).
     """
 
     bins: torch.Tensor
@@ -539,30 +563,187 @@ class FixedPointBins:
     changed_fraction: float
     converged: bool
     interleaved: Interleaved
+    unconverged_rows: int = 0
+    pass_rows: tuple[int, ...] = ()
+    pass_slots: tuple[int, ...] = ()
+    recomputed_fraction: float = math.nan
+    stepped_slots: int = 0
 
 
-def _signals_for_slots(
+# Step sequentially once the slowest unconverged row, at the progress of the last pass, would
+# need more than this many further passes (each pass forwards the row's whole width).
+_STEP_AFTER_PASSES = 4
+
+
+def _check_max_passes(max_passes: Optional[int]) -> None:
+    if max_passes is None:
+        return
+    if isinstance(max_passes, bool) or not isinstance(max_passes, int) or max_passes < 1:
+        raise ValueError(f"max_passes must be None (iterate until no bin changes) or an int >= 1, got {max_passes!r}")
+
+
+def _slots_in_order(slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(order, in_row)``, both ``[b, m]`` with m the most slots in a row: ``order[r, i]`` is the
+    plain position of row r's i-th slot (0 where ``in_row`` is False, i >= the row's slot count)."""
+    b, n = slots.shape
+    positions = torch.arange(n, device=slots.device).expand(b, n)
+    counts = slots.sum(1)
+    m = int(counts.max())
+    order = torch.where(slots, positions, positions + n).sort(1).values[:, :m]
+    in_row = torch.arange(m, device=slots.device).unsqueeze(0) < counts.unsqueeze(1)
+    return torch.where(in_row, order, torch.zeros_like(order)), in_row
+
+
+# Logits per chunk of a pass, at most this many values ([positions, vocabulary]): small enough to
+# stay in cache through the signal's elementwise steps (and to bound memory),
+# and lets a pass stop at each row's first changed slot without projecting the rest.
+_CHUNK_LOGITS = 1 << 20
+
+
+def _chunk_slots(model: Any, rows: int, most: int) -> int:
+    """Slots per row in one chunk of ``rows`` rows (``most``, all of them, when the vocabulary is unknown)."""
+    vocab = vocab_size_of(model)
+    return min(most, max(1, _CHUNK_LOGITS // (vocab * rows))) if vocab else most
+
+
+def _run_pass(
     model: Any,
-    seq_tokens: torch.Tensor,
-    seq_valid: torch.Tensor,
-    plain_index: torch.Tensor,
-    slots: torch.Tensor,
+    layout: Interleaved,
+    active: torch.Tensor,
+    start: torch.Tensor,
+    order: torch.Tensor,
+    counts: torch.Tensor,
+    bins: torch.Tensor,
+    signal: torch.Tensor,
     codec: ConfidenceCodec,
+    guessed: torch.Tensor,
+    *,
     left_pad: bool,
-) -> torch.Tensor:
-    """Signal ``[b, n]`` of the distribution producing each plain token (NaN off slots).
+    lazy: bool,
+    positions: str,
+) -> tuple[torch.Tensor, int, int]:
+    """One pass: a forward over ``active`` rows of ``layout`` (whole rows, the columns a full pass
+    sees), then the signal of each row's slots from slot index ``start[r]`` on, a chunk of slots at
+    a time. Writes ``bins`` and ``signal``, and ``guessed`` (``[b]``: leading slots that hold a
+    computed bin, final or not).
 
-    Plain token t sits at ``plain_index[b, t]`` of ``seq_tokens``; the logits that produced it are
-    one position earlier.
+    A slot without a bin yet counts as changed (it is final if it comes first, a guess after).
+    With ``lazy`` a row stops at the first bin it changes, and computes at most
+    ``max(chunk, start)`` slots that had no bin (the window grows as the row settles): with a large
+    vocabulary, guessing a whole row's bins costs about as much as stepping through it.
+
+    Returns:
+        ``(settled, computed, changed)``: per active row the number of leading slots now final
+        (those before and including the first changed one), the signals computed, the bins changed.
     """
-    logits = logits_of(model, seq_tokens, padding_mask=seq_valid if left_pad else None)
-    prev = (plain_index - 1).clamp(min=0)
-    # Gather first, then compute the signal only where it is needed.
-    picked = logits.gather(1, prev.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
-    out = torch.full(slots.shape, float("nan"), dtype=codec.compute_dtype, device=seq_tokens.device)
-    if bool(slots.any()):
-        out[slots] = codec.signal_from_logits(picked[slots])
-    return out
+    # Sequential positions are the model's own (right padding) or the padding mask's (left padding).
+    input_pos = None
+    if positions != "sequential":
+        input_pos = position_ids(positions, layout.valid_mask[active], layout.is_confidence[active])
+    logits_at = PositionLogits(
+        model, layout.tokens[active], padding_mask=layout.valid_mask[active] if left_pad else None, input_pos=input_pos
+    )
+    count = counts[active]
+    slot_index = torch.arange(order.shape[1], device=order.device).unsqueeze(0)
+    chunk = _chunk_slots(model, active.numel(), order.shape[1])
+    first_change = torch.full_like(count, -1)
+    had = guessed[active]
+    stop = torch.minimum(count, had + start.clamp(min=chunk)) if lazy else count
+    refuted = torch.zeros_like(count, dtype=torch.bool)  # a bin computed before changed
+    start = start.clone()
+    computed = changed = 0
+    while True:
+        pending = (start < stop) & ~refuted if lazy else start < stop
+        if not bool(pending.any()):
+            break
+        todo = pending.unsqueeze(1) & (slot_index >= start.unsqueeze(1)) & (slot_index < (start + chunk).clamp(max=stop).unsqueeze(1))
+        local, i = todo.nonzero(as_tuple=True)
+        rows = active[local]
+        t = order[rows, i]
+        producing = (layout.plain_index[rows, t] - 1).clamp(min=0)
+        new_signal = codec.signal_from_logits(logits_at(local, producing))
+        new_bins = codec.bins_from_signal(new_signal)
+        moved = torch.zeros_like(todo)
+        fresh = i >= had[local]
+        moved[local, i] = (new_bins != bins[rows, t]) | fresh
+        refuted |= (moved & (slot_index < had.unsqueeze(1))).any(1)
+        bins[rows, t], signal[rows, t] = new_bins, new_signal
+        guessed[rows] = torch.maximum(guessed[rows], i + 1)
+        first_change = torch.where(moved.any(1) & (first_change < 0), moved.long().argmax(1), first_change)
+        start = start + chunk
+        computed += int(local.numel())
+        changed += int(moved.sum())
+    settled = torch.where(first_change >= 0, first_change + 1, stop)
+    return settled, computed, changed
+
+
+def _can_step(model: Any) -> bool:
+    """Whether the fixed point may finish by KV-cached stepping: a torchtune decoder in eval mode
+    that is not FSDP-sharded and has no caches of its own (they are set up for the call only)."""
+    return (
+        is_torchtune_decoder(model)
+        and not model.training
+        and not is_fsdp_sharded(model)
+        and not model.caches_are_setup()
+    )
+
+
+def _step_to_the_end(
+    model: Any,
+    layout: Interleaved,
+    rows: torch.Tensor,
+    order: torch.Tensor,
+    final: torch.Tensor,
+    counts: torch.Tensor,
+    bins: torch.Tensor,
+    signal: torch.Tensor,
+    codec: ConfidenceCodec,
+    positions: str,
+) -> None:
+    """Bins of ``rows``' slots from their first non-final one on, as a decoder finds them: prefill
+    the final prefix into a KV cache, then one forward per slot feeding the content token, its
+    new confidence token and any plain tokens up to the next slot. Writes ``bins`` and ``signal``."""
+    tokens = layout.tokens[rows].clone()
+    valid = layout.valid_mask[rows]
+    advances = advances_position(positions, valid, layout.is_confidence[rows])
+    first, count = final[rows], counts[rows]
+    content_col = layout.plain_index[rows].gather(1, order[rows])  # [r, m]: column of slot i's token
+    steps = int((count - first).max())
+    # The prefill ends at the column that produces the row's first non-final slot.
+    start = content_col.gather(1, first.unsqueeze(1)).squeeze(1)
+    prefill_width = int(start.max())
+    # Step j feeds, per row, columns [content_col[i], content_col[i + 1]) with i = first + j - 1.
+    index = first.unsqueeze(1) + torch.arange(steps + 1, device=rows.device).unsqueeze(0)  # [r, steps + 1]
+    live = index < count.unsqueeze(1)
+    at = content_col.gather(1, index.clamp(max=content_col.shape[1] - 1))
+    widths = torch.where(live[:, 1:], at[:, 1:] - at[:, :-1], torch.zeros_like(at[:, 1:]))  # [r, steps]
+    cache_len = prefill_width + int(widths.amax(0)[: steps - 1].sum())
+    local = torch.arange(rows.shape[0], device=rows.device)
+    slot_plain = order[rows].gather(1, index.clamp(max=order.shape[1] - 1))  # plain position of slot first + j
+    conf_ids = codec.token_ids.to(tokens.device)
+    with kv_session(model, rows.shape[0], cache_len) as session:
+        cols = torch.arange(prefill_width, device=rows.device)
+        in_prefill = cols < start.unsqueeze(1)
+        logits = session.feed(
+            tokens[:, :prefill_width], valid[:, :prefill_width] & in_prefill, start - 1,
+            advances=advances[:, :prefill_width] & in_prefill,
+        )
+        for j in range(steps):
+            now = live[:, j]
+            new_signal = codec.signal_from_logits(logits[now])
+            new_bins = codec.bins_from_signal(new_signal)
+            bins[rows[now], slot_plain[now, j]] = new_bins
+            signal[rows[now], slot_plain[now, j]] = new_signal
+            tokens[local[now], at[now, j] + 1] = conf_ids[new_bins].to(tokens.dtype)
+            if j == steps - 1:
+                break
+            k = int(widths[:, j].max())
+            feed_cols = (at[:, j].unsqueeze(1) + torch.arange(k, device=rows.device)).clamp(max=tokens.shape[1] - 1)
+            feed_valid = torch.arange(k, device=rows.device).unsqueeze(0) < widths[:, j].unsqueeze(1)
+            logits = session.feed(
+                tokens.gather(1, feed_cols), feed_valid, (widths[:, j] - 1).clamp(min=0),
+                advances=advances.gather(1, feed_cols) & feed_valid,
+            )
 
 
 @torch.no_grad()
@@ -575,60 +756,117 @@ def compute_bins(
     labels: Optional[torch.Tensor] = None,
     valid_mask: Optional[torch.Tensor] = None,
     pad_id: int = 0,
-    max_passes: int = 4,
+    max_passes: Optional[int] = None,
     left_pad: bool = False,
+    sequential_fallback: bool = True,
+    positions: str = "sequential",
 ) -> FixedPointBins:
-    """Bins of every slot by fixed-point iteration, and the batch interleaved with them.
+    """Exact bins of every slot by fixed-point iteration, and the batch interleaved with them.
 
-    Pass 0 takes each slot's signal from a plain forward; pass k recomputes all signals on the
-    batch interleaved with pass k-1's bins. After k passes the first k slots of each row are
-    exact; when a pass changes no bin, all are (the causal system has one fixed point).
+    Pass 0 takes each slot's signal from a plain forward; pass k recomputes the signals on the
+    batch interleaved with pass k-1's bins. A row's slots up to and including the first one a
+    pass changes are final (their context holds final bins only), so each later pass forwards
+    only the rows not yet final and computes signals only from each row's first non-final slot
+    on; every pass settles at least one slot per such row, so at most ``max_b(slots[b].sum())``
+    passes reach the fixed point, which is what sequential decoding produces. The bins equal
+    those of full passes over the whole batch bit for bit (a row's forward does not depend on
+    the other rows, and the output projection runs per position).
+
+    With ``sequential_fallback``, when the slowest row's last pass settled so few slots that
+    more than a few passes would remain, the remaining slots are found as a decoder finds them,
+    by KV-cached stepping from each row's first non-final slot (torchtune decoders in eval mode
+    without caches set up; exact, but like any decoder not bit-identical to a full forward).
 
     Args:
         model: a causal LM (see :mod:`entropy_guided_generation.modeling`); run without grad. With
-            torchtune KV caches enabled, call it inside ``disable_kv_cache``.
+            torchtune KV caches set up, call it inside ``modeling.caches_set_aside``.
         tokens: ``[b, n]`` plain ids; right-padded, or left-padded with ``left_pad=True``.
         codec: the confidence codec.
         slots: ``[b, n]`` from :func:`confidence_slots`.
         labels: optional plain labels, carried into the interleaved batch.
         valid_mask: ``[b, n]`` True on real tokens (default: ``tokens != pad_id`` when left-padded, else all).
-        max_passes: at most this many forwards (>= 1).
+        max_passes: None (default) iterates until every bin is final (exact); an int >= 1 caps the
+            passes (the bins may then be approximate: see ``converged`` and ``unconverged_rows``).
+        sequential_fallback: allow the stepping described above (only when ``max_passes`` is None).
+        positions: the position rule of every forward, ``sequential`` or ``shared`` (see
+            :func:`advances_position`); training, decoding and eval pass their interleaving's.
 
     Returns:
         :class:`FixedPointBins`.
+
+    Raises:
+        ValueError: when ``max_passes`` is neither None nor an int >= 1.
     """
-    if max_passes < 1:
-        raise ValueError(f"max_passes must be >= 1, got {max_passes}")
+    _check_max_passes(max_passes)
+    check_position_rule(positions)
     if valid_mask is None:
         valid_mask = (tokens != pad_id) if left_pad else torch.ones_like(tokens, dtype=torch.bool)
+    b = tokens.shape[0]
     no_bins = torch.full_like(tokens, -1)
 
     def build(bins: torch.Tensor) -> Interleaved:
         conf = codec.token_ids_for_bins(bins.clamp(min=0))
         return interleave(tokens, slots, conf, labels=labels, pad_id=pad_id, valid_mask=valid_mask, left_pad=left_pad)
 
+    signal = torch.full(tokens.shape, float("nan"), dtype=codec.compute_dtype, device=tokens.device)
     if not bool(slots.any()):
-        nan = torch.full(tokens.shape, float("nan"), dtype=codec.compute_dtype, device=tokens.device)
-        return FixedPointBins(no_bins, nan, 0, 0.0, True, build(no_bins))
+        return FixedPointBins(no_bins, signal, 0, 0.0, True, build(no_bins))
+    bins = no_bins.clone()
 
-    identity = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand_as(tokens)
-    signal = _signals_for_slots(model, tokens, valid_mask, identity, slots, codec, left_pad)
-    bins = torch.where(slots, codec.bins_from_signal(signal.nan_to_num(0.0)), no_bins)
-    # With a single pass nothing says whether the bins would still move: changed_fraction is NaN.
-    passes, changed, converged = 1, float("nan"), False
-    layout = build(bins)
-    while passes < max_passes:
-        signal = _signals_for_slots(model, layout.tokens, layout.valid_mask, layout.plain_index, slots, codec, left_pad)
-        new_bins = torch.where(slots, codec.bins_from_signal(signal.nan_to_num(0.0)), no_bins)
+    order, in_row = _slots_in_order(slots)
+    counts = in_row.sum(1)
+    everyone = torch.arange(b, device=tokens.device)
+    # Pass 0: the plain sequence. A row's first slot is final at once (no confidence token precedes it).
+    plain = interleave(tokens, torch.zeros_like(slots), tokens, pad_id=pad_id, valid_mask=valid_mask, left_pad=left_pad)
+    zeros = torch.zeros_like(counts)
+    guessed = torch.zeros_like(counts)  # [b] leading slots of each row that hold a computed bin
+    lazy = max_passes is None
+    _, computed, _ = _run_pass(
+        model, plain, everyone, zeros, order, counts, bins, signal, codec, guessed, left_pad=left_pad, lazy=lazy,
+        positions=positions,
+    )
+    final = counts.clamp(max=1)  # [b] leading slots of each row whose bins are final
+    passes, pass_rows, pass_slots = 1, [b], [computed]
+    changed = math.nan
+    stepped = 0
+    # Each pass settles >= 1 slot of every row it runs, so m passes always reach the fixed point.
+    limit = order.shape[1] if max_passes is None else min(max_passes, order.shape[1])
+    min_progress = _chunk_slots(model, b, order.shape[1])
+    while passes < limit and bool((final < counts).any()):
+        active = (final < counts).nonzero().squeeze(1)
+        settled, computed, n_changed = _run_pass(
+            model, build(bins), active, final[active], order, counts, bins, signal, codec, guessed,
+            left_pad=left_pad, lazy=lazy, positions=positions,
+        )
+        progress = settled - final[active]
+        final[active] = settled
         passes += 1
-        n_changed = int((new_bins != bins)[slots].sum())
-        changed = n_changed / int(slots.sum())
-        bins = new_bins
-        if n_changed == 0:
-            converged = True
-            break
-        layout = build(bins)
-    return FixedPointBins(bins, signal, passes, changed, converged, layout)
+        pass_rows.append(int(active.numel()))
+        pass_slots.append(computed)
+        changed = n_changed / int(counts.sum())
+        # Slow: at this progress more than a few passes would remain, and the pass settled fewer
+        # slots than a chunk (lazy passes of a large vocabulary settle at most their window).
+        slow = bool(((counts[active] - settled > _STEP_AFTER_PASSES * progress) & (progress < min_progress)).any())
+        if max_passes is None and sequential_fallback and slow and _can_step(model):
+            behind = (final < counts).nonzero().squeeze(1)
+            _step_to_the_end(model, build(bins), behind, order, final, counts, bins, signal, codec, positions)
+            stepped = int((counts - final)[behind].sum())
+            final[behind] = counts[behind]
+    unconverged = int((final < counts).sum())
+    if max_passes is None and unconverged:
+        raise RuntimeError(
+            f"the fixed point left {unconverged} rows unsettled after {passes} passes, more than its bound allows"
+        )
+    converged = unconverged == 0
+    if converged:
+        changed = 0.0
+    later = pass_rows[1:]
+    recomputed = sum(later) / (len(later) * b) if later else math.nan
+    return FixedPointBins(
+        bins, signal, passes, changed, converged, build(bins),
+        unconverged_rows=unconverged, pass_rows=tuple(pass_rows), pass_slots=tuple(pass_slots),
+        recomputed_fraction=recomputed, stepped_slots=stepped,
+    )
 
 
 __all__ = [
@@ -650,6 +888,8 @@ __all__ = [
     "UntilMarker",
     "check_mode",
     "check_position_rule",
+    "advances_position",
+    "position_ids",
     "compute_bins",
     "confidence_slots",
     "first_real_position",

@@ -7,10 +7,14 @@ with padding. Three flavours are accepted without wrappers:
   outputs are concatenated);
 - Hugging Face ``PreTrainedModel`` (``attention_mask`` + ``position_ids``; ``.logits``);
 - any module ``tokens -> logits`` (called as ``model(tokens)`` when there is no padding).
+
+:class:`KVSession` steps a torchtune decoder through its KV cache (the decoders, and the fixed
+point's sequential stepping).
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+import contextlib
+from typing import Any, Iterator, Optional
 
 import torch
 
@@ -128,6 +132,203 @@ def logits_at(
     return logits_of(model, tokens, mask=mask, input_pos=input_pos)[rows, index]
 
 
+def is_fsdp_sharded(model: Any) -> bool:
+    """True for a module sharded by FSDP2 (``fully_shard``): only its own ``forward`` gathers the
+    parameters, so its submodules must not be called one by one."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch build without distributed
+        return False
+    return isinstance(model, FSDPModule)
+
+
+_MIN_PROJECTED = 16
+
+
+class PositionLogits:
+    """One forward over ``tokens`` ``[b, s]``; float32 logits at chosen positions on demand.
+
+    For torchtune decoders (not FSDP-sharded, no ``output_hidden_states``) the forward stops
+    before the final norm and output projection, which then run only at the positions asked for:
+    the same bits as :func:`logits_of` there (both are per-position maps), at a fraction of the
+    cost and memory when the vocabulary is large. Other models run :func:`logits_of` once.
+
+    Args:
+        model: see :func:`logits_of`.
+        tokens: ``[b, s]``.
+        padding_mask, input_pos: as in :func:`logits_of` (``input_pos`` overrides the positions
+            ``padding_mask`` implies).
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        tokens: torch.Tensor,
+        *,
+        padding_mask: Optional[torch.Tensor] = None,
+        input_pos: Optional[torch.Tensor] = None,
+    ):
+        self.model = model
+        self.projects = (
+            is_torchtune_decoder(model) and not getattr(model, "output_hidden_states", None) and not is_fsdp_sharded(model)
+        )
+        if not self.projects:
+            self.hidden = logits_of(model, tokens, padding_mask=padding_mask, input_pos=input_pos)
+            return
+        mask = None
+        if padding_mask is not None:
+            mask = causal_mask_from_padding(padding_mask)
+            input_pos = positions_from_padding(padding_mask) if input_pos is None else input_pos
+        h = model.tok_embeddings(tokens)
+        for layer in model.layers:
+            h = layer(h, mask=mask, input_pos=input_pos)
+        self.hidden = h
+
+    def __call__(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """Logits ``[k, v]`` at positions ``(rows[i], cols[i])`` (``[k]`` long each)."""
+        if not self.projects:
+            return self.hidden[rows, cols]
+        k = rows.shape[0]
+        # BLAS libraries multiply a handful of rows by another code path (another summation order)
+        # than many rows: project at least _MIN_PROJECTED positions, repeating the last one.
+        if 0 < k < _MIN_PROJECTED:
+            pick = torch.arange(_MIN_PROJECTED, device=rows.device).clamp(max=k - 1)
+            rows, cols = rows[pick], cols[pick]
+        return self.model.output(self.model.norm(self.hidden[rows, cols].unsqueeze(0))).float()[0, :k]
+
+
+def logits_at_positions(
+    model: Any,
+    tokens: torch.Tensor,
+    rows: torch.Tensor,
+    cols: torch.Tensor,
+    *,
+    padding_mask: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Float32 logits ``[k, v]`` at positions ``(rows[i], cols[i])`` of a forward over ``tokens``
+    ``[b, s]`` (see :class:`PositionLogits`)."""
+    return PositionLogits(model, tokens, padding_mask=padding_mask)(rows, cols)
+
+
+class KVSession:
+    """A torchtune decoder's static KV cache, filled column by column.
+
+    ``key_valid[b, j]`` says whether cache column j holds a real token of row b; ``next_pos[b]``
+    is the position id the row's next position-advancing token gets (positions count real tokens
+    only, so training's right-padded layout and left-padded decoding see the same positions; under
+    ``interleaving.positions: shared`` a confidence token does not advance and takes the position
+    of the content token before it).
+    """
+
+    def __init__(self, model: Any, batch_size: int, cache_len: int, device: torch.device):
+        self.model = model
+        self.cache_len = cache_len
+        self.key_valid = torch.zeros(batch_size, cache_len, dtype=torch.bool, device=device)
+        self.next_pos = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.filled = 0
+        self._cols = torch.arange(cache_len, device=device)
+
+    def _mask(self, k: int) -> torch.Tensor:
+        """``[b, k, cache_len]``: query column ``filled + i`` sees the real keys at or before it."""
+        query_cols = self.filled + self._cols[:k]
+        causal = self._cols.unsqueeze(0) <= query_cols.unsqueeze(1)  # [k, cache_len]
+        # A padding query still sees itself, so no attention row is empty.
+        itself = self._cols.unsqueeze(0) == query_cols.unsqueeze(1)
+        return (self.key_valid.unsqueeze(1) & causal.unsqueeze(0)) | itself.unsqueeze(0)
+
+    def feed(
+        self,
+        tokens: torch.Tensor,
+        valid: torch.Tensor,
+        use_col: torch.Tensor,
+        advances: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """Append ``tokens`` ``[b, k]`` (``valid`` marks real ones) and return the logits ``[b, v]``
+        at column ``use_col[b]`` of this feed. ``advances`` ``[b, k]`` marks the tokens that move the
+        position on (default: every real token); one that does not repeats the position before it."""
+        k = tokens.shape[1]
+        if self.filled + k > self.cache_len:
+            raise RuntimeError(f"KV cache of {self.cache_len} columns is full ({self.filled} used, {k} more asked)")
+        self.key_valid[:, self.filled : self.filled + k] = valid
+        advances = valid if advances is None else advances
+        if k == 1:
+            pos = self.next_pos.unsqueeze(1)
+        else:
+            pos = (self.next_pos.unsqueeze(1) + advances.long().cumsum(1) - 1).clamp(min=0)
+        logits = logits_at(self.model, tokens, use_col, mask=self._mask(k), input_pos=pos)
+        self.next_pos += advances.long().sum(1)
+        self.filled += k
+        return logits
+
+    def prefill(self, prompt: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Feed the left-padded ``prompt`` ``[b, p]``; the logits ``[b, v]`` after its last column."""
+        last = torch.full((prompt.shape[0],), prompt.shape[1] - 1, dtype=torch.long, device=prompt.device)
+        return self.feed(prompt, valid, last)
+
+    def step(self, tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Feed one token ``[b]`` per row; the next logits ``[b, v]``."""
+        return self.feed(tokens.unsqueeze(1), valid.unsqueeze(1), torch.zeros_like(tokens))
+
+    def drop_last(self, rows: torch.Tensor, n: int) -> None:
+        """Forget the last ``n`` columns of ``rows`` ``[b]`` bool: masked out from now on, and the
+        row's next position rewound by the real tokens among them."""
+        dropped = self.key_valid[:, self.filled - n : self.filled] & rows.unsqueeze(1)
+        self.key_valid[:, self.filled - n : self.filled] &= ~dropped
+        self.next_pos -= dropped.long().sum(1)
+
+
+@contextlib.contextmanager
+def caches_set_aside(model: Any) -> Iterator[Any]:
+    """Yield ``model`` as if its KV caches had never been set up, and put them back untouched after.
+
+    Whole-sequence forwards (the fixed point's passes, teacher forcing) then attend causally with
+    no cache, and a :func:`kv_session` opened inside sets up caches of its own size (the fixed
+    point's sequential fallback). Models without torchtune caches pass through.
+    """
+    if not (is_torchtune_decoder(model) and model.caches_are_setup()):
+        yield model
+        return
+    attention = [m for m in model.modules() if hasattr(m, "kv_cache") and callable(m.kv_cache)]
+    saved = [(m, m.kv_cache, m.cache_enabled) for m in attention]
+    max_cache_len = getattr(model, "decoder_max_cache_seq_len", None)
+    for m in attention:
+        m.kv_cache, m.cache_enabled = None, False
+    try:
+        yield model
+    finally:
+        for m, cache, enabled in saved:
+            m.kv_cache, m.cache_enabled = cache, enabled
+        model.decoder_max_cache_seq_len = max_cache_len
+
+
+@contextlib.contextmanager
+def kv_session(model: Any, batch_size: int, cache_len: int) -> Iterator[KVSession]:
+    """A :class:`KVSession` over ``model``'s caches: reuses caches the caller set up (same batch
+    size, long enough; reset first), else sets them up for this call and deletes them after."""
+    from torchtune.modules.common_utils import local_kv_cache
+
+    if not is_torchtune_decoder(model):
+        raise TypeError(
+            f"decoders need a torchtune TransformerDecoder (with setup_caches), got {type(model).__name__}"
+        )
+    param = next(model.parameters())
+    if model.caches_are_setup():
+        cache = model.layers[0].attn.kv_cache
+        have_len = int(cache.k_cache.shape[2])
+        if cache.batch_size != batch_size or have_len < cache_len:
+            raise ValueError(
+                f"the model's KV caches are set up for batch {cache.batch_size} x {have_len} positions, but this "
+                f"call needs batch {batch_size} x {cache_len}; pad the batch or set up larger caches"
+            )
+        model.reset_caches()
+        yield KVSession(model, batch_size, have_len, param.device)
+        return
+    with local_kv_cache(
+        model, batch_size=batch_size, device=param.device, dtype=param.dtype, decoder_max_seq_len=cache_len
+    ):
+        yield KVSession(model, batch_size, cache_len, param.device)
+
+
 def vocab_size_of(model: Any) -> Optional[int]:
     """Number of output logits of a torchtune or HF model, when it can be read off the weights."""
     if is_hf_model(model):
@@ -143,11 +344,17 @@ def vocab_size_of(model: Any) -> Optional[int]:
 
 
 __all__ = [
+    "KVSession",
+    "PositionLogits",
+    "caches_set_aside",
     "causal_mask_from_padding",
+    "is_fsdp_sharded",
     "is_hf_model",
     "is_torchtune_decoder",
+    "kv_session",
     "last_logits_of",
     "logits_at",
+    "logits_at_positions",
     "logits_of",
     "positions_from_padding",
     "vocab_size_of",

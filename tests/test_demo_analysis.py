@@ -109,11 +109,11 @@ def quantile_codec(model, tokenizer, rows) -> ConfidenceCodec:
     return base.with_edges(fit_quantile_edges(signal, base.num_bins), "quantile")
 
 
-@pytest.mark.parametrize("mode", ["full", "answer"])
-def test_training_rederives_exactly_the_decoded_bins(mode, tiny):
+@pytest.mark.parametrize("mode, positions", [("full", "sequential"), ("answer", "sequential"), ("answer", "shared")])
+def test_training_rederives_exactly_the_decoded_bins(mode, positions, tiny):
     model, tokenizer, rows = tiny
     codec = quantile_codec(model, tokenizer, rows)
-    interleaving = Interleaving.for_tokenizer(mode, tokenizer)
+    interleaving = Interleaving.for_tokenizer(mode, tokenizer, positions=positions)
     samples = decode_heldout(model, tokenizer, rows, GSM8K, interleaving=interleaving, codec=codec, max_gen_toks=12, batch_size=2)
     assert len({int(b) for s in samples for b in s.bins}) > 1  # the bins vary, so agreement means something
     exact = train_decode_agreement(model, samples, interleaving=interleaving, codec=codec, pad_id=tokenizer.pad_id, max_passes=None)

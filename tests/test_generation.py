@@ -17,6 +17,7 @@ from entropy_guided_generation.generation import (
 )
 from entropy_guided_generation.layout import compute_bins, confidence_slots
 from entropy_guided_generation.modeling import logits_of
+from entropy_guided_generation.scoring import SamplingPolicy
 
 from helpers import tiny_decoder
 
@@ -146,6 +147,21 @@ def test_top_k_and_top_p_never_sample_outside_the_allowed_set():
     assert set(p.tolist()) == {0, 1}, probs
     assert torch.isinf(filter_top_p(logits[:1], 0.5)).sum() == 5
     assert torch.isinf(filter_top_k(logits[:1], 2)).sum() == 4
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
+@pytest.mark.parametrize("top_p", [0.2, 0.5, 0.8, 0.95])
+def test_top_p_keeps_exactly_the_scorers_nucleus_ties_included(temperature, top_p):
+    # Logits in quarter steps tie at every rank; temperatures that are powers of two scale them
+    # exactly, so the decoder's and the scorer's tempered logits are the same numbers.
+    g = torch.Generator().manual_seed(3)
+    logits = torch.round(torch.randn(200, 40, generator=g) * torch.linspace(0.2, 6.0, 200).unsqueeze(1) * 4) / 4
+    kept = torch.isfinite(filter_top_p(logits / temperature, top_p))
+    assert torch.equal(kept, SamplingPolicy(temperature=temperature, top_p=top_p).kept_mask(logits))
+    tied = torch.tensor([[2.0, 1.0, 1.0, 0.0]])
+    p = tied.softmax(-1)[0]
+    between_ties = float(p[0] + p[1] / 2)  # a sort-order rule keeps one of the tied tokens here
+    assert torch.isfinite(filter_top_p(tied, between_ties)).tolist() == [[True, True, True, False]]
 
 
 def test_stopped_rows_stop_growing(model, codec):

@@ -8,13 +8,27 @@ from lm_eval.api.instance import Instance
 from omegaconf import OmegaConf
 
 from entropy_guided_generation import kit, signals
-from entropy_guided_generation.confidence import ConfidenceCodec, fit_quantile_edges
+from entropy_guided_generation.confidence import (
+    ConfidenceCodec,
+    check_config_matches,
+    fit_quantile_edges,
+    read_confidence_json,
+    write_confidence_json,
+)
 from entropy_guided_generation.eval.lm import TorchtuneLM
 from entropy_guided_generation.eval.teacher_forcing import score_continuations
-from entropy_guided_generation.generation import generate_answer_interleaved_marker, get_decoder
-from entropy_guided_generation.layout import MODES, Interleaving, Mode, ResponseRule, compute_bins, register_mode
+from entropy_guided_generation.generation import decode, generate_answer_interleaved_marker, get_decoder
+from entropy_guided_generation.layout import (
+    MODES,
+    POSITION_RULES,
+    Interleaving,
+    Mode,
+    ResponseRule,
+    compute_bins,
+    register_mode,
+)
 from entropy_guided_generation.modeling import logits_of
-from entropy_guided_generation.training.loss_step import ConfidenceLayout, shifted_labels
+from entropy_guided_generation.training.loss_step import ConfidenceLayout, shifted_labels, summed_token_loss
 from entropy_guided_generation.training.options import interleaving_options
 from entropy_guided_generation.training.parallelism import SingleDevice
 
@@ -147,3 +161,70 @@ def test_a_registered_mode_trains_decodes_and_scores_with_no_other_change(toy_mo
     assert trace.mode == toy_mode.name and isinstance(text, str)
     covered = len(trace.bins)
     assert all((b >= 0) == (i % 2 == 0) for i, b in enumerate(trace.bins[:covered]))
+
+
+# ---------------------------------------------------------------- interleaving.positions: shared
+
+
+@pytest.mark.parametrize("name", ["full", "answer", "marker"])
+def test_shared_positions_decode_exactly_the_training_layout(name, model, codec):
+    """Under shared positions (a confidence token takes its content token's position id) the
+    decoder's KV cache, the fixed point and a whole-sequence forward agree token for token."""
+    marker = MARKER if MODES[name].needs_marker else None
+    shared = Interleaving.of(name, stop_ids=[EOS], marker_ids=marker, positions="shared")
+    prompt = torch.tensor([[PAD, PAD, 5, 9, 12, 7], [14, 15, 16, 17, 18, 19]])
+    result = decode(model, prompt, interleaving=shared, codec=codec, max_generated_tokens=10, pad_id=PAD,
+                    temperature=0.0, stop_tokens=[EOS], marker=marker)
+    sequential = decode(model, prompt, interleaving=name, codec=codec, max_generated_tokens=10, pad_id=PAD,
+                        temperature=0.0, stop_tokens=[EOS], marker=marker)
+    assert not torch.equal(result.entropies.nan_to_num(), sequential.entropies.nan_to_num()), "positions had no effect"
+    for row in range(prompt.shape[0]):
+        prompt_row = prompt[row][prompt[row] != PAD].tolist()
+        content = result.content[row, : int(result.generated_lengths[row])].tolist()
+        tokens = torch.tensor([prompt_row + content])
+        response = torch.arange(tokens.shape[1]).unsqueeze(0) >= len(prompt_row)
+        slots = shared.slots(tokens, response_mask=response)
+        fixed = compute_bins(model, tokens, codec=codec, slots=slots, positions="shared")
+        seen = result.interleaved[row][result.interleaved_valid[row]]
+        assert seen.tolist() == fixed.interleaved.tokens[0].tolist()
+        # Teacher forcing the decoded content scores what the decoder saw: same entropies.
+        scores = score_continuations(model, tokens, response, interleaving=shared, codec=codec)
+        n = len(content)
+        assert torch.allclose(scores.entropies[0, len(prompt_row):], result.entropies[row, :n], atol=1e-4)
+
+
+def test_shared_position_ids_repeat_the_content_position():
+    shared = Interleaving.of("answer", positions="shared")
+    valid = torch.tensor([[False, True, True, True, True, True]])
+    is_conf = torch.tensor([[False, False, False, True, False, True]])
+    assert shared.position_ids(valid, is_conf).tolist() == [[0, 0, 1, 1, 2, 2]]
+    assert Interleaving.of("answer").position_ids(valid, is_conf).tolist() == [[0, 0, 1, 2, 3, 4]]
+    with pytest.raises(ValueError, match="unknown interleaving.positions 'shard'; expected one of sequential, shared"):
+        Interleaving.of("answer", positions="shard")
+
+
+def test_shared_positions_reach_the_training_forward_and_the_metadata(model, codec, tmp_path):
+    tokens, response, valid = random_responses(seed=4, rows=4)
+    tokens = tokens + 1
+    labels = tokens.masked_fill(~response | ~valid, -100)
+    batch = {"tokens": tokens, "labels": labels, "response_mask": response, "valid_mask": valid}
+    device = SingleDevice(torch.device("cpu"))
+    losses = {}
+    for rule in POSITION_RULES:
+        interleaving = Interleaving.of("answer", stop_ids=[EOS + 1], positions=rule)
+        built = ConfidenceLayout(interleaving, codec, pad_id=PAD).build(model, batch, device)
+        if rule == "sequential":
+            assert built.positions is None  # the model's own 0..L-1
+        else:
+            expected = interleaving.position_ids(built.bins.interleaved.valid_mask, built.is_confidence)
+            assert torch.equal(built.positions, expected)
+        losses[rule] = float(summed_token_loss(model, torch.nn.CrossEntropyLoss(), built).loss.detach())
+    assert losses["shared"] != pytest.approx(losses["sequential"], rel=1e-6)
+
+    options = interleaving_options(OmegaConf.create({"interleaving": {"mode": "answer", "positions": "shared"}}))
+    assert options.positions == "shared"
+    path = write_confidence_json(tmp_path, codec, "answer", positions="shared")
+    meta = read_confidence_json(path)
+    assert meta.positions == "shared"
+    with pytest.raises(ValueError, match="config interleaving.positions is 'sequential' but .* says 'shared'"):
+        check_config_matches(meta, positions="sequential", source=str(path))

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from entropy_guided_generation.scoring import DistributionDiagnostics, SamplingPolicy, StopStringMatcher
+from entropy_guided_generation.generation import nucleus
+from entropy_guided_generation.scoring import DistributionDiagnostics, SamplingPolicy, StopStringMatcher, nucleus_mask
 from entropy_guided_generation.scoring.diagnostics import STEP_FIELDS, TokenStepDiagnostics
 from entropy_guided_generation.scoring.stopping import decode_ids, token_texts
 
@@ -246,16 +247,17 @@ def reference_nucleus(scaled: torch.Tensor, top_p: float) -> torch.Tensor:
     return (above * p.unsqueeze(-2)).sum(-1) < top_p
 
 
-@pytest.mark.parametrize("heads_from", ["whole-row sort", "topk per stage"])
+@pytest.mark.parametrize("heads_from", ["whole-row sort of every row", "whole-row sort of unsettled rows", "topk per stage"])
 @pytest.mark.parametrize("top_p", [0.3, 0.9, 0.99])
 def test_nucleus_mask_is_exact_in_every_stage_on_a_large_vocabulary(top_p, heads_from, monkeypatch):
     # Peaked rows settle in the top-4 stage, medium rows in the top-64 stage, flat rows need the
-    # full sort; quantized logits put ties at every boundary. Both ways of finding the heads
-    # (CPU rows sorted whole up front, or topk per stage as on long rows) give the exact mask.
-    from entropy_guided_generation.scoring import nucleus_mask, policy
-
+    # full sort; quantized logits put ties at every boundary. Every way of finding the heads (CPU
+    # rows sorted whole up front, all of a small batch or the rows the maximum leaves unsettled, or
+    # topk per stage as on long rows) gives the exact mask.
+    if heads_from == "whole-row sort of unsettled rows":
+        monkeypatch.setattr(nucleus, "SEARCH_ALL_ROWS_MAX_BATCH", 0)
     if heads_from == "topk per stage":
-        monkeypatch.setattr(policy, "SORT_WHOLE_ROWS_MAX_VOCAB", 0)
+        monkeypatch.setattr(nucleus, "SORT_WHOLE_ROWS_MAX_VOCAB", 0)
 
     g = torch.Generator().manual_seed(7)
     v = 300

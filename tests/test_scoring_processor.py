@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from entropy_guided_generation.generation import generate_plain, left_pad
 from entropy_guided_generation.kit import build_tokenizer, load_tokenizer, vocab_size_of, write_gsm8k_jsonl
 from entropy_guided_generation.scoring import (
     BASELINE_FEATURES,
@@ -98,6 +99,39 @@ def test_log_q_recorded_at_generation_equals_teacher_forced_log_q(model, tokeniz
             assert scores.sequence_logqs[b][g] == pytest.approx(float(recorded.sum()), abs=1e-3)
     if settings.get("do_sample") is False:
         assert all(float(v.abs().max()) == 0.0 for row in scores.token_logqs for v in row)
+
+
+def twin_token_decoder(vocab_size: int) -> torch.nn.Module:
+    """A tiny decoder whose tokens come in pairs with one (tied) embedding row: every logit has an
+    exact twin, so every nucleus boundary falls on a tie."""
+    model = tiny_decoder(vocab_size=vocab_size, seed=0, weight_scale=2.0)
+    with torch.no_grad():
+        emb = model.tok_embeddings.weight
+        emb[1::2] = emb[0 : 2 * emb[1::2].shape[0] : 2]
+    return model
+
+
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 0.5), (0.7, 0.8), (1.3, 0.95)])
+def test_decoder_samples_have_finite_log_q_under_the_scorers_policy(tokenizer, temperature, top_p):
+    model = twin_token_decoder(vocab_size_of())
+    prompt = left_pad([tokenizer.encode(p, add_bos=True, add_eos=False) for p in PROMPTS] * 4, tokenizer.pad_id)
+    out = generate_plain(
+        model, prompt, max_generated_tokens=16, pad_id=tokenizer.pad_id, temperature=temperature, top_p=top_p,
+        stop_tokens=[tokenizer.eos_id], rng=torch.Generator().manual_seed(0),
+    )
+    rows, width = out.content.shape
+    assert torch.equal(model(out.tokens)[..., 0:-1:2], model(out.tokens)[..., 1::2])  # the ties are exact
+    generated = torch.arange(width).unsqueeze(0) < out.generated_lengths.unsqueeze(1)
+    seqs = BatchedSequences(
+        sequences=out.tokens.unsqueeze(1), prompt_lens=[out.prompt_length] * rows,
+        gen_lens=[[int(n)] for n in out.generated_lengths],
+        attention_masks=torch.cat([prompt != tokenizer.pad_id, generated], dim=1).long().unsqueeze(1),
+        responses_text=[[""]] * rows,
+    )
+    scores = processor(model, tokenizer, temperature=temperature, top_p=top_p).teacher_force_logprobs(seqs)
+    assert all(torch.isfinite(row[0]).all() for row in scores.token_logqs)
+    drawn = out.content[generated]
+    assert (drawn % 2 == 0).any() and (drawn % 2 == 1).any()  # both twins of tied pairs get drawn
 
 
 def test_generation_is_reproducible_with_a_seed_and_varies_without_it(model, tokenizer):

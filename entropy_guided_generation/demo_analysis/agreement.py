@@ -4,9 +4,9 @@ the decoder fed.
 Each held-out decode (prompt + every generated content token, stop token included) is laid out as
 a training row (prompt = prompt, response = the generated tokens); the mode's slot rule and
 ``compute_bins`` with the finetune's ``max_passes`` give the training-side bins, read in slot order
-and compared with the confidence tokens of the decoder's interleaved sequence in order. With exact
-fixed-point bins the two are equal token for token; a pass cap leaves later slots of long rows
-approximate, which is what training then learned from.
+and compared with the confidence tokens of the decoder's interleaved sequence in order (position
+rule included). With exact fixed-point bins (the default) the two are equal token for token; a
+pass cap leaves later slots of long rows approximate, which is what training then learned from.
 """
 from __future__ import annotations
 
@@ -64,14 +64,12 @@ def train_decode_agreement(
     pad_id: int,
     max_passes: Optional[int],
     batch_size: int = 32,
-    **bin_options: Any,
 ) -> Agreement:
     """Compare the decoder's fed bins with the training layout's bins of the same sequences.
 
     Args:
         samples: real-bin decodes (no override) from :func:`~entropy_guided_generation.demo_analysis.heldout.decode_heldout`.
         max_passes: the finetune's ``interleaving.max_passes`` (None: until no bin changes).
-        bin_options: further ``compute_bins`` keywords of the finetune (e.g. its position rule).
 
     Raises:
         ValueError: when the training layout puts a different number of confidence tokens in a row
@@ -82,8 +80,10 @@ def train_decode_agreement(
         chunk = samples[start : start + batch_size]
         tokens, response, valid = _training_rows(chunk, pad_id)
         slots = interleaving.slots(tokens, response_mask=response, valid_mask=valid)
-        passes = max_passes if max_passes is not None else int(slots.sum(1).max()) + 1
-        fixed = compute_bins(model, tokens, codec=codec, slots=slots, valid_mask=valid, pad_id=pad_id, max_passes=passes, **bin_options)
+        fixed = compute_bins(
+            model, tokens, codec=codec, slots=slots, valid_mask=valid, pad_id=pad_id, max_passes=max_passes,
+            positions=interleaving.positions,
+        )
         unconverged += 0 if fixed.converged else 1
         for r, sample in enumerate(chunk):
             trained = fixed.bins[r][slots[r]]

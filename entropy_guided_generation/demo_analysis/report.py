@@ -143,7 +143,6 @@ def analyze_checkpoint(
     max_passes: Optional[int],
     full: bool = True,
     reference_codec: Optional[ConfidenceCodec] = None,
-    bin_options: Optional[dict] = None,
     log: Callable[[str], None] = print,
 ) -> dict:
     """Everything the demo reports about one finetuned checkpoint.
@@ -154,7 +153,6 @@ def analyze_checkpoint(
         full: also the ablations, trace calibration, digit view and agreement (else accuracy,
             calibration and content loss only: the learning-curve points).
         reference_codec: mode none's stand-in codec for the would-be bins (e.g. mode answer's).
-        bin_options: further ``compute_bins`` keywords of the finetune (e.g. its position rule).
     """
     decode_kw = dict(interleaving=interleaving, codec=codec, max_gen_toks=heldout.max_gen_toks, batch_size=heldout.batch_size)
     real = decode_heldout(model, tokenizer, heldout.rows, heldout.task, desc=f"decode[{interleaving.name}]", **decode_kw)
@@ -180,7 +178,7 @@ def analyze_checkpoint(
         out["samples"]["trace_confidence"] = [trace_confidence(s.bins, probabilities) for s in real]
     out["agreement"] = train_decode_agreement(
         model, real, interleaving=interleaving, codec=codec, pad_id=tokenizer.pad_id, max_passes=max_passes,
-        batch_size=heldout.batch_size, **(bin_options or {}),
+        batch_size=heldout.batch_size,
     ).to_dict()
     out["ablations"] = {}
     fixed = extreme_bins(codec)

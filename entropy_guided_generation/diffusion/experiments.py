@@ -13,8 +13,9 @@ import torch
 
 from entropy_guided_generation import kit
 from entropy_guided_generation.diffusion.decoding import generate, resolve_mask_id
-from entropy_guided_generation.diffusion.mask_predictor import TokenIds, left_pad, response_text
+from entropy_guided_generation.diffusion.mask_predictor import TokenIds, response_text
 from entropy_guided_generation.diffusion.tta import generate_with_tta_uncertainty
+from entropy_guided_generation.generation import left_pad
 from entropy_guided_generation.modeling import vocab_size_of
 from entropy_guided_generation.tokenizing import encode_ids, eos_id_of, is_hf_tokenizer, pad_id_of
 from entropy_guided_generation.visualize import _pyplot

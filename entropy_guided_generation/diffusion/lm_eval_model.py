@@ -29,9 +29,10 @@ from tqdm import tqdm
 
 from entropy_guided_generation.diffusion.decoding import REMASKING_STRATEGIES, generate, predictor_logits
 from entropy_guided_generation.diffusion.likelihood import monte_carlo_loglikelihood
-from entropy_guided_generation.diffusion.mask_predictor import left_pad, response_text
+from entropy_guided_generation.diffusion.mask_predictor import response_text
 from entropy_guided_generation.diffusion.pretrained import load_mask_predictor
 from entropy_guided_generation.diffusion.tta import TTAOptions, generate_with_tta_uncertainty
+from entropy_guided_generation.generation import left_pad
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +155,7 @@ class DiffusionLM(LM):
             kwargs = [dict(r.args[1]) for r in chunk]
             gen_length, steps = self._layout(max((k.get("max_gen_toks") or self.gen_length) for k in kwargs))
             prompts = [self._encode(r.args[0])[-(self.max_length - gen_length) :] for r in chunk]
-            prompt = left_pad(prompts, self.ids.pad_id).to(self.device)
+            prompt = left_pad(prompts, self.ids.pad_id, device=self.device)
             start = time.perf_counter()
             tokens, logs = self._decode(prompt, gen_length, steps, batch_index)
             self.decode_seconds += time.perf_counter() - start

@@ -110,18 +110,6 @@ def encode_problem(tokenizer: Any, question: str, answer: str, response_length: 
     return prompt, answer_ids + [tokenizer.eos_id] * (response_length - len(answer_ids))
 
 
-def left_pad(rows: Sequence[Sequence[int]], pad_id: int, width: Optional[int] = None) -> torch.Tensor:
-    """``[b, width]`` long: each row right-aligned, ``pad_id`` before it (width: the longest row)."""
-    width = max(len(r) for r in rows) if width is None else width
-    if any(len(r) > width for r in rows):
-        raise ValueError(f"a row of {max(len(r) for r in rows)} tokens does not fit width {width}")
-    out = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    for i, row in enumerate(rows):
-        if row:
-            out[i, width - len(row) :] = torch.as_tensor(row, dtype=torch.long)
-    return out
-
-
 def response_text(tokenizer: Any, response: Sequence[int], ids: TokenIds) -> str:
     """The text of generated ids up to the first eos / pad / mask (excluded)."""
     stops = {ids.eos_id, ids.pad_id, ids.mask_id}
@@ -143,7 +131,6 @@ __all__ = [
     "TokenIds",
     "build_mask_predictor",
     "encode_problem",
-    "left_pad",
     "predictor_config",
     "response_text",
     "save_mask_predictor",

@@ -40,9 +40,9 @@ from entropy_guided_generation.diffusion.mask_predictor import (
     TokenIds,
     build_mask_predictor,
     encode_problem,
-    left_pad,
     save_mask_predictor,
 )
+from entropy_guided_generation.generation import left_pad
 
 
 @dataclass(frozen=True)
@@ -119,7 +119,7 @@ def batch_tokens(data: EncodedProblems, chosen: Sequence[int], extra_padding: in
     ``extra_padding`` pads, so the predictor learns to ignore any amount of left padding."""
     prompts = [data.prompts[i] for i in chosen]
     width = max(len(p) for p in prompts) + extra_padding
-    return left_pad(prompts, pad_id, width), data.responses[list(chosen)]
+    return left_pad(prompts, pad_id, width=width), data.responses[list(chosen)]
 
 
 def train(settings: TrainSettings, log_every: int = 100, progress: bool = True):

@@ -87,11 +87,6 @@ def decode_settings(
     )
 
 
-def left_pad(rows: Sequence[Sequence[int]], pad_id: int, device: Optional[torch.device] = None) -> torch.Tensor:
-    """``[b, max_len]`` long tensor of ``rows`` left-padded with ``pad_id``."""
-    tensors = [torch.as_tensor(list(r), dtype=torch.long).flip(0) for r in rows]
-    padded = torch.nn.utils.rnn.pad_sequence(tensors, batch_first=True, padding_value=pad_id).flip(1)
-    return padded.to(device) if device is not None else padded
 
 
 def fill_static_batch(prompt: torch.Tensor, batch_size: int) -> torch.Tensor:
@@ -149,6 +144,5 @@ __all__ = [
     "decode_settings",
     "fill_static_batch",
     "first_rows",
-    "left_pad",
     "tokens_covering",
 ]

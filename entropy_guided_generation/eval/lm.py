@@ -6,7 +6,8 @@ Three methods, as lm-eval's ``LM`` asks:
   fixed-point bins (:func:`~entropy_guided_generation.eval.teacher_forcing.score_continuations`);
 - ``generate_until``: our decoders (``get_decoder(mode)``, or in mode none the decoder a YAML
   ``sampler: {name: ..., <its settings>}`` names, called with ``sampler_config=<its settings>``),
-  batched and left-padded; confidence tokens never reach the returned text.
+  batched and left-padded; confidence tokens never reach the returned text. Requests whose
+  gen_kwargs name budget forcing are served by it (:mod:`~entropy_guided_generation.sampling.budget_forcing`).
 
 Every request also leaves a :class:`~entropy_guided_generation.eval.traces.ConfidenceTrace` in
 :attr:`TorchtuneLM.traces`. Mode ``none`` reproduces lm-eval's ``hf`` model (same tokenization,
@@ -35,14 +36,18 @@ from entropy_guided_generation.eval.generation import (
     decode_settings,
     fill_static_batch,
     first_rows,
-    left_pad,
     tokens_covering,
 )
 from entropy_guided_generation.eval.teacher_forcing import ContinuationScores, score_continuations
 from entropy_guided_generation.eval.traces import ConfidenceTrace
-from entropy_guided_generation.generation import DecodeResult, get_decoder
+from entropy_guided_generation.generation import DecodeResult, get_decoder, left_pad
 from entropy_guided_generation.layout import Interleaving
-from entropy_guided_generation.sampling.budget_forcing import budget_forcing_requested, generate_until_torchtune
+from entropy_guided_generation.sampling.budget_forcing import (
+    BudgetForcedOutput,
+    budget_force_torchtune,
+    budget_forcing_requested,
+    serve_generate_until,
+)
 
 log = logging.getLogger(__name__)
 
@@ -361,9 +366,27 @@ class TorchtuneLM(TemplateLM):
 
     # ------------------------------------------------------------------ generation
     def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
-        """Greedy or sampled continuations of each context, cut before the first ``until`` string."""
-        if any(budget_forcing_requested(request.args[1]) for request in requests):
-            return generate_until_torchtune(self, requests, disable_tqdm)  # serves the rest through this method
+        """Greedy or sampled continuations of each context, cut before the first ``until`` string.
+
+        Requests whose gen_kwargs ask for budget forcing (mode none only) are served by it, the
+        others by this model's decoder.
+        """
+        if not self.interleaving.is_plain and any(budget_forcing_requested(request.args[1]) for request in requests):
+            raise ValueError(f"budget forcing decodes in interleaving.mode none; this model is in mode {self.mode!r}")
+        return serve_generate_until(
+            self, requests, plain=lambda others: self._decode_requests(others, disable_tqdm), force=self._force_budget,
+            batch_size=self.batch_size, disable_tqdm=disable_tqdm,
+        )
+
+    def _force_budget(self, contexts: list[str], gen_kwargs: dict) -> list[BudgetForcedOutput]:
+        """Budget forcing for ``contexts`` that share ``gen_kwargs``, on this model's KV caches."""
+        return budget_force_torchtune(
+            self.model, self.tokenizer, [self.tok_encode(c) for c in contexts], gen_kwargs, pad_id=self.pad_id,
+            stop_tokens=self.stop_ids, rng=self._rng, max_length=self.max_length, default_max_gen_toks=self.max_gen_toks,
+        )
+
+    def _decode_requests(self, requests: list[Any], disable_tqdm: bool) -> list[str]:
+        """``generate_until`` for requests without budget forcing: batches for this model's decoder."""
         items = [(request.args[0], request.args[1], position) for position, request in enumerate(requests)]
         collator = Collator(
             items,
@@ -393,7 +416,7 @@ class TorchtuneLM(TemplateLM):
         ids = [self.tok_encode(c) for c in contexts]
         if any(len(i) > budget for i in ids):
             log.warning("prompts longer than %d tokens are left-truncated to fit max_seq_length %d", budget, self.max_length)
-        return left_pad([i[-budget:] for i in ids], self.pad_id, self.device)
+        return left_pad([i[-budget:] for i in ids], self.pad_id, device=self.device)
 
     def _decode(self, prompt: torch.Tensor, settings: DecodeSettings) -> DecodeResult:
         """Run the decoder on ``prompt`` ``[b, p]`` (filled to the static batch size when caches are static)."""

@@ -14,16 +14,15 @@ exactly as lm-eval's ``hf`` model and torchtune's eval recipe do.
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import torch
 
 from entropy_guided_generation import signals
 from entropy_guided_generation.confidence import ConfidenceCodec
 from entropy_guided_generation.layout import Interleaved, Interleaving, compute_bins, interleave
-from entropy_guided_generation.modeling import is_torchtune_decoder, logits_of
+from entropy_guided_generation.modeling import caches_set_aside, logits_of
 
 
 @dataclass
@@ -52,29 +51,6 @@ class ContinuationScores:
     converged: bool
 
 
-def _has_kv_caches(model: Any) -> bool:
-    return is_torchtune_decoder(model) and model.caches_are_setup()
-
-
-@contextlib.contextmanager
-def full_sequence_forwards(model: Any) -> Iterator[Any]:
-    """Yield a ``tokens -> logits`` callable for whole right-padded sequences.
-
-    A torchtune decoder whose KV caches are set up (static caches for decoding) gets them disabled
-    and an explicit causal mask: called without a mask, such a decoder attends bidirectionally.
-    """
-    if not _has_kv_caches(model):
-        yield model
-        return
-    from torchtune.modules.common_utils import disable_kv_cache
-
-    def causal(tokens: torch.Tensor) -> torch.Tensor:
-        return logits_of(model, tokens, padding_mask=torch.ones_like(tokens, dtype=torch.bool))
-
-    with disable_kv_cache(model):
-        yield causal
-
-
 def _check_no_confidence_content(tokens: torch.Tensor, scored: torch.Tensor, codec: ConfidenceCodec) -> None:
     clash = codec.first_confidence_token(tokens, scored)
     if clash is not None:
@@ -94,6 +70,7 @@ def _interleaved_layout(
     codec: Optional[ConfidenceCodec],
     pad_id: int,
     max_passes: Optional[int],
+    positions: str,
 ) -> tuple[Interleaved, torch.Tensor, torch.Tensor, int, bool]:
     """``(layout, bins, signal, passes, converged)``: the batch interleaved with fixed-point bins
     (the plain batch, unchanged, when no position is a slot)."""
@@ -101,9 +78,10 @@ def _interleaved_layout(
         layout = interleave(tokens, slots, torch.full_like(tokens, pad_id), pad_id=pad_id, valid_mask=valid_mask)
         nan = torch.full(tokens.shape, float("nan"), device=tokens.device)
         return layout, torch.full_like(tokens, -1), nan, 0, True
-    # n_slots + 1 passes always reach the fixed point: after k passes the first k slots are exact.
-    passes = max_passes if max_passes is not None else int(slots.sum(1).max()) + 1
-    fixed = compute_bins(model, tokens, codec=codec, slots=slots, valid_mask=valid_mask, pad_id=pad_id, max_passes=passes)
+    fixed = compute_bins(
+        model, tokens, codec=codec, slots=slots, valid_mask=valid_mask, pad_id=pad_id, max_passes=max_passes,
+        positions=positions,
+    )
     return fixed.interleaved, fixed.bins, fixed.signal, fixed.passes, fixed.converged
 
 
@@ -143,12 +121,17 @@ def score_continuations(
     if content_codec is not None:
         _check_no_confidence_content(tokens, scored, content_codec)
     slots = interleaving.slots(tokens, response_mask=scored, valid_mask=valid_mask)
-    with full_sequence_forwards(model) as forward:
+    # Static decode caches (if any) are set aside: whole-sequence forwards attend causally.
+    with caches_set_aside(model):
         layout, bins, signal, passes, converged = _interleaved_layout(
-            forward, tokens, slots, valid_mask, codec=content_codec, pad_id=pad_id, max_passes=max_passes
+            model, tokens, slots, valid_mask, codec=content_codec, pad_id=pad_id, max_passes=max_passes,
+            positions=interleaving.positions,
         )
         # The last column's logits predict nothing that is scored: feed one column less.
-        logits = logits_of(forward, layout.tokens[:, :-1])
+        input_pos = None
+        if interleaving.positions != "sequential":
+            input_pos = interleaving.position_ids(layout.valid_mask, layout.is_confidence)[:, :-1]
+        logits = logits_of(model, layout.tokens[:, :-1], input_pos=input_pos)
     # Plain token t sits at plain_index[:, t]; the logits that produced it one position earlier.
     producing = (layout.plain_index - 1).clamp(min=0)
     rows = torch.arange(tokens.shape[0], device=tokens.device).unsqueeze(1)
@@ -174,4 +157,4 @@ def score_continuations(
     )
 
 
-__all__ = ["ContinuationScores", "full_sequence_forwards", "score_continuations"]
+__all__ = ["ContinuationScores", "score_continuations"]

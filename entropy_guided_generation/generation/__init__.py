@@ -1,5 +1,9 @@
 """Decoders for every interleaving mode, and the registry that maps ``interleaving.mode`` to one.
 
+Beneath them, what every decode loop of the library shares: the decode session a loop steps a
+model through (``session.py``), left-padded prompt batches (``padding.py``) and the nucleus
+(top-p) rule the decoders sample under and the scorer computes log q under (``nucleus.py``).
+
 >>> from entropy_guided_generation.generation import get_decoder
 >>> decoder = get_decoder("answer")   # generate_answer_interleaved
 """
@@ -9,12 +13,15 @@ import functools
 from typing import Callable, Dict
 
 from entropy_guided_generation.generation.answer_intl import generate_answer_interleaved
-from entropy_guided_generation.generation.common import DecodeResult, KVSession, decode, kv_session
-from entropy_guided_generation.generation.overrides import ConfidenceOverride, FixedBin, ShuffledBins
+from entropy_guided_generation.generation.common import DecodeResult, decode
 from entropy_guided_generation.generation.full_intl import generate_full_interleaved
 from entropy_guided_generation.generation.marker_intl import generate_answer_interleaved_marker
+from entropy_guided_generation.generation.nucleus import nucleus_mask
+from entropy_guided_generation.generation.overrides import ConfidenceOverride, FixedBin, ShuffledBins
+from entropy_guided_generation.generation.padding import left_pad, left_padded_mask
 from entropy_guided_generation.generation.plain import generate_plain
 from entropy_guided_generation.generation.sampling import filter_top_k, filter_top_p, sample_next_token
+from entropy_guided_generation.generation.session import DecodeSession, HFSession, KVSession, PrefixSession, kv_session, open_session
 from entropy_guided_generation.layout import MODES
 
 DECODERS: Dict[str, Callable[..., DecodeResult]] = {
@@ -51,7 +58,10 @@ __all__ = [
     "FixedBin",
     "MODES",
     "DecodeResult",
+    "DecodeSession",
+    "HFSession",
     "KVSession",
+    "PrefixSession",
     "ShuffledBins",
     "decode",
     "filter_top_k",
@@ -62,6 +72,10 @@ __all__ = [
     "generate_plain",
     "get_decoder",
     "kv_session",
+    "left_pad",
+    "left_padded_mask",
+    "nucleus_mask",
+    "open_session",
     "register_decoder",
     "sample_next_token",
 ]

@@ -1,4 +1,5 @@
-"""The decode loop shared by every mode: a KV-cached session and one short loop of small steps.
+"""The decode loop shared by every mode: one short loop of small steps on a KV-cached session
+(:mod:`~entropy_guided_generation.generation.session`).
 
 Each content step is one forward. A row that gets a confidence token this step feeds
 ``[x_t, c_t]``; a row that does not (mode none, marker after its marker, a stop token) feeds
@@ -7,12 +8,10 @@ batch shares the same forward. Logits are computed only at the column each row u
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
-from torchtune.modules.common_utils import disable_kv_cache, local_kv_cache
 from tqdm.auto import tqdm
 
 from entropy_guided_generation import signals
@@ -20,7 +19,7 @@ from entropy_guided_generation.confidence import ConfidenceCodec
 from entropy_guided_generation.generation.overrides import ConfidenceOverride
 from entropy_guided_generation.generation.sampling import sample_next_token
 from entropy_guided_generation.layout import Interleaving, compute_bins, interleave
-from entropy_guided_generation.modeling import is_torchtune_decoder, logits_at
+from entropy_guided_generation.modeling import KVSession, caches_set_aside, kv_session
 
 
 @dataclass
@@ -58,73 +57,6 @@ class DecodeResult:
     def content(self) -> torch.Tensor:
         """``[b, T]`` the generated content tokens only."""
         return self.tokens[:, self.prompt_length :]
-
-
-class KVSession:
-    """A torchtune decoder's static KV cache, filled column by column.
-
-    ``key_valid[b, j]`` says whether cache column j holds a real token of row b; ``next_pos[b]``
-    is the position id the row's next real token gets (positions count real tokens only, so
-    training's right-padded layout and left-padded decoding see the same positions).
-    """
-
-    def __init__(self, model: Any, batch_size: int, cache_len: int, device: torch.device):
-        self.model = model
-        self.cache_len = cache_len
-        self.key_valid = torch.zeros(batch_size, cache_len, dtype=torch.bool, device=device)
-        self.next_pos = torch.zeros(batch_size, dtype=torch.long, device=device)
-        self.filled = 0
-        self._cols = torch.arange(cache_len, device=device)
-
-    def _mask(self, k: int) -> torch.Tensor:
-        """``[b, k, cache_len]``: query column ``filled + i`` sees the real keys at or before it."""
-        query_cols = self.filled + self._cols[:k]
-        causal = self._cols.unsqueeze(0) <= query_cols.unsqueeze(1)  # [k, cache_len]
-        # A padding query still sees itself, so no attention row is empty.
-        itself = self._cols.unsqueeze(0) == query_cols.unsqueeze(1)
-        return (self.key_valid.unsqueeze(1) & causal.unsqueeze(0)) | itself.unsqueeze(0)
-
-    def feed(self, tokens: torch.Tensor, valid: torch.Tensor, use_col: torch.Tensor) -> torch.Tensor:
-        """Append ``tokens`` ``[b, k]`` (``valid`` marks real ones) and return the logits ``[b, v]``
-        at column ``use_col[b]`` of this feed."""
-        k = tokens.shape[1]
-        if self.filled + k > self.cache_len:
-            raise RuntimeError(f"KV cache of {self.cache_len} columns is full ({self.filled} used, {k} more asked)")
-        self.key_valid[:, self.filled : self.filled + k] = valid
-        if k == 1:
-            pos = self.next_pos.unsqueeze(1)
-        else:
-            pos = self.next_pos.unsqueeze(1) + (valid.long().cumsum(1) - 1).clamp(min=0)
-        logits = logits_at(self.model, tokens, use_col, mask=self._mask(k), input_pos=pos)
-        self.next_pos += valid.long().sum(1)
-        self.filled += k
-        return logits
-
-
-@contextlib.contextmanager
-def kv_session(model: Any, batch_size: int, cache_len: int) -> Iterator[KVSession]:
-    """A :class:`KVSession` over ``model``'s caches: reuses caches the caller set up (same batch
-    size, long enough; reset first), else sets them up for this call and deletes them after."""
-    if not is_torchtune_decoder(model):
-        raise TypeError(
-            f"decoders need a torchtune TransformerDecoder (with setup_caches), got {type(model).__name__}"
-        )
-    param = next(model.parameters())
-    if model.caches_are_setup():
-        cache = model.layers[0].attn.kv_cache
-        have_len = int(cache.k_cache.shape[2])
-        if cache.batch_size != batch_size or have_len < cache_len:
-            raise ValueError(
-                f"the model's KV caches are set up for batch {cache.batch_size} x {have_len} positions, but this "
-                f"call needs batch {batch_size} x {cache_len}; pad the batch or set up larger caches"
-            )
-        model.reset_caches()
-        yield KVSession(model, batch_size, have_len, param.device)
-        return
-    with local_kv_cache(
-        model, batch_size=batch_size, device=param.device, dtype=param.dtype, decoder_max_seq_len=cache_len
-    ):
-        yield KVSession(model, batch_size, cache_len, param.device)
 
 
 # ------------------------------------------------------------------ the loop
@@ -172,7 +104,7 @@ def decode(
     if not bool(prompt_valid.any(1).all()):
         raise ValueError("every prompt row needs at least one non-pad token")
 
-    prefill_tokens, prefill_valid = _prefill_sequence(
+    prefill_tokens, prefill_valid, prefill_conf = _prefill_sequence(
         model, prompt, prompt_valid, interleaving, codec=codec, pad_id=pad_id, max_passes=max_prompt_passes,
         override=confidence_override,
     )
@@ -183,7 +115,9 @@ def decode(
     active = torch.ones(b, dtype=torch.bool, device=device)
     with kv_session(model, b, cache_len) as session:
         last_col = torch.full((b,), prefill_tokens.shape[1] - 1, dtype=torch.long, device=device)
-        logits = session.feed(prefill_tokens, prefill_valid, last_col)
+        logits = session.feed(
+            prefill_tokens, prefill_valid, last_col, advances=interleaving.advances_position(prefill_valid, prefill_conf)
+        )
         steps = tqdm(range(max_generated_tokens), desc=f"decode[{interleaving.name}]", disable=not progress, leave=False)
         for step in steps:
             out = _content_step(
@@ -195,7 +129,7 @@ def decode(
             active = active & ~torch.isin(out.token, stops)
             if not bool(active.any()) or step == max_generated_tokens - 1:
                 break
-            logits = _feed_step(session, out, active, columns=interleaving.columns_per_content_token)
+            logits = _feed_step(session, out, active, interleaving)
     return _assemble(prompt, prefill_tokens, prefill_valid, records, pad_id)
 
 
@@ -209,24 +143,24 @@ def _prefill_sequence(
     pad_id: int,
     max_passes: Optional[int],
     override: Optional[ConfidenceOverride] = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The left-padded sequence the prefill feeds: the prompt, interleaved with exact bins when the
-    mode interleaves prompts, by the same functions the training layout uses (or with the bins an
-    ``override`` makes of them)."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(tokens, valid, is_confidence)``, each ``[b, P]``: the left-padded sequence the prefill
+    feeds, i.e. the prompt, interleaved with exact bins when the mode interleaves prompts, by the
+    same functions the training layout uses (the decode session's caches set aside meanwhile), or
+    with the bins an ``override`` makes of them."""
     if not interleaving.interleaves_prompt:
-        return prompt, prompt_valid
+        return prompt, prompt_valid, torch.zeros_like(prompt_valid)
     slots = interleaving.slots(prompt, valid_mask=prompt_valid)
-    passes = max_passes if max_passes is not None else int(slots.sum(1).max()) + 1
-    ctx = disable_kv_cache(model) if model.caches_are_setup() else contextlib.nullcontext()
-    with ctx:
+    with caches_set_aside(model):
         fixed = compute_bins(
-            model, prompt, codec=codec, slots=slots, valid_mask=prompt_valid, pad_id=pad_id, max_passes=passes, left_pad=True
+            model, prompt, codec=codec, slots=slots, valid_mask=prompt_valid, pad_id=pad_id, max_passes=max_passes,
+            left_pad=True, positions=interleaving.positions,
         )
     layout = fixed.interleaved
     if override is not None:
         conf = codec.token_ids_for_bins(override.prompt_bins(fixed.bins, slots).clamp(min=0))
         layout = interleave(prompt, slots, conf, pad_id=pad_id, valid_mask=prompt_valid, left_pad=True)
-    return layout.tokens, layout.valid_mask
+    return layout.tokens, layout.valid_mask, layout.is_confidence
 
 
 @dataclass
@@ -295,16 +229,19 @@ def _content_step(
     return ContentStep(token, has_conf, conf, bins, signal, entropy, logp, active)
 
 
-def _feed_step(session: KVSession, step: ContentStep, active: torch.Tensor, columns: int) -> torch.Tensor:
-    """One forward: ``[x_t, c_t]`` (or ``[x_t, pad]``) per row when content tokens take ``columns``
-    2, ``[x_t]`` when 1; logits after the last real token.
+def _feed_step(session: KVSession, step: ContentStep, active: torch.Tensor, interleaving: Interleaving) -> torch.Tensor:
+    """One forward: ``[x_t, c_t]`` (or ``[x_t, pad]``) per row when a confidence token may follow
+    content tokens, ``[x_t]`` otherwise; logits after the last real token, positions by the
+    interleaving's rule.
 
     ``active`` is after this step (a row whose x_t was a stop token feeds nothing real)."""
-    if columns == 1:
+    if interleaving.columns_per_content_token == 1:
         return session.feed(step.token.unsqueeze(1), active.unsqueeze(1), torch.zeros_like(step.token))
     pair = torch.stack([step.token, step.conf], dim=1)
     valid = torch.stack([active, step.has_conf & active], dim=1)
-    return session.feed(pair, valid, (step.has_conf & active).long())
+    is_conf = torch.stack([torch.zeros_like(active), torch.ones_like(active)], dim=1)
+    advances = interleaving.advances_position(valid, is_conf)
+    return session.feed(pair, valid, (step.has_conf & active).long(), advances=advances)
 
 
 def _assemble(

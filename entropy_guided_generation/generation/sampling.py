@@ -9,6 +9,8 @@ from typing import Optional
 
 import torch
 
+from entropy_guided_generation.generation.nucleus import nucleus_search
+
 
 def filter_top_k(logits: torch.Tensor, top_k: Optional[int]) -> torch.Tensor:
     """Keep the ``top_k`` largest logits of each row (ties at the k-th value kept), others -inf."""
@@ -21,21 +23,17 @@ def filter_top_k(logits: torch.Tensor, top_k: Optional[int]) -> torch.Tensor:
 
 
 def filter_top_p(logits: torch.Tensor, top_p: Optional[float]) -> torch.Tensor:
-    """Nucleus filter: keep the smallest set of most likely tokens whose mass reaches ``top_p``.
+    """Nucleus filter: tokens outside the nucleus of ``softmax(logits)`` set to -inf.
 
-    A token is kept when the mass strictly before it (in descending order) is < top_p, so the
-    most likely token is always kept.
+    The rule of :mod:`~entropy_guided_generation.generation.nucleus` (the scorer's too): a token is
+    kept when the mass of the tokens with a strictly larger logit is < top_p, so the most likely
+    token is always kept and tokens tied at the boundary are all kept.
     """
     if top_p is None or top_p >= 1.0:
         return logits
     if not 0.0 < top_p:
         raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
-    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-    probs = sorted_logits.softmax(-1)
-    mass_before = probs.cumsum(-1) - probs
-    drop_sorted = mass_before >= top_p
-    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-    return logits.masked_fill(drop, float("-inf"))
+    return logits.masked_fill(logits < nucleus_search(logits, top_p).threshold, float("-inf"))
 
 
 def sample_next_token(

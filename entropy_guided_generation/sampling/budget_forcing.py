@@ -10,23 +10,23 @@ the answer prefix are forced in and the answer is sampled with what remains of `
 The budget counts every token of the thinking section (sampled and forced continuations) across
 all rounds and is never exceeded; the answer always gets at least one token.
 
-Two front-ends share the loop through a tiny stepper interface: torchtune decoders over
-:class:`~entropy_guided_generation.generation.KVSession` (:func:`budget_force_torchtune`) and
-Hugging Face models over ``past_key_values`` (:func:`budget_force_hf`). :func:`serve_generate_until`
-turns lm-eval ``generate_until`` requests into either.
+The loop steps a :class:`~entropy_guided_generation.generation.DecodeSession`, so one loop serves
+torchtune decoders on their KV cache (:func:`budget_force_torchtune`) and Hugging Face models on
+their ``past_key_values`` (:func:`~entropy_guided_generation.sampling.hf_guided.budget_force_hf`).
+:func:`serve_generate_until` turns lm-eval ``generate_until`` requests into either.
 """
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Optional, Protocol, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import torch
 from tqdm.auto import tqdm
 
 from entropy_guided_generation import signals
 from entropy_guided_generation.eval.generation import cut_at_stop, decode_settings
-from entropy_guided_generation.generation import kv_session, sample_next_token
+from entropy_guided_generation.generation import DecodeSession, left_pad, left_padded_mask, open_session, sample_next_token
 from entropy_guided_generation.sampling import scalers
 
 BUDGET_FORCING_KEYS = (
@@ -260,19 +260,6 @@ class BudgetForcedOutput:
 # ---------------------------------------------------------------- the loop
 
 
-class Stepper(Protocol):
-    """A model with a KV cache fed column by column (one column per step for every row)."""
-
-    def start(self, prompt: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """Prefill ``[b, p]`` left-padded ids; logits ``[b, v]`` after each row's last token."""
-
-    def step(self, tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """Feed one token ``[b]`` per row (``valid`` False: a padding column); next logits ``[b, v]``."""
-
-    def drop_last(self, rows: torch.Tensor, n: int) -> None:
-        """Forget the last ``n`` columns of ``rows`` ``[b]`` bool (masked out; positions rewound)."""
-
-
 @dataclass
 class _State:
     """Per-row loop state, each ``[b]`` unless said otherwise."""
@@ -299,7 +286,7 @@ class _State:
 
 @torch.no_grad()
 def force_budget(
-    stepper: Stepper,
+    session: DecodeSession,
     prompt: torch.Tensor,
     prompt_valid: torch.Tensor,
     *,
@@ -315,7 +302,7 @@ def force_budget(
     exclude_ids: Optional[torch.Tensor] = None,
     progress: bool = False,
 ) -> list[BudgetForcedOutput]:
-    """Run budget forcing on ``stepper`` for a batch; see the module docstring for the semantics.
+    """Run budget forcing on ``session`` for a batch; see the module docstring for the semantics.
 
     Args:
         prompt: ``[b, p]`` left-padded prompts that already end with ``ids.start``.
@@ -343,7 +330,7 @@ def force_budget(
     tokens, kinds, kept, entropies, round_of = [], [], [], [], []
     reasons: list[list[tuple[str, Optional[list[int]]]]] = [[] for _ in range(b)]
 
-    logits = stepper.start(prompt, prompt_valid)
+    logits = session.prefill(prompt, prompt_valid)
     bar = tqdm(total=int(generation_budget.max()), desc="budget forcing", disable=not progress, leave=False)
     while True:
         lp = signals.log_probs(logits, exclude_ids=exclude_ids)
@@ -361,7 +348,7 @@ def force_budget(
             n_drop = len(ids.end) - 1
             if n_drop and bool(dropped.any()):
                 # The delimiter's first tokens are already in the cache: drop them there and here.
-                stepper.drop_last(dropped, n_drop)
+                session.drop_last(dropped, n_drop)
                 for back in range(1, n_drop + 1):
                     kept[-back] = kept[-back] & ~dropped
                 st.think_used -= dropped.long() * n_drop
@@ -397,7 +384,7 @@ def force_budget(
         bar.update(1)
         if not bool((st.phase != _DONE).any()):
             break
-        logits = stepper.step(token, st.phase != _DONE)
+        logits = session.step(token, st.phase != _DONE)
     bar.close()
     return _outputs(tokens, kinds, kept, entropies, round_of, reasons, thinking_budget)
 
@@ -480,13 +467,8 @@ def _with_start(prompts: Sequence[Sequence[int]], config: BudgetForcingConfig, i
     return [list(p)[-keep:] + ids.start for p in prompts]
 
 
-def _left_pad(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> torch.Tensor:
-    width = max(len(r) for r in rows)
-    return torch.tensor([[pad_id] * (width - len(r)) + list(r) for r in rows], dtype=torch.long, device=device)
-
-
 def run_budget_forcing(
-    open_stepper: Callable[[int, int], Any],
+    model: Any,
     prompts: Sequence[Sequence[int]],
     gen_kwargs: Mapping[str, Any],
     *,
@@ -506,7 +488,8 @@ def run_budget_forcing(
     """Budget forcing for ``prompts`` (token ids, no thinking start) with lm-eval ``gen_kwargs``.
 
     Args:
-        open_stepper: ``(batch, cache_len) -> context manager`` yielding a :class:`Stepper`.
+        model: a torchtune decoder or a Hugging Face causal LM (stepped through
+            :func:`~entropy_guided_generation.generation.open_session`).
         encode / decode: the tokenizer without BOS/EOS, and back to text (special tokens skipped).
         eos_text: the EOS string, added to the ``until`` strings as lm-eval does.
         default_max_gen_toks: ``max_gen_toks`` when gen_kwargs give none.
@@ -540,13 +523,12 @@ def run_budget_forcing(
         rows = rows + [rows[0]] * fill
         thinking = torch.cat([thinking, thinking[:1].expand(fill)])
         generation = torch.cat([generation, generation[:1].expand(fill)])
-    prompt = _left_pad(rows, pad_id, device)
-    row_lengths = torch.tensor([len(r) for r in rows], dtype=torch.long, device=device)
-    valid = torch.arange(prompt.shape[1], device=device).unsqueeze(0) >= (prompt.shape[1] - row_lengths).unsqueeze(1)
+    prompt = left_pad(rows, pad_id, device=device)
+    valid = left_padded_mask(torch.tensor([len(r) for r in rows], device=device), prompt.shape[1])
     cache_len = prompt.shape[1] + int(generation.max()) + dropped_columns
-    with open_stepper(prompt.shape[0], cache_len) as stepper:
+    with open_session(model, prompt.shape[0], cache_len) as session:
         outputs = force_budget(
-            stepper, prompt, valid, ids=ids, thinking_budget=thinking, generation_budget=generation, config=config,
+            session, prompt, valid, ids=ids, thinking_budget=thinking, generation_budget=generation, config=config,
             stop_tokens=stop_tokens, temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p,
             rng=rng, exclude_ids=exclude_ids, progress=progress,
         )[:n]
@@ -554,36 +536,6 @@ def run_budget_forcing(
         head = decode([t for t, k in zip(out.tokens, out.kinds) if k != ANSWER])
         out.text = head + cut_at_stop(decode(out.answer_tokens), settings.until)
     return outputs
-
-
-class TorchtuneStepper:
-    """:class:`Stepper` over a torchtune :class:`~entropy_guided_generation.generation.KVSession`."""
-
-    def __init__(self, session: Any):
-        self.session = session
-
-    def start(self, prompt: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        last = torch.full((prompt.shape[0],), prompt.shape[1] - 1, dtype=torch.long, device=prompt.device)
-        return self.session.feed(prompt, valid, last)
-
-    def step(self, tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        return self.session.feed(tokens.unsqueeze(1), valid.unsqueeze(1), torch.zeros_like(tokens))
-
-    def drop_last(self, rows: torch.Tensor, n: int) -> None:
-        s = self.session
-        s.key_valid[:, s.filled - n : s.filled] &= ~rows.unsqueeze(1)
-        s.next_pos -= rows.long() * n
-
-
-def _torchtune_stepper(model: Any):
-    import contextlib
-
-    @contextlib.contextmanager
-    def open_stepper(batch: int, cache_len: int):
-        with kv_session(model, batch, cache_len) as session:
-            yield TorchtuneStepper(session)
-
-    return open_stepper
 
 
 def budget_force_torchtune(
@@ -625,7 +577,7 @@ def budget_force_torchtune(
     if model.caches_are_setup():
         static_batch = int(model.layers[0].attn.kv_cache.batch_size)
     return run_budget_forcing(
-        _torchtune_stepper(model), prompts, gen_kwargs,
+        model, prompts, gen_kwargs,
         encode=encode,
         decode=lambda ids: tokenizer.decode([i for i in ids if i not in hidden], skip_special_tokens=False),
         eos_text=tokenizer.decode([tokenizer.eos_id], skip_special_tokens=False),
@@ -681,24 +633,6 @@ def serve_generate_until(
     return texts  # type: ignore[return-value]
 
 
-def generate_until_torchtune(lm: Any, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
-    """``TorchtuneLM.generate_until`` with budget forcing for the requests whose gen_kwargs ask for it."""
-    if not lm.interleaving.is_plain:
-        raise ValueError(f"budget forcing decodes in interleaving.mode none; this model is in mode {lm.interleaving.name!r}")
-
-    def force(contexts: list[str], gen_kwargs: dict) -> list[BudgetForcedOutput]:
-        return budget_force_torchtune(
-            lm.model, lm.tokenizer, [lm.tok_encode(c) for c in contexts], gen_kwargs, pad_id=lm.pad_id,
-            stop_tokens=lm.stop_ids, rng=getattr(lm, "_rng", None), max_length=lm.max_length,
-            default_max_gen_toks=lm.max_gen_toks,
-        )
-
-    return serve_generate_until(
-        lm, requests, plain=lambda reqs: lm.generate_until(reqs, disable_tqdm), force=force,
-        batch_size=lm.batch_size, disable_tqdm=disable_tqdm,
-    )
-
-
 __all__ = [
     "ANSWER",
     "BUDGET_FORCING_KEYS",
@@ -708,14 +642,11 @@ __all__ = [
     "BudgetForcedOutput",
     "BudgetForcingConfig",
     "ForcingIds",
-    "Stepper",
     "ThinkingRound",
-    "TorchtuneStepper",
     "budget_force_torchtune",
     "budget_forcing_config",
     "budget_forcing_requested",
     "force_budget",
-    "generate_until_torchtune",
     "generation_budgets",
     "run_budget_forcing",
     "serve_generate_until",

@@ -4,13 +4,12 @@
 requests whose gen_kwargs name budget forcing (``max_tokens_thinking``, ``thinking_n_ignore``,
 ``thinking_n_ignore_str``, ``thinking_start``, ``thinking_end``, ``thinking_answer_prefix``,
 ``scale_func_name`` and the scaling function's options) with the budget-forcing loop over the
-model's ``past_key_values`` (rounds never re-prefill); every other request goes to ``HFLM``
-unchanged, so without those gen_kwargs it is exactly ``--model hf``.
+model's ``past_key_values`` (an :class:`~entropy_guided_generation.generation.HFSession`; rounds
+never re-prefill); every other request goes to ``HFLM`` unchanged, so without those gen_kwargs it
+is exactly ``--model hf``.
 """
 from __future__ import annotations
 
-import contextlib
-import inspect
 from typing import Any, Optional, Sequence
 
 import torch
@@ -19,47 +18,6 @@ from lm_eval.models.huggingface import HFLM
 from entropy_guided_generation.sampling.budget_forcing import BudgetForcedOutput, run_budget_forcing, serve_generate_until
 
 MODEL_NAME = "hf-guided"
-
-
-class HFStepper:
-    """A budget-forcing stepper over a transformers causal LM and its ``DynamicCache``.
-
-    The attention mask grows by one column per step; padding and dropped columns are 0 there,
-    and position ids count real tokens only (as ``generate`` does for left-padded batches).
-    """
-
-    def __init__(self, model: Any):
-        from transformers import DynamicCache
-
-        self.model = model
-        self.cache = DynamicCache(config=model.config)
-        # transformers >= 5.2x names the argument ``cache``; older releases ``past_key_values``.
-        self._cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-        self.mask: Optional[torch.Tensor] = None
-        self.next_pos: Optional[torch.Tensor] = None
-
-    def _logits(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        out = self.model(
-            input_ids=ids, attention_mask=self.mask, position_ids=positions, use_cache=True, logits_to_keep=1,
-            **{self._cache_arg: self.cache},
-        )
-        return out.logits[:, -1].float()
-
-    def start(self, prompt: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        self.mask = valid.long()
-        positions = (self.mask.cumsum(1) - 1).clamp(min=0)
-        self.next_pos = self.mask.sum(1)
-        return self._logits(prompt, positions)
-
-    def step(self, tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        self.mask = torch.cat([self.mask, valid.long().unsqueeze(1)], dim=1)
-        logits = self._logits(tokens.unsqueeze(1), self.next_pos.unsqueeze(1))
-        self.next_pos = self.next_pos + valid.long()
-        return logits
-
-    def drop_last(self, rows: torch.Tensor, n: int) -> None:
-        self.mask[:, -n:] *= (~rows).long().unsqueeze(1)
-        self.next_pos = self.next_pos - rows.long() * n
 
 
 def hf_stop_ids(model: Any, tokenizer: Any) -> list[int]:
@@ -95,13 +53,8 @@ def budget_force_hf(
         stop_tokens: ids that end the answer (default: :func:`hf_stop_ids`).
     """
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-    @contextlib.contextmanager
-    def open_stepper(batch: int, cache_len: int):
-        yield HFStepper(model)
-
     return run_budget_forcing(
-        open_stepper, prompts, gen_kwargs,
+        model, prompts, gen_kwargs,
         encode=lambda text: tokenizer.encode(text, add_special_tokens=False),
         decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
         eos_text=tokenizer.decode([tokenizer.eos_token_id], skip_special_tokens=False) if tokenizer.eos_token_id is not None else None,
@@ -130,4 +83,4 @@ class HFGuidedLM(HFLM):
         )
 
 
-__all__ = ["MODEL_NAME", "HFGuidedLM", "HFStepper", "budget_force_hf", "hf_stop_ids"]
+__all__ = ["MODEL_NAME", "HFGuidedLM", "budget_force_hf", "hf_stop_ids"]

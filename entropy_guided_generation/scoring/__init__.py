@@ -7,6 +7,7 @@ distribution diagnostics, and functional parameter overrides theta + eta * v.
 >>> seqs = sp.generate_batched(["Question: 2 + 3?\\nAnswer:"], G=4, seed=0)
 >>> scores = sp.teacher_force_logprobs(seqs, compute_rb=True)
 """
+from entropy_guided_generation.generation.nucleus import nucleus_mask
 from entropy_guided_generation.scoring.config import GenerationConfig, parse_processor_config
 from entropy_guided_generation.scoring.diagnostics import (
     STEP_FIELDS,
@@ -20,7 +21,7 @@ from entropy_guided_generation.scoring.diagnostics import (
 )
 from entropy_guided_generation.scoring.forward import RegionLogits, region_logits
 from entropy_guided_generation.scoring.overrides import ParamsOverrideBuilder, unwrap_model
-from entropy_guided_generation.scoring.policy import PolicyDistribution, SamplingPolicy, entropy_of_log_probs, nucleus_mask
+from entropy_guided_generation.scoring.policy import PolicyDistribution, SamplingPolicy, entropy_of_log_probs
 from entropy_guided_generation.scoring.precision import (
     ForwardProfile,
     OverrideProfile,

@@ -5,19 +5,19 @@ One object, :class:`SamplingPolicy`, is the only place this math lives: generati
 the same method on the same logits, so the log q stored at generation time and the one recomputed
 later agree up to the forward's floating-point noise.
 
-Nucleus rule (deterministic, independent of sort order): with ``z = logits / temperature`` and
-``p = softmax(z)``, token j is kept iff the mass of the tokens with a strictly larger ``z`` is
-``< top_p``. So the most likely token is always kept, and tokens tied at the boundary are kept or
-dropped together (all kept). q is p restricted to the kept set and renormalized.
+With ``z = logits / temperature`` and ``p = softmax(z)``, q is p restricted to the nucleus of
+:mod:`~entropy_guided_generation.generation.nucleus` (the rule the decoders sample under: every
+token tied at the boundary kept) and renormalized.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
-from typing import NamedTuple, Optional
+from typing import Optional
 
-import numpy as np
 import torch
+
+from entropy_guided_generation.generation.nucleus import NucleusSearch, nucleus_mask, nucleus_search
 
 
 ENTROPY_DTYPES = (torch.float32, torch.float64)
@@ -259,41 +259,6 @@ class PolicyDistribution:
         return self.keep.sum(-1).long()
 
 
-NUCLEUS_FIRST_K = 4
-NUCLEUS_SECOND_K = 64
-SORT_WHOLE_ROWS_MAX_VOCAB = 4096
-"""On CPU, rows of at most this many float32/float64 values are sorted whole (numpy's SIMD sort of a
-471-token row costs less than torch's top-4); longer rows take ``topk`` per stage."""
-
-
-def _nucleus_threshold(sorted_head: torch.Tensor, log_norm: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """From the k largest scaled logits per row (descending) and each row's full log-normalizer:
-    ``(threshold [r, 1], resolved [r])``. A row is resolved when its boundary lies inside the k values."""
-    cumulative = (sorted_head - log_norm).exp().cumsum(-1)
-    k = sorted_head.shape[-1]
-    # The cumulative mass is nondecreasing, so the count of entries < top_p is a binary search.
-    below = torch.full((cumulative.shape[0], 1), top_p, dtype=cumulative.dtype, device=cumulative.device)
-    last_kept = torch.searchsorted(cumulative, below).clamp(max=k - 1)
-    return sorted_head.gather(-1, last_kept), cumulative[:, -1] >= top_p
-
-
-def sorted_descending(rows: torch.Tensor) -> torch.Tensor:
-    """``rows`` ``[r, v]`` sorted along the last dim, largest first (values only, no gradient).
-
-    float32/float64 CPU rows go through numpy's sort: torch's CPU sort is 20-30x slower on rows of
-    a vocabulary (11.6 ms vs 0.5 ms for 768 x 471 float32 on one thread). Every other device and
-    dtype uses ``torch.sort``.
-    """
-    rows = rows.detach()
-    if _numpy_sorts(rows):
-        return torch.from_numpy(np.sort(rows.numpy(), axis=-1)[:, ::-1].copy())
-    return torch.sort(rows, dim=-1, descending=True).values
-
-
-def _numpy_sorts(rows: torch.Tensor) -> bool:
-    return rows.device.type == "cpu" and rows.dtype in (torch.float32, torch.float64)
-
-
 def _top_two_kept(nucleus: NucleusSearch, keep: torch.Tensor, log_kept: torch.Tensor) -> torch.Tensor:
     """q's two largest probabilities ``[..., 2]`` (q_j = exp(z_j - log_kept) on the kept set).
 
@@ -315,92 +280,6 @@ def float_mask_at_least(values: torch.Tensor, threshold: torch.Tensor) -> torch.
     return torch.ge(values, threshold, out=torch.empty_like(values))
 
 
-class NucleusSearch(NamedTuple):
-    """What finding the nucleus of softmax(z) yields, per row of ``z`` ``[..., v]`` (no gradient).
-
-    Attributes:
-        threshold: ``[..., 1]`` the smallest kept value: token j is kept iff ``z_j >= threshold``.
-        peak: ``[..., 1]`` max z.
-        weights: ``[..., v]`` exp(z - peak), the unnormalized softmax (1 at the maximum).
-        log_norm: ``[..., 1]`` logsumexp(z) over the whole vocabulary (= peak + log sum weights).
-        second: ``[..., 1]`` the second-largest value of z (ties counted) in rows whose search
-            went past the maximum, -inf in rows the maximum settled (threshold = peak there).
-    """
-
-    threshold: torch.Tensor
-    peak: torch.Tensor
-    weights: torch.Tensor
-    log_norm: torch.Tensor
-    second: torch.Tensor
-
-
-def nucleus_mask(scaled_logits: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Tokens kept by the nucleus of ``softmax(scaled_logits)``: ``[..., v]`` bool.
-
-    Token j is kept iff the mass of tokens with a strictly larger scaled logit is ``< top_p``;
-    ties at the boundary are therefore all kept, whatever order a sort puts them in.
-    """
-    return scaled_logits.detach() >= nucleus_search(scaled_logits, top_p).threshold
-
-
-def nucleus_search(scaled_logits: torch.Tensor, top_p: float) -> NucleusSearch:
-    """The nucleus of ``softmax(scaled_logits)`` (``[..., v]``) as a threshold per row (no gradient);
-    see :func:`nucleus_mask` for the rule.
-
-    Implementation: in descending order the inclusive cumulative mass ``c`` is monotone, so the
-    kept sorted positions are the first ``m + 1`` where ``m = #{k : c_k < top_p}``; every token
-    whose logit is >= the logit at sorted position ``m`` is kept (this adds the boundary's ties).
-    Only the head of the order is needed: the maximum alone settles most rows of a peaked
-    distribution (``c_0 >= top_p``: threshold = max), the top 4 and then the top 64 values most
-    others; only the rest (flat distributions) need the whole row. The 64-stage is skipped for
-    rows that cannot reach ``top_p`` in it (64 tokens hold at most 16 x the mass of the top 4).
-    Unsettled rows are sorted whole (CPU rows of at most :data:`SORT_WHOLE_ROWS_MAX_VOCAB`
-    values) or searched with ``topk`` per stage; both give the same mask.
-    """
-    shape, v = scaled_logits.shape, scaled_logits.shape[-1]
-    flat = scaled_logits.detach().reshape(-1, v)  # the kept set is piecewise constant: no gradient
-    peak = flat.amax(-1, keepdim=True)
-    weights = (flat - peak).exp()
-    log_norm = peak + weights.sum(-1, keepdim=True).log()
-    threshold, second = peak.clone(), torch.full_like(peak, float("-inf"))
-    pending = ((peak - log_norm).exp() < top_p).view(-1).nonzero().squeeze(-1)
-    if pending.numel():
-        threshold[pending], second[pending] = _threshold_of_flatter_rows(flat[pending], log_norm[pending], top_p)
-    batch = shape[:-1]
-    return NucleusSearch(*(t.view(*batch, 1) for t in (threshold, peak)), weights.view(shape),
-                         *(t.view(*batch, 1) for t in (log_norm, second)))
-
-
-def _threshold_of_flatter_rows(flat: torch.Tensor, log_norm: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Thresholds ``[r, 1]`` of rows ``[r, v]`` whose maximum alone holds less than ``top_p``, and
-    their second-largest values ``[r, 1]`` (v >= 2 in such rows)."""
-    v = flat.shape[-1]
-    ordered = sorted_descending(flat) if _numpy_sorts(flat) and v <= SORT_WHOLE_ROWS_MAX_VOCAB else None
-
-    def top_values(rows: Optional[torch.Tensor], k: int) -> torch.Tensor:
-        """The k largest values of ``rows`` (all rows when None), descending."""
-        if ordered is not None:
-            return ordered[:, :k] if rows is None else ordered[rows, :k]
-        selected = flat if rows is None else flat[rows]
-        return sorted_descending(selected) if k == v else selected.topk(k, dim=-1).values
-
-    first_k = min(NUCLEUS_FIRST_K, v)
-    head = top_values(None, first_k)
-    threshold, resolved = _nucleus_threshold(head, log_norm, top_p)
-    pending = (~resolved).nonzero().squeeze(-1)
-    if pending.numel() and NUCLEUS_SECOND_K < v:
-        may_reach = (head[pending] - log_norm[pending]).exp().sum(-1) * (NUCLEUS_SECOND_K / first_k) >= top_p
-        rows = pending[may_reach]
-        if rows.numel():
-            found, done = _nucleus_threshold(top_values(rows, NUCLEUS_SECOND_K), log_norm[rows], top_p)
-            threshold[rows[done]] = found[done]
-            resolved[rows[done]] = True
-            pending = (~resolved).nonzero().squeeze(-1)
-    if pending.numel():
-        threshold[pending] = _nucleus_threshold(top_values(pending, v), log_norm[pending], top_p)[0]
-    return threshold, head[:, 1:2]
-
-
 def entropy_of_log_probs(log_q: torch.Tensor) -> torch.Tensor:
     """Entropy ``-sum q log q`` (nats) over the last dim of log-probabilities that may hold -inf.
 
@@ -413,11 +292,8 @@ def entropy_of_log_probs(log_q: torch.Tensor) -> torch.Tensor:
 
 __all__ = [
     "ENTROPY_DTYPES",
-    "NucleusSearch",
     "PolicyDistribution",
     "SamplingPolicy",
     "entropy_of_log_probs",
     "float_mask_at_least",
-    "nucleus_mask",
-    "nucleus_search",
 ]

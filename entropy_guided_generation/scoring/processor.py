@@ -14,9 +14,9 @@ import logging
 from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
-from torch.nn.utils.rnn import pad_sequence
 from tqdm.auto import tqdm
 
+from entropy_guided_generation.generation.padding import left_pad, left_padded_mask
 from entropy_guided_generation.modeling import is_torchtune_decoder, vocab_size_of
 from entropy_guided_generation.scoring.config import ProcessorConfig, parse_processor_config
 from entropy_guided_generation.scoring.diagnostics import DiagnosticsResults, DistributionDiagnostics
@@ -143,15 +143,13 @@ class SequenceProcessor:
         """Left-padded prompt ids ``[B, P]`` and their mask ``[B, P]`` (True on real tokens)."""
         if not prompts:
             raise ValueError("prompts must be a non-empty list of strings")
-        ids = [torch.tensor(encode_ids(self.tokenizer, p, add_bos=True), dtype=torch.long) for p in prompts]
-        empty = [i for i, row in enumerate(ids) if row.numel() == 0]
+        ids = [encode_ids(self.tokenizer, p, add_bos=True) for p in prompts]
+        empty = [i for i, row in enumerate(ids) if len(row) == 0]
         if empty:
             raise ValueError(f"prompts {empty} encode to no tokens")
-        pad = self.pad_id
-        tokens = pad_sequence(ids, batch_first=True, padding_value=pad, padding_side="left")
-        lengths = torch.tensor([row.numel() for row in ids])
-        valid = torch.arange(tokens.shape[1]).unsqueeze(0) >= (tokens.shape[1] - lengths).unsqueeze(1)
-        return tokens.to(self.device), valid.to(self.device)
+        tokens = left_pad(ids, self.pad_id, device=self.device)
+        lengths = torch.tensor([len(row) for row in ids], device=self.device)
+        return tokens, left_padded_mask(lengths, tokens.shape[1])
 
     def generate_batched(
         self,

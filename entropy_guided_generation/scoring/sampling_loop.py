@@ -1,21 +1,19 @@
 """A small decode loop that samples from a :class:`SamplingPolicy` and records log q as it goes.
 
 The loop is prefill, then per step: draw from the policy, record log q of the draw, update the
-stop state, feed the token. torchtune decoders run on the shared KV-cached session
-(:func:`entropy_guided_generation.generation.kv_session`); any other tokens -> logits module
-(Hugging Face models included) is re-run on the whole prefix each step.
+stop state, feed the token, on the decode session of the model's flavour
+(:func:`entropy_guided_generation.generation.open_session`: torchtune and Hugging Face models
+KV-cached, any other tokens -> logits module re-run on the whole prefix).
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional, Protocol, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
-from entropy_guided_generation.generation import kv_session
-from entropy_guided_generation.modeling import is_torchtune_decoder, logits_of
+from entropy_guided_generation.generation.session import open_session
 from entropy_guided_generation.scoring.policy import SamplingPolicy
 from entropy_guided_generation.scoring.stopping import StopStringMatcher
 
@@ -39,56 +37,6 @@ class SampledBatch:
     prompt_length: int
 
 
-class _Stepper(Protocol):
-    def prefill(self, prompt: torch.Tensor, valid: torch.Tensor) -> torch.Tensor: ...
-
-    def step(self, tokens: torch.Tensor, active: torch.Tensor) -> torch.Tensor: ...
-
-
-class _CachedStepper:
-    """torchtune decoders: one KV-cached forward per step, logits of the last column only."""
-
-    def __init__(self, session: Any):
-        self.session = session
-
-    def prefill(self, prompt: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        last = torch.full((prompt.shape[0],), prompt.shape[1] - 1, dtype=torch.long, device=prompt.device)
-        return self.session.feed(prompt, valid, last)
-
-    def step(self, tokens: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
-        return self.session.feed(tokens.unsqueeze(1), active.unsqueeze(1), torch.zeros_like(tokens))
-
-
-class _PrefixStepper:
-    """Any tokens -> logits module: the whole prefix is re-run each step (no cache)."""
-
-    def __init__(self, model: Any):
-        self.model = model
-        self.tokens: Optional[torch.Tensor] = None
-        self.valid: Optional[torch.Tensor] = None
-
-    def _last_logits(self) -> torch.Tensor:
-        return logits_of(self.model, self.tokens, padding_mask=self.valid)[:, -1]
-
-    def prefill(self, prompt: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        self.tokens, self.valid = prompt, valid
-        return self._last_logits()
-
-    def step(self, tokens: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
-        self.tokens = torch.cat([self.tokens, tokens.unsqueeze(1)], dim=1)
-        self.valid = torch.cat([self.valid, active.unsqueeze(1)], dim=1)
-        return self._last_logits()
-
-
-@contextlib.contextmanager
-def _stepper(model: Any, batch_size: int, max_len: int) -> Iterator[_Stepper]:
-    if is_torchtune_decoder(model):
-        with kv_session(model, batch_size, max_len) as session:
-            yield _CachedStepper(session)
-    else:
-        yield _PrefixStepper(model)
-
-
 @torch.no_grad()
 def sample_with_policy(
     model: Any,
@@ -109,7 +57,7 @@ def sample_with_policy(
     stop string; that token is kept. Later columns hold ``pad_id``.
 
     Args:
-        model: torchtune decoder (KV-cached) or any tokens -> logits module.
+        model: torchtune decoder or Hugging Face causal LM (KV-cached), or any tokens -> logits module.
         prompt: ``[n, P]`` prompt ids, left-padded with ``pad_id``.
         policy: the sampling policy (temperature, top-p, greedy).
         prompt_mask: ``[n, P]`` True on real prompt tokens (default: ``prompt != pad_id``; pass it
@@ -131,8 +79,8 @@ def sample_with_policy(
     match_states = [m.initial_state(n) for m in stop_strings]
     active = torch.ones(n, dtype=torch.bool, device=device)
     drawn, log_qs, alive = [], [], []
-    with _stepper(model, n, prompt.shape[1] + max_new_tokens) as stepper:
-        logits = stepper.prefill(prompt, valid)
+    with open_session(model, n, prompt.shape[1] + max_new_tokens) as session:
+        logits = session.prefill(prompt, valid)
         for step in tqdm(range(max_new_tokens), desc="sample", disable=not progress, leave=False):
             token, log_q = policy.sample(logits, rng)
             token = torch.where(active, token, torch.full_like(token, pad_id))
@@ -146,7 +94,7 @@ def sample_with_policy(
             active = active & ~stopped
             if not bool(active.any()) or step == max_new_tokens - 1:
                 break
-            logits = stepper.step(token, active)
+            logits = session.step(token, active)
     generated = torch.stack(drawn, dim=1)
     return SampledBatch(
         tokens=torch.cat([prompt, generated], dim=1),

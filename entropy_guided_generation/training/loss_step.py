@@ -14,6 +14,7 @@ A plain mode (``none``) skips 1-3. Confidence tokens are never targets.
 from __future__ import annotations
 
 import contextlib
+import logging
 from dataclasses import dataclass
 from typing import Any, ContextManager, Dict, Optional
 
@@ -23,6 +24,8 @@ from torch import nn
 from entropy_guided_generation.confidence import ConfidenceCodec
 from entropy_guided_generation.layout import IGNORE_INDEX, FixedPointBins, Interleaving, compute_bins, marker_end_positions
 from entropy_guided_generation.training.metrics import ConfidenceStats
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -76,7 +79,7 @@ class ConfidenceLayout:
         interleaving: the mode bound to the tokenizer's stop and marker ids (not a plain mode).
         codec: the confidence codec.
         pad_id: padding id of the plain batch.
-        max_passes: fixed-point pass cap (>= 1).
+        max_passes: None (exact: iterate until no bin changes) or a fixed-point pass cap (>= 1).
         ignore_index: label of untrained positions.
     """
 
@@ -86,7 +89,7 @@ class ConfidenceLayout:
         codec: ConfidenceCodec,
         *,
         pad_id: int,
-        max_passes: int = 4,
+        max_passes: Optional[int] = None,
         ignore_index: int = IGNORE_INDEX,
     ):
         if interleaving.is_plain:
@@ -129,6 +132,7 @@ class ConfidenceLayout:
             valid_mask=valid,
             pad_id=self.pad_id,
             max_passes=self.max_passes,
+            positions=self.interleaving.positions,
         )
         parallel.align_forward_count(bin_model, result.passes, tokens)
         layout = result.interleaved
@@ -211,18 +215,33 @@ class LossStep:
         self.activations_ctx = activations_ctx
         self.stats = stats
         self.ignore_index = getattr(loss_fn, "ignore_index", IGNORE_INDEX)
+        self.unconverged_batches = 0
 
     def model_batch(self, model: nn.Module, batch: Dict[str, torch.Tensor]) -> ModelBatch:
         """The batch the model trains on (interleaved unless mode none); records statistics."""
         if self.layout is None:
             return plain_model_batch(batch)
         built = self.layout.build(self.reference if self.reference is not None else model, batch, self.parallel)
+        if not built.bins.converged:
+            self._warn_unconverged(built.bins)
         if self.stats is not None:
             self.stats.add_batch(built.bins, built.slots)
             found = self.layout.marker_found(batch)
             if found is not None:
                 self.stats.add_marker_rows(batch["tokens"].shape[0], found)
         return built
+
+    def _warn_unconverged(self, result: FixedPointBins) -> None:
+        """Warn that a pass cap left bins decoding would not produce: at the 1st, 2nd, 4th, 8th ...
+        such micro-batch, so a long run is told without being flooded."""
+        self.unconverged_batches += 1
+        n = self.unconverged_batches
+        if n & (n - 1) == 0:
+            log.warning(
+                f"interleaving.max_passes={self.layout.max_passes} stopped the fixed point with {result.unconverged_rows} "
+                f"row(s) unconverged ({n} micro-batch(es) so far): their bins differ from what decoding produces; "
+                "set interleaving.max_passes: null for exact bins"
+            )
 
     def __call__(self, model: nn.Module, batch: Dict[str, torch.Tensor]) -> StepLoss:
         model_batch = self.model_batch(model, batch)

@@ -1,8 +1,10 @@
 """What fixed-point binning did during a logging interval, summed over micro-batches and ranks.
 
 Logged (prefix ``conf/``): ``passes_mean`` (no-grad forwards per micro-batch), ``unconverged_fraction``
-(micro-batches whose last pass still changed bins, or that ran a single pass), ``changed_fraction``
-(share of slot bins the last pass changed, over micro-batches with >= 2 passes), ``signal_mean``
+(micro-batches an ``interleaving.max_passes`` cap stopped before every bin was final: 0 at the exact
+default), ``changed_fraction`` (share of slot bins the last pass changed, over micro-batches with >= 2
+passes), ``recomputed_fraction`` (mean share of a full pass's rows that each pass after the first
+forwarded), ``signal_mean``
 (mean confidence signal at slots: nats for entropy), ``slots`` (confidence tokens inserted),
 ``bin_KK`` (share of slots in bin KK: the histogram) and, in mode marker, ``marker_found_fraction``.
 
@@ -20,7 +22,10 @@ import torch
 from entropy_guided_generation.layout import FixedPointBins
 
 # Layout of the packed accumulator (one tensor, so that a single all-reduce sums everything).
-_FIELDS = ("batches", "passes", "unconverged", "changed", "changed_of", "signal_sum", "slots", "marker_rows", "marker_found")
+_FIELDS = (
+    "batches", "passes", "unconverged", "changed", "changed_of", "recomputed", "recomputed_of", "signal_sum", "slots",
+    "marker_rows", "marker_found",
+)
 
 
 class ConfidenceStats:
@@ -52,6 +57,8 @@ class ConfidenceStats:
         if result.passes >= 2:
             self._add("changed", float(result.changed_fraction) * num_slots)
             self._add("changed_of", num_slots)
+            self._add("recomputed", float(result.recomputed_fraction))
+            self._add("recomputed_of", 1.0)
         self._add("slots", num_slots)
         if bool(slots.any()):
             self._add("signal_sum", result.signal[slots].to(torch.float64).sum())
@@ -78,6 +85,7 @@ class ConfidenceStats:
             "conf/passes_mean": ratio(t["passes"], t["batches"]),
             "conf/unconverged_fraction": ratio(t["unconverged"], t["batches"]),
             "conf/changed_fraction": ratio(t["changed"], t["changed_of"]),
+            "conf/recomputed_fraction": ratio(t["recomputed"], t["recomputed_of"]),
             "conf/signal_mean": ratio(t["signal_sum"], t["slots"]),
             "conf/slots": t["slots"],
         }

@@ -14,7 +14,7 @@ from entropy_guided_generation.layout import MODES, Mode, check_mode, check_posi
 
 INTERLEAVING_KEYS = ("mode", "marker", "positions", "max_passes", "reference_checkpoint", "init_confidence_embeddings")
 EMBEDDING_INITS = (None, "mean")
-DEFAULT_MAX_PASSES = 4
+DEFAULT_MAX_PASSES = None  # iterate until no bin changes: the bins decoding produces
 
 
 @dataclass(frozen=True)
@@ -26,7 +26,9 @@ class InterleavingOptions:
         marker: the string ending the interleaved reasoning (modes that read a marker only).
         positions: ``sequential`` (every token advances the position id, as the public CaC code) or
             ``shared`` (a confidence token takes its content token's position id).
-        max_passes: cap on fixed-point passes per batch (>= 1); each pass is one no-grad forward.
+        max_passes: None (default) iterates the fixed point until no bin changes, so training's
+            bins are exactly decoding's; an int >= 1 caps the passes (each a no-grad forward),
+            and a capped batch that has not converged is warned about and counted in the metrics.
         reference_checkpoint: where bins come from: None = the model being trained (no grad);
             a checkpoint folder (str) or a checkpointer config = a frozen reference model.
         init_confidence_embeddings: None keeps the checkpoint's embedding rows of the confidence
@@ -39,7 +41,7 @@ class InterleavingOptions:
     mode: Mode
     marker: Optional[str] = None
     positions: str = "sequential"
-    max_passes: int = DEFAULT_MAX_PASSES
+    max_passes: Optional[int] = DEFAULT_MAX_PASSES
     reference_checkpoint: Any = None
     init_confidence_embeddings: Optional[str] = None
 
@@ -82,8 +84,8 @@ def interleaving_options(cfg: DictConfig, entry_mode: Optional[str] = None) -> I
     if mode.needs_marker and not marker:
         raise ValueError(f"interleaving.mode {mode.name!r} needs interleaving.marker (e.g. '####'), got none")
     max_passes = section.get("max_passes", DEFAULT_MAX_PASSES)
-    if not isinstance(max_passes, int) or isinstance(max_passes, bool) or max_passes < 1:
-        raise ValueError(f"interleaving.max_passes must be an int >= 1, got {max_passes!r}")
+    if max_passes is not None and (not isinstance(max_passes, int) or isinstance(max_passes, bool) or max_passes < 1):
+        raise ValueError(f"interleaving.max_passes must be an int >= 1, got {max_passes!r} (null: iterate until exact)")
     init_embeddings = section.get("init_confidence_embeddings", None)
     if init_embeddings not in EMBEDDING_INITS:
         raise ValueError(

@@ -1,0 +1,276 @@
+"""Exact bins by default: the fixed point equals sequential decoding, narrowed passes equal full
+passes bit for bit, and a pass cap still works and says what it left unsettled."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from entropy_guided_generation import signals
+from entropy_guided_generation.confidence import ConfidenceCodec, fit_quantile_edges
+from entropy_guided_generation.layout import IGNORE_INDEX, compute_bins, confidence_slots
+from entropy_guided_generation.modeling import kv_session, logits_of
+
+from helpers import tiny_decoder
+
+VOCAB = 64
+CONF_IDS = list(range(VOCAB - 11, VOCAB))
+EOS, PAD = 1, 0
+MARKER = [40, 41]
+MODES = ("full", "answer", "marker")
+
+
+# ------------------------------------------------------------------ data and references
+def plain_batch():
+    """Right-padded rows with a stop token and the marker in prompts and responses.
+
+    Returns ``(tokens, labels, valid, response)``, each ``[4, 30]``."""
+    g = torch.Generator().manual_seed(7)
+    lengths = [30, 27, 24, 19]
+    prompt_lengths = [8, 6, 9, 5]
+    tokens = torch.randint(2, 40, (4, 30), generator=g)
+    tokens[0, 3] = EOS  # a stop token inside a prompt
+    tokens[0, 2:4] = torch.tensor(MARKER)  # ... and the marker inside the same prompt
+    tokens[1, 14] = EOS  # a stop token inside a response
+    tokens[1, 17:19] = torch.tensor(MARKER)  # the marker inside a response, after it
+    tokens[2, 12:14] = torch.tensor(MARKER)
+    tokens[3, 18] = EOS  # the response ends with its stop token
+    valid = torch.arange(30).unsqueeze(0) < torch.tensor(lengths).unsqueeze(1)
+    response = valid & (torch.arange(30).unsqueeze(0) >= torch.tensor(prompt_lengths).unsqueeze(1))
+    tokens = torch.where(valid, tokens, torch.full_like(tokens, PAD))
+    labels = torch.where(response, tokens, torch.full_like(tokens, IGNORE_INDEX))
+    return tokens, labels, valid, response
+
+
+def spread_codec(dtype=torch.float32):
+    """Edges every 0.3 nats: enough bins for short rows whose signals cannot fit quantiles."""
+    edges = torch.tensor([0.3 * k for k in range(1, 11)])
+    return ConfidenceCodec(signal="entropy", edges=edges, token_ids=torch.tensor(CONF_IDS), compute_dtype=dtype)
+
+
+def slots_of(mode, tokens, valid, response):
+    return confidence_slots(tokens, mode=mode, response_mask=response, valid_mask=valid, stop_ids=[EOS], marker_ids=MARKER)
+
+
+def codec_for(model, tokens, valid, dtype=torch.float32):
+    """Edges at quantiles of the plain signals, moved to midpoints between data values, so bins vary
+    and interleaving changes them (a signal exactly on an edge would make a comparison between a
+    batched forward and KV-cached steps hinge on the last float bit)."""
+    values = signals.entropy(logits_of(model, tokens), exclude_ids=CONF_IDS)[valid].double()
+    edges = fit_quantile_edges(values, 11)
+    distinct = torch.unique(values)
+    above = torch.searchsorted(distinct, edges).clamp(1, distinct.numel() - 1)
+    edges = (distinct[above - 1] + distinct[above]) / 2
+    return ConfidenceCodec(signal="entropy", edges=edges.float(), token_ids=torch.tensor(CONF_IDS), compute_dtype=dtype)
+
+
+def decoded_row(model, tokens, labels, slots, codec):
+    """Teacher-forced decode of one row: step the model one token at a time through the sequence
+    being interleaved (KV-cached, as a decoder does); after each content token at a slot, append
+    the confidence token of the distribution that produced it. Returns ``(bins, interleaved, labels)``."""
+    n = tokens.shape[0]
+    bins, seq, seq_labels = [], [], []
+    with kv_session(model, 1, 2 * n) as session:
+        logits = None
+        for t in range(n):
+            tok = int(tokens[t])
+            steps = [tok]
+            if bool(slots[t]):
+                b = int(codec.bins_from_signal(codec.signal_from_logits(logits))[0])
+                steps.append(int(codec.token_ids[b]))
+                bins.append(b)
+            else:
+                bins.append(-1)
+            seq += steps
+            seq_labels += [int(labels[t])] + [IGNORE_INDEX] * (len(steps) - 1)
+            for s in steps:
+                one = torch.tensor([[s]])
+                logits = session.feed(one, torch.ones_like(one, dtype=torch.bool), torch.zeros(1, dtype=torch.long))
+    return torch.tensor(bins), torch.tensor(seq), torch.tensor(seq_labels)
+
+
+def full_passes(model, tokens, slots, codec, *, valid, left_pad, max_passes):
+    """Reference: every pass a full forward over the whole batch and every slot's signal, until a
+    pass changes no bin or ``max_passes`` ran (the fixed point as first written)."""
+    from entropy_guided_generation.layout import interleave
+
+    def layout(bins):
+        conf = codec.token_ids_for_bins(bins.clamp(min=0))
+        return interleave(tokens, slots, conf, pad_id=PAD, valid_mask=valid, left_pad=left_pad)
+
+    def pass_signal(seq, seq_valid, plain_index):
+        logits = logits_of(model, seq, padding_mask=seq_valid if left_pad else None)
+        picked = logits.gather(1, (plain_index - 1).clamp(min=0).unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
+        out = torch.full(slots.shape, float("nan"), dtype=codec.compute_dtype)
+        out[slots] = codec.signal_from_logits(picked[slots])
+        return out
+
+    identity = torch.arange(tokens.shape[1]).expand_as(tokens)
+    signal = pass_signal(tokens, valid, identity)
+    bins = torch.where(slots, codec.bins_from_signal(signal.nan_to_num(0.0)), torch.full_like(tokens, -1))
+    passes, changed = 1, math.nan
+    while passes < max_passes:
+        lay = layout(bins)
+        signal = pass_signal(lay.tokens, lay.valid_mask, lay.plain_index)
+        new = torch.where(slots, codec.bins_from_signal(signal.nan_to_num(0.0)), torch.full_like(tokens, -1))
+        passes += 1
+        changed = int((new != bins)[slots].sum()) / int(slots.sum())
+        bins = new
+        if changed == 0:
+            break
+    return bins, signal, passes, changed, layout(bins)
+
+
+def left_padded(valid, *tensors):
+    """``tensors`` ``[b, n]`` (right-padded rows, ``valid`` marking real tokens) moved to left padding."""
+    shift = (~valid).sum(1)
+    cols = (torch.arange(valid.shape[1]).unsqueeze(0) - shift.unsqueeze(1)) % valid.shape[1]
+    return [t.gather(1, cols) for t in tensors]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_decoder(VOCAB, seed=11, weight_scale=3.0)
+
+
+@pytest.fixture(scope="module")
+def batch():
+    return plain_batch()
+
+
+# ------------------------------------------------------------------ (a) default == sequential decoding
+@pytest.mark.parametrize("mode", MODES)
+def test_default_bins_tokens_and_labels_equal_sequential_decoding(mode, model, batch):
+    tokens, labels, valid, response = batch
+    slots = slots_of(mode, tokens, valid, response)
+    codec = codec_for(model, tokens, valid)
+    result = compute_bins(model, tokens, codec=codec, slots=slots, labels=labels, valid_mask=valid, pad_id=PAD)
+    capped = compute_bins(model, tokens, codec=codec, slots=slots, labels=labels, valid_mask=valid, pad_id=PAD, max_passes=4)
+    assert result.converged and result.unconverged_rows == 0 and result.changed_fraction == 0.0
+    wrong = 0
+    for row in range(tokens.shape[0]):
+        n = int(valid[row].sum())
+        ref_bins, ref_seq, ref_labels = decoded_row(model, tokens[row, :n], labels[row, :n], slots[row, :n], codec)
+        assert torch.equal(result.bins[row, :n], ref_bins), f"row {row}"
+        keep = result.interleaved.valid_mask[row]
+        assert torch.equal(result.interleaved.tokens[row][keep], ref_seq), f"row {row}"
+        assert torch.equal(result.interleaved.labels[row][keep], ref_labels), f"row {row}"
+        wrong += int((capped.bins[row, :n] != ref_bins).sum())
+    # The model is one on which the old 4-pass cap was far from exact.
+    assert wrong >= 0.1 * int(slots.sum()), (wrong, int(slots.sum()))
+    assert not capped.converged and capped.unconverged_rows > 0
+
+
+@pytest.mark.parametrize("left_pad", [False, True])
+@pytest.mark.parametrize("mode", MODES)
+def test_passes_alone_equal_sequential_stepping(mode, left_pad, model, batch):
+    """Without the stepping fallback the passes run to the fixed point: the same bins, within the bound."""
+    tokens, labels, valid, response = batch
+    codec = codec_for(model, tokens, valid)
+    if left_pad:
+        tokens, response, valid = left_padded(valid, tokens, response, valid)
+    slots = slots_of(mode, tokens, valid, response)
+    kwargs = dict(codec=codec, slots=slots, valid_mask=valid, pad_id=PAD, left_pad=left_pad)
+    stepped = compute_bins(model, tokens, **kwargs)
+    passes = compute_bins(model, tokens, sequential_fallback=False, **kwargs)
+    assert passes.converged and passes.stepped_slots == 0
+    assert stepped.stepped_slots > 0  # this random model settles about one slot per pass
+    assert torch.equal(passes.bins, stepped.bins)
+    assert passes.passes <= int(slots.sum(1).max())
+    # Converged rows drop out; later passes compute only from each row's first unsettled slot.
+    assert list(passes.pass_rows) == sorted(passes.pass_rows, reverse=True) and passes.pass_rows[-1] < tokens.shape[0]
+    assert passes.pass_slots[0] == int(slots.sum()) and max(passes.pass_slots[1:]) < passes.pass_slots[0]
+    assert 0.0 < passes.recomputed_fraction < 1.0
+
+
+# ------------------------------------------------------------------ (b) narrowed == full, bit for bit
+@pytest.mark.parametrize("left_pad", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("mode", MODES)
+def test_narrowed_passes_equal_full_passes_bit_for_bit(mode, dtype, left_pad, batch):
+    tokens, _, valid, response = batch
+    if left_pad:
+        tokens, response, valid = left_padded(valid, tokens, response, valid)
+    for seed in (3, 4):
+        model = tiny_decoder(VOCAB, seed=seed, weight_scale=3.0, embed_dim=48)
+        codec = codec_for(model, tokens, valid, dtype)
+        slots = slots_of(mode, tokens, valid, response)
+        bound = int(slots.sum(1).max())
+        ref_bins, ref_signal, _, _, ref_layout = full_passes(
+            model, tokens, slots, codec, valid=valid, left_pad=left_pad, max_passes=bound + 1
+        )
+        got = compute_bins(
+            model, tokens, codec=codec, slots=slots, valid_mask=valid, pad_id=PAD, left_pad=left_pad, sequential_fallback=False
+        )
+        assert got.converged
+        assert torch.equal(got.bins, ref_bins)
+        assert got.signal.dtype == dtype and torch.equal(got.signal.nan_to_num(-1.0), ref_signal.nan_to_num(-1.0))
+        assert torch.equal(got.interleaved.tokens, ref_layout.tokens)
+        assert torch.equal(got.interleaved.valid_mask, ref_layout.valid_mask)
+
+
+@pytest.mark.parametrize("max_passes", [None, 3])
+def test_passes_in_small_chunks_give_the_same_bits(max_passes, model, batch, monkeypatch):
+    """A large vocabulary makes a pass compute its signals a few slots at a time (and, uncapped,
+    stop each row at its first changed slot); a tiny chunk budget does the same here."""
+    from entropy_guided_generation import layout
+
+    tokens, _, valid, response = batch
+    slots = slots_of("answer", tokens, valid, response)
+    codec = codec_for(model, tokens, valid)
+    kwargs = dict(codec=codec, slots=slots, valid_mask=valid, pad_id=PAD, max_passes=max_passes, sequential_fallback=False)
+    whole = compute_bins(model, tokens, **kwargs)
+    monkeypatch.setattr(layout, "_CHUNK_LOGITS", 3 * VOCAB)
+    chunked = compute_bins(model, tokens, **kwargs)
+    assert torch.equal(chunked.bins, whole.bins)
+    assert torch.equal(chunked.signal.nan_to_num(-1.0), whole.signal.nan_to_num(-1.0))
+    assert chunked.converged == whole.converged
+    if max_passes is None:  # lazy: each row's signals stop at its first change
+        assert sum(chunked.pass_slots[1:]) < sum(whole.pass_slots[1:])
+
+
+# ------------------------------------------------------------------ (c) a cap still works
+@pytest.mark.parametrize("cap", [1, 2, 3])
+@pytest.mark.parametrize("mode", MODES)
+def test_a_cap_matches_capped_full_passes_and_reports_unconverged_rows(mode, cap, model, batch):
+    tokens, labels, valid, response = batch
+    slots = slots_of(mode, tokens, valid, response)
+    codec = codec_for(model, tokens, valid)
+    ref_bins, ref_signal, ref_passes, ref_changed, _ = full_passes(model, tokens, slots, codec, valid=valid, left_pad=False, max_passes=cap)
+    got = compute_bins(model, tokens, codec=codec, slots=slots, labels=labels, valid_mask=valid, pad_id=PAD, max_passes=cap)
+    exact = compute_bins(model, tokens, codec=codec, slots=slots, valid_mask=valid, pad_id=PAD)
+    assert got.passes == ref_passes == cap and not got.converged
+    assert torch.equal(got.bins, ref_bins)
+    assert torch.equal(got.signal.nan_to_num(-1.0), ref_signal.nan_to_num(-1.0))
+    assert (math.isnan(got.changed_fraction) and math.isnan(ref_changed)) or got.changed_fraction == ref_changed
+    wrong_rows = int(((got.bins != exact.bins) & slots).any(1).sum())
+    assert 0 < wrong_rows <= got.unconverged_rows <= tokens.shape[0]
+    assert got.stepped_slots == 0 and len(got.pass_rows) == cap == len(got.pass_slots)
+
+
+def test_a_cap_that_suffices_converges():
+    model = tiny_decoder(VOCAB, seed=2, weight_scale=3.0)
+    tokens = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
+    slots = confidence_slots(tokens, mode="full")  # 3 slots a row: at most 3 passes
+    codec = spread_codec()
+    got = compute_bins(model, tokens, codec=codec, slots=slots, max_passes=10)
+    assert got.converged and got.unconverged_rows == 0 and got.passes <= 3
+    assert torch.equal(got.bins, compute_bins(model, tokens, codec=codec, slots=slots).bins)
+
+
+def test_rows_with_one_slot_are_exact_after_the_plain_pass(model):
+    tokens = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
+    response = torch.tensor([[False, False, False, True], [False, False, False, True]])
+    slots = confidence_slots(tokens, mode="answer", response_mask=response)
+    codec = spread_codec()
+    got = compute_bins(model, tokens, codec=codec, slots=slots)
+    assert got.passes == 1 and got.converged and got.changed_fraction == 0.0 and math.isnan(got.recomputed_fraction)
+
+
+@pytest.mark.parametrize("bad", [0, -2, 2.5, True, "4"])
+def test_bad_max_passes_is_named(bad, model):
+    tokens = torch.tensor([[5, 6, 7]])
+    codec = spread_codec()
+    with pytest.raises(ValueError, match=f"max_passes must be None .* or an int >= 1, got {bad!r}"):
+        compute_bins(model, tokens, codec=codec, slots=confidence_slots(tokens, mode="full"), max_passes=bad)
