@@ -74,7 +74,7 @@ mixed-format base (pretrained with random confidence tokens in half of its rows,
 EMBEDDING_INITS = ("none", "mean")
 POSITION_RULES = ("sequential", "shared")
 STAMP = "demo_stamp.json"
-ANALYSIS_VERSION = 1  # bump when the analysis changes what it measures: saved analyses are redone
+ANALYSIS_VERSION = 2  # bump when the analysis changes what it measures: saved analyses are redone
 MAX_PLAIN_TOKENS = 256
 MAX_INTERLEAVED_POSITIONS = 512
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json")
@@ -612,6 +612,7 @@ def summary_row(label: str, mode: str, run: FinishedRun, found: dict, reused_def
     return {
         "change": label, "mode": mode, "accuracy": found["real"]["accuracy"], "ece": found["real"]["ece"],
         "auroc": found["real"]["auroc"], "trace_ece": trace.get("ece"), "trace_auroc": trace.get("auroc"),
+        "trace_min_auroc": (found.get("trace_min") or {}).get("auroc"),
         "content_loss": found["content_loss"], "base_content_loss": found.get("base_content_loss"),
         "final_train_loss": _final_loss(run.loss),
         **{f"{name}_change": ablation["accuracy_change"] for name, ablation in ablations.items()},
@@ -687,8 +688,8 @@ def analysis_table(rows: Sequence[dict]) -> str:
     return _table([
         ("mode", "mode", 7, "s"), ("loss@0", "base_content_loss", 7, ".3f"), ("loss", "content_loss", 6, ".3f"),
         ("trace ECE", "trace_ece", 9, ".3f"), ("trace AUROC", "trace_auroc", 11, ".3f"),
-        ("d fixed-conf", "fixed_confident_change", 12, "+.3f"), ("d fixed-unconf", "fixed_unconfident_change", 14, "+.3f"),
-        ("d shuffled", "shuffled_change", 10, "+.3f"), ("agree", "agreement", 6, ".3f"),
+        ("min AUROC", "trace_min_auroc", 9, ".3f"), ("d fixed-conf", "fixed_confident_change", 12, "+.3f"),
+        ("d fixed-unconf", "fixed_unconfident_change", 14, "+.3f"), ("d shuffled", "shuffled_change", 10, "+.3f"), ("agree", "agreement", 6, ".3f"),
     ], rows)
 
 
@@ -775,6 +776,7 @@ def _headline_row(mode: str, settings: DemoSettings, run: FinishedRun, summary: 
         "analysis_accuracy": found["real"]["accuracy"],
         "base_content_loss": found.get("base_content_loss"), "content_loss": found["content_loss"],
         "trace_ece": trace.get("ece"), "trace_auroc": trace.get("auroc"),
+        "trace_min_ece": (found.get("trace_min") or {}).get("ece"), "trace_min_auroc": (found.get("trace_min") or {}).get("auroc"),
         **{f"{name}_change": ablation["accuracy_change"] for name, ablation in ablations.items()},
         "agreement": (found.get("agreement") or {}).get("equal_fraction"),
         "n_right": right.get("n"), "n_wrong": wrong.get("n"),

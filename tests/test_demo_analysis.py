@@ -49,7 +49,10 @@ def test_max_prob_bins_stand_for_their_midpoint_in_probability_units():
 def test_trace_confidence_is_the_geometric_mean_of_the_fed_bins():
     probabilities = bin_probabilities(codec_of("entropy", [0.5, 1.5]))
     assert math.isclose(trace_confidence(torch.tensor([0, 2, -1]), probabilities), math.exp(-(0.25 + 2.0) / 2))
+    assert math.isclose(trace_confidence(torch.tensor([0, 2, -1]), probabilities, "min"), math.exp(-2.0))
     assert trace_confidence(torch.tensor([-1, -1]), probabilities) is None
+    with pytest.raises(ValueError, match="'median'"):
+        trace_confidence(torch.tensor([0]), probabilities, "median")
     with pytest.raises(ValueError, match="bin 3"):
         trace_confidence(torch.tensor([3]), probabilities)
 

@@ -56,8 +56,11 @@ def decode_summary(samples: Sequence[DecodedSample]) -> dict:
     return {**calibration_of([s.sequence_confidence for s in samples], [s.correct for s in samples]), "n": len(samples)}
 
 
-def trace_calibration(samples: Sequence[DecodedSample], codec: ConfidenceCodec, *, own_bins: bool = False) -> Optional[dict]:
-    """Calibration of the trace confidence (:func:`trace_confidence` of each sample's bins).
+def trace_calibration(
+    samples: Sequence[DecodedSample], codec: ConfidenceCodec, *, own_bins: bool = False, reduce: str = "mean"
+) -> Optional[dict]:
+    """Calibration of the trace confidence (:func:`trace_confidence` of each sample's bins, reduced
+    by ``reduce``).
 
     ``own_bins``: bin each token's own signal instead of reading the fed bins (mode none, whose
     decodes feed none: what the trace would have said), from the entropy of the producing
@@ -71,7 +74,7 @@ def trace_calibration(samples: Sequence[DecodedSample], codec: ConfidenceCodec, 
             if codec.signal != "entropy":
                 return None
             bins = codec.bins_from_signal(s.entropies[~torch.isnan(s.entropies)])
-        value = trace_confidence(bins, probabilities)
+        value = trace_confidence(bins, probabilities, reduce)
         if value is not None:
             pairs.append((value, s.correct))
     if not pairs:
@@ -170,9 +173,11 @@ def analyze_checkpoint(
     if codec is None:
         if reference_codec is not None:
             out["trace"] = trace_calibration(real, reference_codec, own_bins=True)
+            out["trace_min"] = trace_calibration(real, reference_codec, own_bins=True, reduce="min")
         return out
     out["bin_histogram"] = bin_histogram(real, codec.num_bins)
     out["trace"] = trace_calibration(real, codec)
+    out["trace_min"] = trace_calibration(real, codec, reduce="min")
     if out["trace"] is not None:
         probabilities = bin_probabilities(codec)
         out["samples"]["trace_confidence"] = [trace_confidence(s.bins, probabilities) for s in real]

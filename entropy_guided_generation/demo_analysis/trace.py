@@ -4,7 +4,8 @@
   signal interval, as a probability (max-prob: itself; entropy H: exp(-H), the probability of a
   uniform choice among e^H tokens).
 - :func:`trace_confidence`: a sample's confidence from the bins it was fed: the geometric mean of
-  its bins' probabilities (exp of the mean log), the bin-level twin of exp(mean token log-prob).
+  its bins' probabilities (exp of the mean log), the bin-level twin of exp(mean token log-prob);
+  or the least confident bin's (``min``: an answer is only as sure as its weakest token).
 - :func:`digit_tokens`: which generated tokens hold digits of a computed result (``a op b = c`` lines
   and the final ``#### n``), and whether each is right: checked character by character against the
   line's true result (or the target), so a wrong digit is where the arithmetic went wrong.
@@ -46,19 +47,26 @@ def bin_probabilities(codec: ConfidenceCodec) -> torch.Tensor:
     return mid if codec.signal == "max_prob" else torch.exp(-mid)
 
 
-def trace_confidence(bins: torch.Tensor, probabilities: torch.Tensor) -> Optional[float]:
-    """exp(mean log p_bin) over the fed bins ``[T]`` (entries < 0, no confidence token, skipped);
-    None when the sample was fed no confidence token.
+TRACE_REDUCTIONS = ("mean", "min")
+
+
+def trace_confidence(bins: torch.Tensor, probabilities: torch.Tensor, reduce: str = "mean") -> Optional[float]:
+    """The confidence of a sample read from its fed bins ``[T]`` (entries < 0, no confidence token,
+    skipped): exp(mean log p_bin) (``mean``) or min p_bin (``min``); None when the sample was fed no
+    confidence token.
 
     Raises:
-        ValueError: on a bin outside ``probabilities``.
+        ValueError: on a bin outside ``probabilities`` or an unknown ``reduce``.
     """
+    if reduce not in TRACE_REDUCTIONS:
+        raise ValueError(f"unknown trace reduction {reduce!r}; expected one of {', '.join(TRACE_REDUCTIONS)}")
     fed = bins[bins >= 0].long()
     if fed.numel() == 0:
         return None
     if int(fed.max()) >= probabilities.numel():
         raise ValueError(f"bin {int(fed.max())} outside the codec's {probabilities.numel()} bins")
-    return float(probabilities.to(torch.float64)[fed].log().mean().exp())
+    chosen = probabilities.to(torch.float64)[fed]
+    return float(chosen.log().mean().exp() if reduce == "mean" else chosen.min())
 
 
 @dataclass(frozen=True)
@@ -115,6 +123,7 @@ def finite_or_none(value: float) -> Optional[float]:
 
 
 __all__ = [
+    "TRACE_REDUCTIONS",
     "DigitToken",
     "bin_probabilities",
     "bin_signal_bounds",
