@@ -524,6 +524,7 @@ class Demo:
             heldout_rows(self.files, run.mode, run.settings), marker=marker_of(run.mode, run.settings),
             bigbench=on_bigbench(run.mode, run.settings), max_gen_toks=_gen_budget(run.mode, run.settings),
             max_passes=training_max_passes(run.mode, run.settings), full=full, reference_codec=reference,
+            init_embeddings=None if run.settings.init_embeddings == "none" else run.settings.init_embeddings,
         )
         result["seconds"] = round(time.perf_counter() - started, 1)
         path = folder / f"{run.mode}.{'full' if full else 'short'}.json"

@@ -22,6 +22,7 @@ from entropy_guided_generation.confidence import find_confidence_json, read_conf
 from entropy_guided_generation.demo_analysis.heldout import GSM8K, bigbench_mistake_task, heldout_content_loss
 from entropy_guided_generation.demo_analysis.report import ABLATIONS, HeldOut, analyze_checkpoint
 from entropy_guided_generation.layout import Interleaving
+from entropy_guided_generation.training.embeddings import init_confidence_embeddings
 
 
 def analyze_run(
@@ -37,6 +38,7 @@ def analyze_run(
     max_passes: Optional[int],
     full: bool = True,
     reference_codec: Any = None,
+    init_embeddings: Optional[str] = None,
     batch_size: int = 32,
 ) -> dict:
     """Analyse the finetuned ``checkpoint`` of ``mode`` on held-out ``rows`` (see :func:`analyze_checkpoint`);
@@ -44,7 +46,8 @@ def analyze_run(
     (``base_content_loss``: where the finetune started).
 
     Mode, marker, position rule and codec come from the checkpoint's ``confidence.json`` (mode none:
-    no codec).
+    no codec). ``init_embeddings``: the finetune's ``interleaving.init_confidence_embeddings``, applied
+    to the base before its content loss is measured (the finetune started from those weights).
     """
     tokenizer = kit.load_tokenizer(folder=tokenizer_dir)
     codec, positions = None, "sequential"
@@ -64,6 +67,10 @@ def analyze_run(
                                     reference_codec=reference_codec)
         if full:
             base = kit.load_torchtune_model(base_checkpoint).eval()
+            if init_embeddings is not None and codec is not None:
+                state = base.state_dict()
+                init_confidence_embeddings(state, codec.token_ids, init_embeddings)
+                base.load_state_dict(state)
             result["base_content_loss"] = heldout_content_loss(
                 base, tokenizer, rows, task, interleaving=interleaving, codec=codec, max_passes=max_passes, batch_size=batch_size
             )
