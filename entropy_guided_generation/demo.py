@@ -130,10 +130,15 @@ class DemoSettings:
                 raise ValueError(f"unknown {name} {getattr(self, name)!r}; expected one of {', '.join(allowed)}")
 
     def label(self) -> str:
-        """A folder name for these settings: ``default`` or the fields that differ from the defaults."""
-        changed = [f"{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self)
-                   if f.name != "eval_limit" and getattr(self, f.name) != f.default]
-        return ",".join(changed) or "default"
+        """A folder name for the finetunes of these settings, from every field that decides them (not
+        from the defaults, so a run keeps its folder when a default changes)."""
+        return (f"s{self.steps}-b{self.batch_size}-lr{self.lr:g}-{self.codec}-{self.positions}-{self.base}-"
+                f"init_{self.init_embeddings}-r{self.train_rows}-g{self.max_gen_toks}-{self.marker_task}-seed{self.seed}")
+
+    def changes(self) -> str:
+        """The fields that differ from the defaults (``default`` when none do), for titles."""
+        changed = [f"{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self) if getattr(self, f.name) != f.default]
+        return ", ".join(changed) or "default"
 
 
 def parse_change(spec: str) -> dict[str, Any]:
@@ -397,6 +402,14 @@ def _write_stamp(folder: Path, fingerprint: str, **extra: Any) -> None:
     (folder / STAMP).write_text(json.dumps({"fingerprint": fingerprint, **extra}) + "\n")
 
 
+def run_fingerprint(cfg: DictConfig, run_dir: Path, settings: "DemoSettings", files: "DataFiles", mode: str) -> str:
+    """What decides a finetune: its config (the run's own folder left out: a finetune is the same
+    wherever it is written), the settings and the data files' bytes."""
+    trained_by = {k: v for k, v in asdict(settings).items() if k != "eval_limit"}
+    portable = json.dumps(OmegaConf.to_container(cfg), sort_keys=True).replace(str(run_dir), "<run_dir>")
+    return _fingerprint(portable, trained_by, _file_digest(files, mode, settings))
+
+
 def final_checkpoint(run_dir: Path) -> Path:
     """The last ``epoch_N`` folder a finetune wrote."""
     epochs = sorted((p for p in run_dir.glob("epoch_*") if p.is_dir()), key=lambda p: int(p.name.split("_")[1]))
@@ -497,8 +510,7 @@ class Demo:
             run_dir = self.out / "runs" / settings.label() / mode
             base = self.base_for(settings)
             cfg = train_config(mode, base, self.files, settings, run_dir)
-            trained_by = {k: v for k, v in asdict(settings).items() if k != "eval_limit"}
-            fingerprint = _fingerprint(OmegaConf.to_container(cfg), trained_by, _file_digest(self.files, mode, settings))
+            fingerprint = run_fingerprint(cfg, run_dir, settings, self.files, mode)
             checkpoint, seconds, cpu = finetune(mode, cfg, run_dir, fingerprint)
             self._runs[key] = FinishedRun(mode, settings, checkpoint, run_dir, fingerprint, seconds, cpu, loss_history(run_dir / "logs"))
         return self._runs[key]
@@ -854,7 +866,7 @@ def run_demo(
     if sweep_steps:
         results["sweep"] = sweep_points(demo, ordered, sweep_steps)
         visualize.learning_curves(results["sweep"], out / "learning_curves.png",
-                                  title=f"one finetune per budget ({settings.label()} otherwise)")
+                                  title=f"one finetune per budget (settings otherwise: {settings.changes()})")
     if compare:
         results["compare"] = compare_rows(demo, ordered, compare)
         by_mode: dict[str, dict[str, float]] = {}

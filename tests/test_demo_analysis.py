@@ -142,4 +142,5 @@ def test_bad_demo_settings_name_the_value():
     with pytest.raises(ValueError, match="'nope=1'"):
         parse_change("nope=1")
     assert parse_change("lr=0.003") == {"lr": 0.003} and parse_change("codec=entropy_quantile") == {"codec": "entropy_quantile"}
-    assert DemoSettings().label() == "default" and DemoSettings(steps=960, codec="entropy_quantile").label() == "steps=960,codec=entropy_quantile"
+    assert DemoSettings().changes() == "default" and DemoSettings(steps=960, lr=0.003).changes() == "steps=960, lr=0.003"
+    assert DemoSettings(steps=960).label().startswith("s960-b16-lr0.001-")
