@@ -79,7 +79,8 @@ MAX_PLAIN_TOKENS = 256
 MAX_INTERLEAVED_POSITIONS = 512
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json")
 # Settings that do not reach mode none (it has no confidence token): a --compare of one of them
-# reuses mode none's default run.
+# reuses mode none's default run (positions only on the plain base: each mixed-format base was
+# pretrained with its own position rule).
 CONFIDENCE_ONLY = ("codec", "positions", "init_embeddings")
 
 
@@ -611,7 +612,9 @@ def compare_rows(demo: Demo, modes: Sequence[str], changes: Sequence[dict]) -> l
         settings = dataclasses.replace(demo.settings, **change)
         label = ", ".join(f"{k}={v}" for k, v in change.items()) or "default"
         for mode in modes:
-            unaffected = mode == "none" and change and set(change) <= set(CONFIDENCE_ONLY)
+            unaffected = mode == "none" and change and set(change) <= set(CONFIDENCE_ONLY) and not (
+                "positions" in change and settings.base == "mixed"
+            )
             run = demo.run(mode, demo.settings if unaffected else settings)
             found = demo.analysis(run, full=True)
             rows.append(summary_row(label, mode, run, found, reused_default=bool(unaffected)))
