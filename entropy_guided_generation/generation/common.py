@@ -79,12 +79,14 @@ def decode(
     progress: bool = False,
     step_hook: Optional[Callable[..., Any]] = None,
     confidence_override: Optional[ConfidenceOverride] = None,
+    positions: str = "sequential",
 ) -> DecodeResult:
     """Generate up to ``max_generated_tokens`` content tokens per row under ``interleaving``.
 
     The public per-mode functions (:func:`generate_plain`, :func:`generate_answer_interleaved`, ...)
     call this; see them for the arguments. ``interleaving`` is an :class:`~entropy_guided_generation.layout.Interleaving`
-    or a mode name, bound here to ``stop_tokens`` and ``marker`` (token ids). ``step_hook(logits=..., step=...)``
+    or a mode name, bound here to ``stop_tokens``, ``marker`` (token ids) and the position rule
+    ``positions`` (as the checkpoint was trained; an Interleaving carries its own). ``step_hook(logits=..., step=...)``
     may return content token ids ``[b]`` to replace the built-in sampler (the entropix sampler uses it).
     ``confidence_override`` (see :mod:`~entropy_guided_generation.generation.overrides`) replaces the
     bin fed back after each token (an ablation); ``bins`` then records the fed bins, ``signal`` and
@@ -93,7 +95,7 @@ def decode(
     if prompt.dim() == 1:
         prompt = prompt.unsqueeze(0)
     if not isinstance(interleaving, Interleaving):
-        interleaving = Interleaving.of(interleaving, stop_ids=stop_tokens or (), marker_ids=marker)
+        interleaving = Interleaving.of(interleaving, stop_ids=stop_tokens or (), marker_ids=marker, positions=positions)
     if max_generated_tokens < 1:
         raise ValueError(f"max_generated_tokens must be >= 1, got {max_generated_tokens}")
     if not interleaving.is_plain and codec is None:
