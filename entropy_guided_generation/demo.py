@@ -115,7 +115,7 @@ class DemoSettings:
     codec: str = "entropy_round"
     positions: str = "sequential"
     init_embeddings: str = "none"
-    base: str = "plain"
+    base: str = "mixed"
     marker_task: str = "gsm8k"
 
     def __post_init__(self) -> None:
