@@ -121,14 +121,16 @@ def reliability_diagram(
     return path
 
 
-def loss_curves(curves: Mapping[str, Sequence[float]], path: PathLike, title: str = "training loss") -> Path:
-    """One line per run (e.g. per mode): loss against optimizer step."""
+def loss_curves(curves: Mapping[str, Sequence[float]], path: PathLike, title: str = "training loss", log_y: bool = False) -> Path:
+    """One line per run (e.g. per mode): loss against optimizer step (``log_y``: a log loss axis)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.8))
     for name, values in curves.items():
         ax.plot(range(1, len(values) + 1), list(values), label=name, lw=1.4)
     ax.set_xlabel("step")
     ax.set_ylabel("loss (content tokens)")
+    if log_y:
+        ax.set_yscale("log")
     ax.set_title(title)
     ax.legend()
     ax.grid(alpha=0.3)
@@ -138,4 +140,98 @@ def loss_curves(curves: Mapping[str, Sequence[float]], path: PathLike, title: st
     return path
 
 
-__all__ = ["bin_colour", "confidence_html", "confidence_png", "loss_curves", "reliability_diagram"]
+def learning_curves(points: Mapping[str, Sequence[Mapping[str, float]]], path: PathLike, title: str = "") -> Path:
+    """Per mode, held-out accuracy and held-out content loss against the training budget.
+
+    Args:
+        points: mode -> ``[{"steps", "accuracy", "content_loss"}, ...]`` (one finetune per budget).
+    """
+    plt = _pyplot()
+    fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for mode, rows in points.items():
+        rows = sorted(rows, key=lambda r: r["steps"])
+        steps = [r["steps"] for r in rows]
+        acc_ax.plot(steps, [r["accuracy"] for r in rows], marker="o", label=mode)
+        loss_ax.plot(steps, [r["content_loss"] for r in rows], marker="o", label=mode)
+    for ax, label in ((acc_ax, "held-out accuracy"), (loss_ax, "held-out content loss (nats/token)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("finetuning steps (one run per budget)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    loss_ax.set_yscale("log")
+    acc_ax.set_ylim(0, 1)
+    acc_ax.legend()
+    if title:
+        fig.suptitle(title)
+    path = Path(path)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def ablation_bars(accuracy: Mapping[str, Mapping[str, float]], path: PathLike, title: str = "") -> Path:
+    """Grouped bars: per mode, held-out accuracy of each variant (e.g. each decode: real bins and
+    each ablation; or each setting of a comparison).
+
+    Args:
+        accuracy: mode -> {variant name -> accuracy}, e.g. ``{"answer": {"real": 0.5, "shuffled": 0.4}}``.
+    """
+    plt = _pyplot()
+    modes = list(accuracy)
+    names = list(dict.fromkeys(name for m in modes for name in accuracy[m]))
+    width = 0.8 / max(len(names), 1)
+    fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(modes), 3.8))
+    for k, name in enumerate(names):
+        xs = [i + (k - (len(names) - 1) / 2) * width for i in range(len(modes))]
+        ax.bar(xs, [accuracy[m].get(name, math.nan) for m in modes], width=width, label=name)
+    ax.set_xticks(range(len(modes)), modes)
+    ax.set_ylabel("held-out accuracy")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8)
+    ax.set_title(title or "decoding with the confidence tokens replaced")
+    ax.grid(axis="y", alpha=0.3)
+    path = Path(path)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def digit_bins(histograms: Mapping[str, Mapping[str, Sequence[int]]], path: PathLike, title: str = "") -> Path:
+    """Per mode, the share of right and of wrong result digits in each confidence bin (the bin of
+    the distribution that produced the digit).
+
+    Args:
+        histograms: mode -> {"right": counts per bin, "wrong": counts per bin}.
+    """
+    plt = _pyplot()
+    modes = [m for m in histograms if any(histograms[m].get(k) for k in ("right", "wrong"))]
+    fig, axes = plt.subplots(1, max(len(modes), 1), figsize=(3.6 * max(len(modes), 1), 3.2), squeeze=False)
+    for ax, mode in zip(axes[0], modes):
+        for name, colour in (("right", "tab:green"), ("wrong", "tab:red")):
+            counts = list(histograms[mode].get(name) or [])
+            total = sum(counts)
+            if total:
+                ax.bar([k + (0.2 if name == "wrong" else -0.2) for k in range(len(counts))], [c / total for c in counts],
+                       width=0.4, color=colour, label=f"{name} digits (n={total})")
+        ax.set_title(f"mode {mode}")
+        ax.set_xlabel("confidence bin")
+        ax.set_ylabel("share of digits")
+        ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title)
+    path = Path(path)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+__all__ = [
+    "ablation_bars",
+    "bin_colour",
+    "confidence_html",
+    "confidence_png",
+    "digit_bins",
+    "learning_curves",
+    "loss_curves",
+    "reliability_diagram",
+]

@@ -1,5 +1,6 @@
 """The demo's command path with tiny budgets: every mode trains through the recipe, is evaluated
-through the eval recipe, and leaves finite numbers and the pictures behind; a re-run reuses it."""
+through the eval recipe and analysed (ablations, trace calibration, agreement), and leaves finite
+numbers and the pictures behind; a re-run reuses all of it."""
 from __future__ import annotations
 
 import json
@@ -34,10 +35,17 @@ def test_demo_writes_finite_results_and_pictures_for_every_mode(tmp_path, subpro
         assert row["num_samples"] == 4
         assert len(results["loss_curves"][row["mode"]]) == 2
         assert all(math.isfinite(v) for v in results["loss_curves"][row["mode"]])
+        analysis = results["analysis"][row["mode"]]
+        assert math.isfinite(analysis["content_loss"]) and analysis["real"]["n"] == 4
+        if row["mode"] != "none":
+            assert set(analysis["ablations"]) == {"fixed_confident", "fixed_unconfident", "shuffled"}
+            assert 0.0 <= analysis["agreement"]["equal_fraction"] <= 1.0
+            assert math.isfinite(analysis["base_content_loss"])
     for mode in MODES:
         for name in (f"confidence_{mode}.png", f"confidence_{mode}.html", f"reliability_{mode}.png"):
             assert (out / name).stat().st_size > 0, name
-    assert (out / "loss_curves.png").stat().st_size > 0
+    for name in ("loss_curves.png", "ablation.png", "digit_bins.png"):
+        assert (out / name).stat().st_size > 0, name
     table_header = proc.stdout.splitlines()
     assert any("accuracy" in line and "ECE" in line and "AUROC" in line for line in table_header)
 
@@ -45,3 +53,4 @@ def test_demo_writes_finite_results_and_pictures_for_every_mode(tmp_path, subpro
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("reusing the finetune") == len(MODES)
     assert again.stdout.count("reusing the evaluation") == len(MODES)
+    assert again.stdout.count("reusing the analysis") == len(MODES)

@@ -200,6 +200,34 @@ def test_interleaved_loglikelihood_equals_direct_fixed_point_forward(kit_tokeniz
     assert any(len(set(b for b in t.bins if b >= 0)) > 1 for t in traces), "bins never vary: the test would be weak"
 
 
+@pytest.mark.parametrize("mode", ["full", "answer", "marker"])
+def test_generation_decodes_with_the_checkpoints_position_rule(kit_tokenizer, mode):
+    from helpers import tiny_decoder
+
+    from entropy_guided_generation.confidence import ConfidenceCodec
+    from entropy_guided_generation.generation import decode
+    from entropy_guided_generation.layout import Interleaving
+
+    codec = ConfidenceCodec.from_config({"edges": {"scheme": "entropy_round"}, "tokens": {"preset": "kit"}}, kit_tokenizer)
+    model = tiny_decoder(kit.vocab_size_of(), seed=1, weight_scale=4.0)
+    marker = "####" if mode == "marker" else None
+    questions = [kit.prompt_of(p["question"]) for p in kit.gsm8k_examples(2, seed=3)]
+    requests = [Instance("generate_until", {}, (q, {"until": ["\n\n"], "max_gen_toks": 8}), 0) for q in questions]
+    texts = {}
+    for positions in ("sequential", "shared"):
+        lm = TorchtuneLM(model, kit_tokenizer, mode=mode, codec=codec, marker=marker, positions=positions,
+                         batch_size=2, max_seq_length=256, enable_kv_cache=False)
+        texts[positions] = lm.generate_until(requests, disable_tqdm=True)
+        interleaving = Interleaving.for_tokenizer(mode, kit_tokenizer, marker, positions)
+        for question, text in zip(questions, texts[positions]):
+            prompt = torch.tensor([kit_tokenizer.encode(question, add_bos=False, add_eos=False)])
+            direct = decode(model, prompt, interleaving=interleaving, max_generated_tokens=8, pad_id=kit_tokenizer.pad_id,
+                            temperature=0.0, stop_tokens=list(interleaving.stop_ids), codec=codec, marker=interleaving.marker_ids)
+            content = direct.content[0, : int(direct.generated_lengths[0])].tolist()
+            assert text == lm.tok_decode(content).split("\n\n")[0]
+    assert texts["sequential"] != texts["shared"], "the position rule changes nothing here: the test would be weak"
+
+
 # ---------------------------------------------------------------- samplers plug in for mode none
 
 

@@ -247,6 +247,28 @@ def test_training_labels_cover_exactly_the_response_and_eos(tok):
     assert tok.decode(tokens[: len(tokens) - len(response)]) == kit.prompt_of(row["question"])
 
 
+def test_mixed_format_rows_insert_untrained_confidence_tokens(tok):
+    settings = train_base.TrainSettings(confidence_rows=0.5, confidence_positions="shared")
+    rows = kit.gsm8k_examples(40, seed=0)
+    examples = [train_base.encode_example(tok, r["question"], r["answer"]) for r in rows]
+    mixed = train_base.mix_confidence_rows(examples, tok, settings)
+    conf_ids = {tok.special_tokens[name] for name in kit.CONFIDENCE_TOKENS}
+    changed = 0
+    for (tokens, labels), (new_tokens, new_labels, is_conf) in zip(examples, mixed):
+        # Removing the inserted tokens gives the row back; they are never targets and never follow eos.
+        assert [t for t, c in zip(new_tokens, is_conf) if not c] == tokens
+        assert [l for l, c in zip(new_labels, is_conf) if not c] == labels
+        assert all(t in conf_ids and l == train_base.IGNORE_INDEX for t, l, c in zip(new_tokens, new_labels, is_conf) if c)
+        assert new_tokens[-1] == tok.eos_id and not is_conf[0]
+        changed += any(is_conf)
+    assert 10 <= changed <= 30
+    is_conf = torch.tensor([[False, False, True, False, True]])
+    assert train_base.position_ids(is_conf, "shared").tolist() == [[0, 1, 1, 2, 2]]
+    assert train_base.position_ids(is_conf, "sequential").tolist() == [[0, 1, 2, 3, 4]]
+    with pytest.raises(ValueError, match="'nearby'"):
+        train_base.position_ids(is_conf, "nearby")
+
+
 # ---------------------------------------------------------------- data formats
 
 _STEP = re.compile(r"^(\d+) ([-+*]) (\d+) = (\d+)$")

@@ -458,6 +458,8 @@ class TorchtuneLM(DataParallelLM, TemplateLM):
         )
         if self.codec is not None:
             kwargs["codec"] = self.codec
+            # The mode's decoder lays out confidence tokens with the checkpoint's position rule.
+            kwargs["positions"] = self.interleaving.positions
         if self.marker_ids is not None:
             kwargs["marker"] = self.marker_ids
         result = first_rows(self._decoder(self.model, prompt, **kwargs), rows)

@@ -17,6 +17,7 @@ from entropy_guided_generation.generation.common import DecodeResult, decode
 from entropy_guided_generation.generation.full_intl import generate_full_interleaved
 from entropy_guided_generation.generation.marker_intl import generate_answer_interleaved_marker
 from entropy_guided_generation.generation.nucleus import nucleus_mask
+from entropy_guided_generation.generation.overrides import ConfidenceOverride, FixedBin, ShuffledBins
 from entropy_guided_generation.generation.padding import left_pad, left_padded_mask
 from entropy_guided_generation.generation.plain import generate_plain
 from entropy_guided_generation.generation.sampling import filter_top_k, filter_top_p, sample_next_token
@@ -52,13 +53,16 @@ def get_decoder(mode: str) -> Callable[..., DecodeResult]:
 
 
 __all__ = [
+    "ConfidenceOverride",
     "DECODERS",
+    "FixedBin",
     "MODES",
     "DecodeResult",
     "DecodeSession",
     "HFSession",
     "KVSession",
     "PrefixSession",
+    "ShuffledBins",
     "decode",
     "filter_top_k",
     "filter_top_p",

@@ -22,6 +22,7 @@ def generate_answer_interleaved(
     stop_tokens: Optional[Sequence[int]] = None,
     rng: Optional[torch.Generator] = None,
     progress: bool = False,
+    positions: str = "sequential",
 ) -> DecodeResult:
     """Decode ``P r_1 c_1 r_2 c_2 ...``: c_t is the bin of the distribution that produced r_t.
 
@@ -37,9 +38,11 @@ def generate_answer_interleaved(
         rng: ``torch.Generator`` for reproducible sampling.
         codec: the confidence codec (from the checkpoint's ``confidence.json``).
         progress: show a progress bar over decode steps.
+        positions: the position rule the checkpoint was trained with (``interleaving.positions`` in
+            its ``confidence.json``): ``sequential`` or ``shared``.
     """
     return decode(
         model, prompt, interleaving="answer", max_generated_tokens=max_generated_tokens, pad_id=pad_id,
         temperature=temperature, top_k=top_k, top_p=top_p, stop_tokens=stop_tokens, rng=rng, codec=codec,
-        progress=progress,
+        progress=progress, positions=positions,
     )

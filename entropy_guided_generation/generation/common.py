@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from entropy_guided_generation import signals
 from entropy_guided_generation.confidence import ConfidenceCodec
+from entropy_guided_generation.generation.overrides import ConfidenceOverride
 from entropy_guided_generation.generation.sampling import sample_next_token
 from entropy_guided_generation.layout import Interleaving, compute_bins, interleave
 from entropy_guided_generation.modeling import KVSession, caches_set_aside, kv_session
@@ -77,13 +78,19 @@ def decode(
     max_prompt_passes: Optional[int] = None,
     progress: bool = False,
     step_hook: Optional[Callable[..., Any]] = None,
+    confidence_override: Optional[ConfidenceOverride] = None,
+    positions: str = "sequential",
 ) -> DecodeResult:
     """Generate up to ``max_generated_tokens`` content tokens per row under ``interleaving``.
 
     The public per-mode functions (:func:`generate_plain`, :func:`generate_answer_interleaved`, ...)
     call this; see them for the arguments. ``interleaving`` is an :class:`~entropy_guided_generation.layout.Interleaving`
-    or a mode name, bound here to ``stop_tokens`` and ``marker`` (token ids). ``step_hook(logits=..., step=...)``
+    or a mode name, bound here to ``stop_tokens``, ``marker`` (token ids) and the position rule
+    ``positions`` (as the checkpoint was trained; an Interleaving carries its own). ``step_hook(logits=..., step=...)``
     may return content token ids ``[b]`` to replace the built-in sampler (the entropix sampler uses it).
+    ``confidence_override`` (see :mod:`~entropy_guided_generation.generation.overrides`) replaces the
+    bin fed back after each token (an ablation); ``bins`` then records the fed bins, ``signal`` and
+    ``entropies`` stay the model's own.
 
     Raises:
         ValueError: on an empty prompt row, or a prompt + generation that could outgrow the model's
@@ -93,7 +100,7 @@ def decode(
     if prompt.dim() == 1:
         prompt = prompt.unsqueeze(0)
     if not isinstance(interleaving, Interleaving):
-        interleaving = Interleaving.of(interleaving, stop_ids=stop_tokens or (), marker_ids=marker)
+        interleaving = Interleaving.of(interleaving, stop_ids=stop_tokens or (), marker_ids=marker, positions=positions)
     if max_generated_tokens < 1:
         raise ValueError(f"max_generated_tokens must be >= 1, got {max_generated_tokens}")
     if not interleaving.is_plain and codec is None:
@@ -104,7 +111,8 @@ def decode(
     check_fits(model, prompt, prompt_valid, interleaving, max_generated_tokens)
 
     prefill_tokens, prefill_valid, prefill_conf = _prefill_sequence(
-        model, prompt, prompt_valid, interleaving, codec=codec, pad_id=pad_id, max_passes=max_prompt_passes
+        model, prompt, prompt_valid, interleaving, codec=codec, pad_id=pad_id, max_passes=max_prompt_passes,
+        override=confidence_override,
     )
     cache_len = prefill_tokens.shape[1] + interleaving.columns_per_content_token * max_generated_tokens
     gets_confidence = interleaving.step_policy(b, device)
@@ -121,6 +129,7 @@ def decode(
             out = _content_step(
                 logits, codec, gets_confidence, active, pad_id,
                 temperature=temperature, top_k=top_k, top_p=top_p, rng=rng, step_hook=step_hook, step=step,
+                override=confidence_override,
             )
             records.append(out)
             active = active & ~torch.isin(out.token, stops)
@@ -187,10 +196,12 @@ def _prefill_sequence(
     codec: Optional[ConfidenceCodec],
     pad_id: int,
     max_passes: Optional[int],
+    override: Optional[ConfidenceOverride] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(tokens, valid, is_confidence)``, each ``[b, P]``: the left-padded sequence the prefill
     feeds, i.e. the prompt, interleaved with exact bins when the mode interleaves prompts, by the
-    same functions the training layout uses (the decode session's caches set aside meanwhile)."""
+    same functions the training layout uses (the decode session's caches set aside meanwhile), or
+    with the bins an ``override`` makes of them."""
     if not interleaving.interleaves_prompt:
         return prompt, prompt_valid, torch.zeros_like(prompt_valid)
     slots = interleaving.slots(prompt, valid_mask=prompt_valid)
@@ -200,6 +211,9 @@ def _prefill_sequence(
             left_pad=True, positions=interleaving.positions,
         )
     layout = fixed.interleaved
+    if override is not None:
+        conf = codec.token_ids_for_bins(override.prompt_bins(fixed.bins, slots).clamp(min=0))
+        layout = interleave(prompt, slots, conf, pad_id=pad_id, valid_mask=prompt_valid, left_pad=True)
     return layout.tokens, layout.valid_mask, layout.is_confidence
 
 
@@ -233,6 +247,7 @@ def _content_step(
     rng: Optional[torch.Generator],
     step_hook: Optional[Callable[..., Any]],
     step: int,
+    override: Optional[ConfidenceOverride] = None,
 ) -> ContentStep:
     """Pick x_t from the logits that produce it and, where the interleaving's step policy
     (``gets_confidence``) says so, its c_t.
@@ -264,8 +279,12 @@ def _content_step(
         return ContentStep(token, has_conf, torch.full_like(token, pad_id), no_bin, nan, entropy, logp, active)
     signal = step_entropy if codec.signal == "entropy" else codec.signal_from_log_probs(logp_all)
     every_bin = codec.bins_from_signal(signal)  # in [0, K) for every row
+    if override is not None:
+        every_bin = override.step_bins(every_bin, step)
+    # An override's bins are checked against [0, K) (an error naming the range); the codec's own are in range.
+    conf_ids = codec.token_ids_for_bins(every_bin) if override is not None else codec.token_ids.to(token.device)[every_bin]
     bins = torch.where(has_conf, every_bin, no_bin)
-    conf = torch.where(has_conf, codec.token_ids.to(token.device)[every_bin], torch.full_like(token, pad_id))
+    conf = torch.where(has_conf, conf_ids, torch.full_like(token, pad_id))
     signal = torch.where(has_conf, signal.to(entropy.dtype), nan)
     return ContentStep(token, has_conf, conf, bins, signal, entropy, logp, active)
 

@@ -23,6 +23,7 @@ def generate_full_interleaved(
     rng: Optional[torch.Generator] = None,
     max_prompt_passes: Optional[int] = None,
     progress: bool = False,
+    positions: str = "sequential",
 ) -> DecodeResult:
     """Decode with the prompt interleaved by the training layout's own functions
     (``Interleaving.slots`` + ``compute_bins``), so the same text gives the same tokens as in training.
@@ -40,9 +41,11 @@ def generate_full_interleaved(
         codec: the confidence codec (from the checkpoint's ``confidence.json``).
         max_prompt_passes: cap on the prompt's fixed-point passes (default: enough to be exact).
         progress: show a progress bar over decode steps.
+        positions: the position rule the checkpoint was trained with (``interleaving.positions`` in
+            its ``confidence.json``): ``sequential`` or ``shared``.
     """
     return decode(
         model, prompt, interleaving="full", max_generated_tokens=max_generated_tokens, pad_id=pad_id,
         temperature=temperature, top_k=top_k, top_p=top_p, stop_tokens=stop_tokens, rng=rng, codec=codec,
-        max_prompt_passes=max_prompt_passes, progress=progress,
+        max_prompt_passes=max_prompt_passes, progress=progress, positions=positions,
     )

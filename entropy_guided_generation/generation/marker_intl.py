@@ -23,6 +23,7 @@ def generate_answer_interleaved_marker(
     stop_tokens: Optional[Sequence[int]] = None,
     rng: Optional[torch.Generator] = None,
     progress: bool = False,
+    positions: str = "sequential",
 ) -> DecodeResult:
     """Interleave each row until its generated content ends with ``marker`` (token ids), then
     decode plain. A row that never generates the marker stays interleaved throughout, as training
@@ -42,9 +43,11 @@ def generate_answer_interleaved_marker(
         marker: the marker's token ids, e.g. the tokenized ``"####"`` (required: without it a
             ``ValueError`` names it).
         progress: show a progress bar over decode steps.
+        positions: the position rule the checkpoint was trained with (``interleaving.positions`` in
+            its ``confidence.json``): ``sequential`` or ``shared``.
     """
     return decode(
         model, prompt, interleaving="marker", max_generated_tokens=max_generated_tokens, pad_id=pad_id,
         temperature=temperature, top_k=top_k, top_p=top_p, stop_tokens=stop_tokens, rng=rng, codec=codec,
-        marker=marker, progress=progress,
+        marker=marker, progress=progress, positions=positions,
     )

@@ -9,6 +9,14 @@ files) that solves a measurable share of held-out problems with greedy decoding.
 
 Training sequence: ``prompt_of(question)`` tokens (no loss) then ``answer`` tokens + eos
 (``<|im_end|>``), cross-entropy on the response only; right padding with ``<|endoftext|>``.
+
+A *mixed-format* base (``--confidence-rows P``, not the shipped one) also sees a share P of its rows
+with random confidence tokens ``<|conf_k|>`` inserted (k uniform, never a target): after every
+response token in half of them, after every token but the first in the other half (the layouts of
+modes answer and full). The bins carry no information; the model only learns that such tokens
+occur and how to predict the next content token across one. ``confidence_positions`` is the
+position rule of the inserted tokens (``sequential``, or ``shared``: the position of the token
+they follow).
 """
 from __future__ import annotations
 
@@ -27,6 +35,7 @@ import torch
 
 from entropy_guided_generation.kit import data
 from entropy_guided_generation.kit import tokenizer as kit_tokenizer
+from entropy_guided_generation.kit.cache import cached_folder
 from entropy_guided_generation.kit.models import hf_config
 from entropy_guided_generation.kit.optim import EpochBatches, adamw_decaying_matrices, optimizer_step, warmup_cosine_lr
 
@@ -49,6 +58,8 @@ class TrainSettings:
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     num_problems: int = 40_000
+    confidence_rows: float = 0.0
+    confidence_positions: str = "sequential"
     sizes: dict[str, Any] = field(
         default_factory=lambda: {
             "num_layers": 3,
@@ -71,6 +82,37 @@ def encode_example(tokenizer, question: str, answer: str) -> tuple[list[int], li
     prompt = tokenizer.encode(data.prompt_of(question), add_bos=False, add_eos=False)
     response = tokenizer.encode(answer, add_bos=False, add_eos=False) + [tokenizer.eos_id]
     return prompt + response, [IGNORE_INDEX] * len(prompt) + response
+
+
+POSITION_RULES = ("sequential", "shared")
+
+
+def insert_random_confidence(
+    tokens: list[int], labels: list[int], prompt_len: int, conf_ids: Sequence[int], rng: random.Random, whole_row: bool
+) -> tuple[list[int], list[int], list[bool]]:
+    """``tokens``/``labels`` with a random confidence id after every response token but the last
+    (eos), or after every token but the first and the eos when ``whole_row``; returns them and a mask
+    of the inserted tokens (their label is ``IGNORE_INDEX``)."""
+    out_t, out_l, is_conf = [], [], []
+    last = len(tokens) - 1
+    for i, (t, l) in enumerate(zip(tokens, labels)):
+        out_t.append(t)
+        out_l.append(l)
+        is_conf.append(False)
+        if i < last and (i >= prompt_len or (whole_row and i > 0)):
+            out_t.append(rng.choice(conf_ids))
+            out_l.append(IGNORE_INDEX)
+            is_conf.append(True)
+    return out_t, out_l, is_conf
+
+
+def position_ids(is_conf: torch.Tensor, rule: str) -> torch.Tensor:
+    """``[b, s]`` position ids: ``sequential`` counts every token; ``shared`` gives an inserted
+    confidence token the position of the token it follows."""
+    if rule not in POSITION_RULES:
+        raise ValueError(f"unknown confidence_positions {rule!r}; expected one of {', '.join(POSITION_RULES)}")
+    positions = torch.arange(is_conf.shape[1]).expand_as(is_conf)
+    return positions - is_conf.long().cumsum(1) if rule == "shared" else positions
 
 
 def pad_right(rows: Sequence[Sequence[int]], value: int) -> torch.Tensor:
@@ -99,6 +141,25 @@ def _new_model(settings: TrainSettings, tokenizer, vocab_size: int):
     return model
 
 
+def mix_confidence_rows(examples: list[tuple[list[int], list[int]]], tokenizer, settings: TrainSettings) -> list[tuple[list[int], list[int], list[bool]]]:
+    """``(tokens, labels, is_conf)`` per example: a ``confidence_rows`` share of them (drawn by their
+    own seeded generator, so the batch order is that of the plain base) with random confidence tokens
+    inserted (see the module docstring)."""
+    if not 0.0 <= settings.confidence_rows <= 1.0:
+        raise ValueError(f"confidence_rows must lie in [0, 1], got {settings.confidence_rows!r}")
+    position_ids(torch.zeros(1, 1, dtype=torch.bool), settings.confidence_positions)  # checks the rule's name
+    rng = random.Random(f"confidence-rows-{settings.seed}")
+    conf_ids = [tokenizer.special_tokens[name] for name in kit_tokenizer.CONFIDENCE_TOKENS]
+    mixed = []
+    for tokens, labels in examples:
+        prompt_len = sum(1 for label in labels if label == IGNORE_INDEX)
+        if settings.confidence_rows and rng.random() < settings.confidence_rows:
+            mixed.append(insert_random_confidence(tokens, labels, prompt_len, conf_ids, rng, whole_row=rng.random() < 0.5))
+        else:
+            mixed.append((tokens, labels, [False] * len(tokens)))
+    return mixed
+
+
 def train(settings: TrainSettings, log_every: int = 100):
     """Train a fresh base model; returns ``(model, tokenizer, seconds)``.
 
@@ -108,16 +169,18 @@ def train(settings: TrainSettings, log_every: int = 100):
     tokenizer = kit_tokenizer.load_tokenizer()
     model = _new_model(settings, tokenizer, kit_tokenizer.vocab_size_of())
     examples = [encode_example(tokenizer, p.question, p.answer) for p in data.word_problems(settings.num_problems, settings.seed, "train")]
+    examples = mix_confidence_rows(examples, tokenizer, settings)
     batches = EpochBatches(len(examples), settings.batch_size, random.Random(settings.seed))
     optimizer = adamw_decaying_matrices(model, lr=settings.lr, weight_decay=settings.weight_decay)
     model.train()
     start = time.perf_counter()
     for step in range(settings.steps):
         chosen = [examples[i] for i in batches.next()]
-        tokens = pad_right([t for t, _ in chosen], tokenizer.pad_id)
-        labels = pad_right([l for _, l in chosen], IGNORE_INDEX)
+        tokens = pad_right([e[0] for e in chosen], tokenizer.pad_id)
+        labels = pad_right([e[1] for e in chosen], IGNORE_INDEX)
+        is_conf = pad_right([e[2] for e in chosen], 0).bool()
         # Right padding under a causal mask: real tokens never see pads, pad labels are ignored.
-        loss = model(input_ids=tokens, labels=labels).loss
+        loss = model(input_ids=tokens, labels=labels, position_ids=position_ids(is_conf, settings.confidence_positions)).loss
         optimizer_step(model, optimizer, loss, lr=learning_rate(step, settings), grad_clip=settings.grad_clip)
         if log_every and (step % log_every == 0 or step == settings.steps - 1):
             print(f"step {step:5d}  loss {loss.item():.4f}  lr {learning_rate(step, settings):.2e}  {time.perf_counter() - start:.0f}s", flush=True)
@@ -192,7 +255,10 @@ def heldout_accuracy(checkpoint_dir: PathLike, n: int = 200, seed: int = 1) -> f
     return sum(answer_or_none(r) == p.result for r, p in zip(responses, problems)) / n
 
 
-# ---------------------------------------------------------------- the shipped base
+# ---------------------------------------------------------------- the shipped base and the mixed-format base
+
+MIXED_CONFIDENCE_ROWS = 0.5
+MIXED_BUILD_VERSION = 1
 
 
 def trained_base() -> Path:
@@ -212,6 +278,36 @@ def trained_base() -> Path:
             "rebuild it with `python -m entropy_guided_generation.kit.train_base`"
         )
     return ASSETS_DIR
+
+
+def mixed_format_base(positions: str = "sequential", log=print) -> Path:
+    """The kit's mixed-format base for inserted tokens at ``positions``: a base trained like the
+    shipped one (same steps, data and seed) whose rows carry random confidence tokens with probability
+    ``MIXED_CONFIDENCE_ROWS`` (see the module docstring). Read from ``kit/assets/mixed_base_<positions>/``
+    when shipped there, else trained once on one thread (about as long as the shipped base: 5-9
+    minutes on an idle core) and cached in ``$EGG_KIT_CACHE``.
+
+    Raises:
+        ValueError: on an unknown position rule.
+    """
+    if positions not in POSITION_RULES:
+        raise ValueError(f"unknown confidence_positions {positions!r}; expected one of {', '.join(POSITION_RULES)}")
+    shipped = ASSETS_DIR / f"mixed_base_{positions}"
+    if (shipped / "model.safetensors").is_file():
+        return shipped
+    settings = TrainSettings(confidence_rows=MIXED_CONFIDENCE_ROWS, confidence_positions=positions)
+
+    def build(folder: Path) -> None:
+        log(f"training the kit's mixed-format base ({positions} positions) once, on one thread: minutes")
+        threads = torch.get_num_threads()
+        try:
+            card = build_base(folder, settings, threads=1, log_every=200)
+        finally:
+            torch.set_num_threads(threads)
+        log(f"mixed-format base trained in {card['train_seconds']:.0f}s; plain held-out accuracy {card['heldout_accuracy']:.3f}")
+
+    spec = {"settings": asdict(settings), "version": MIXED_BUILD_VERSION, "torch": torch.__version__}
+    return cached_folder("mixed-base", spec, build)
 
 
 def base_card(checkpoint_dir: Optional[PathLike] = None) -> dict[str, Any]:
@@ -249,9 +345,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--seed", type=int, default=TrainSettings.seed)
     parser.add_argument("--steps", type=int, default=TrainSettings.steps)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (results are reproducible per thread count)")
+    parser.add_argument("--confidence-rows", type=float, default=TrainSettings.confidence_rows,
+                        help="share of rows with random confidence tokens inserted (a mixed-format base; 0: the shipped plain base)")
+    parser.add_argument("--confidence-positions", default=TrainSettings.confidence_positions, choices=POSITION_RULES,
+                        help="position rule of the inserted confidence tokens")
     parser.add_argument("--eval-n", type=int, default=200, help="held-out problems for the accuracy")
     args = parser.parse_args(argv)
-    card = build_base(args.out, TrainSettings(seed=args.seed, steps=args.steps), args.threads, args.eval_n)
+    settings = TrainSettings(seed=args.seed, steps=args.steps, confidence_rows=args.confidence_rows,
+                             confidence_positions=args.confidence_positions)
+    card = build_base(args.out, settings, args.threads, args.eval_n)
     print(f"trained in {card['train_seconds']:.0f}s; held-out accuracy {card['heldout_accuracy']:.3f} on {args.eval_n} problems -> {args.out}")
     return 0
 

@@ -1,0 +1,109 @@
+"""Train/decode agreement: the bins training would compute for a decoded sequence, against the bins
+the decoder fed.
+
+Each held-out decode (prompt + every generated content token, stop token included) is laid out as
+a training row (prompt = prompt, response = the generated tokens); the mode's slot rule and
+``compute_bins`` with the finetune's ``max_passes`` give the training-side bins, read in slot order
+and compared with the confidence tokens of the decoder's interleaved sequence in order (position
+rule included). With exact fixed-point bins (the default) the two are equal token for token; a
+pass cap leaves later slots of long rows approximate, which is what training then learned from.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+import torch
+
+from entropy_guided_generation.confidence import ConfidenceCodec
+from entropy_guided_generation.demo_analysis.heldout import DecodedSample
+from entropy_guided_generation.layout import Interleaving, compute_bins
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """Attributes:
+        equal_fraction: share of confidence tokens whose training-side bin equals the decoded one.
+        rows_equal_fraction: share of sequences whose bins all agree.
+        confidence_tokens: confidence tokens compared.
+        max_passes: the cap used (None: until no bin changes).
+        unconverged_batches: batches whose last pass still changed a bin.
+    """
+
+    equal_fraction: float
+    rows_equal_fraction: float
+    confidence_tokens: int
+    max_passes: Optional[int]
+    unconverged_batches: int
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def _training_rows(samples: Sequence[DecodedSample], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded ``tokens``, ``response_mask`` and ``valid_mask`` ``[b, n]`` of prompt + content."""
+    width = max(len(s.prompt_ids) + len(s.content_ids) for s in samples)
+    tokens = torch.full((len(samples), width), pad_id, dtype=torch.long)
+    response = torch.zeros_like(tokens, dtype=torch.bool)
+    valid = torch.zeros_like(response)
+    for r, s in enumerate(samples):
+        p, n = len(s.prompt_ids), len(s.content_ids)
+        tokens[r, : p + n] = torch.tensor(s.prompt_ids + s.content_ids)
+        response[r, p : p + n] = True
+        valid[r, : p + n] = True
+    return tokens, response, valid
+
+
+@torch.no_grad()
+def train_decode_agreement(
+    model: Any,
+    samples: Sequence[DecodedSample],
+    *,
+    interleaving: Interleaving,
+    codec: ConfidenceCodec,
+    pad_id: int,
+    max_passes: Optional[int],
+    batch_size: int = 32,
+) -> Agreement:
+    """Compare the decoder's fed bins with the training layout's bins of the same sequences.
+
+    Args:
+        samples: real-bin decodes (no override) from :func:`~entropy_guided_generation.demo_analysis.heldout.decode_heldout`.
+        max_passes: the finetune's ``interleaving.max_passes`` (None: until no bin changes).
+
+    Raises:
+        ValueError: when the training layout puts a different number of confidence tokens in a row
+            than the decoder did (the slot rules disagree: a bug, not a measurement).
+    """
+    equal = total = rows_equal = unconverged = 0
+    for start in range(0, len(samples), batch_size):
+        chunk = samples[start : start + batch_size]
+        tokens, response, valid = _training_rows(chunk, pad_id)
+        slots = interleaving.slots(tokens, response_mask=response, valid_mask=valid)
+        fixed = compute_bins(
+            model, tokens, codec=codec, slots=slots, valid_mask=valid, pad_id=pad_id, max_passes=max_passes,
+            positions=interleaving.positions,
+        )
+        unconverged += 0 if fixed.converged else 1
+        for r, sample in enumerate(chunk):
+            trained = fixed.bins[r][slots[r]]
+            seen = torch.tensor(sample.interleaved)
+            decoded = codec.bins_for_token_ids(seen)[codec.is_confidence_token(seen)]
+            if trained.numel() != decoded.numel():
+                raise ValueError(
+                    f"held-out row {start + r}: training puts {trained.numel()} confidence tokens, the decoder fed "
+                    f"{decoded.numel()}; the slot rules of mode {interleaving.name!r} disagree"
+                )
+            same = int((trained == decoded).sum())
+            equal, total = equal + same, total + trained.numel()
+            rows_equal += int(same == trained.numel())
+    return Agreement(
+        equal_fraction=equal / total if total else 1.0,
+        rows_equal_fraction=rows_equal / len(samples) if samples else 1.0,
+        confidence_tokens=total,
+        max_passes=max_passes,
+        unconverged_batches=unconverged,
+    )
+
+
+__all__ = ["Agreement", "train_decode_agreement"]
