@@ -33,6 +33,7 @@ from entropy_guided_generation import signals
 from entropy_guided_generation.confidence import ConfidenceCodec, encode_text
 from entropy_guided_generation.modeling import (
     PositionLogits,
+    forward_anywhere,
     is_fsdp_sharded,
     is_torchtune_decoder,
     kv_session,
@@ -829,8 +830,13 @@ def compute_bins(
         return interleave(tokens, slots, conf, labels=labels, pad_id=pad_id, valid_mask=valid_mask, left_pad=left_pad)
 
     signal = torch.full(tokens.shape, float("nan"), dtype=codec.compute_dtype, device=tokens.device)
+    # Every pass is a round of forward_anywhere: under FSDP2 a rank with no pass of its own to run
+    # joins each pass of the others with an idle forward (pass 0's round included).
     if not bool(slots.any()):
+        while forward_anywhere(model, False, tokens):
+            pass
         return FixedPointBins(no_bins, signal, 0, 0.0, True, build(no_bins))
+    forward_anywhere(model, True, tokens)
     bins = no_bins.clone()
 
     order, in_row = _slots_in_order(slots)
@@ -852,7 +858,9 @@ def compute_bins(
     # Each pass settles >= 1 slot of every row it runs, so m passes always reach the fixed point.
     limit = order.shape[1] if max_passes is None else min(max_passes, order.shape[1])
     min_progress = _chunk_slots(model, b, order.shape[1])
-    while passes < limit and bool((final < counts).any()):
+    while forward_anywhere(model, (mine := passes < limit and bool((final < counts).any())), tokens):
+        if not mine:
+            continue  # another rank's pass: this one ran an idle forward with it
         active = (final < counts).nonzero().squeeze(1)
         settled, computed, n_changed = _run_pass(
             model, build(bins), active, final[active], order, counts, bins, signal, codec, guessed,

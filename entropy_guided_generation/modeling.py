@@ -75,6 +75,9 @@ def logits_of(
         mask, input_pos: torchtune-style explicit mask ``[b, s, s_kv]`` and positions ``[b, s]``
             (override ``padding_mask``; needed with KV caches).
     """
+    width = tokens.shape[1]
+    if lockstep_width(model, width) > width:
+        return _logits_at_lockstep_width(model, tokens, padding_mask=padding_mask, mask=mask, input_pos=input_pos)
     if padding_mask is not None:
         mask = causal_mask_from_padding(padding_mask) if mask is None else mask
         input_pos = positions_from_padding(padding_mask) if input_pos is None else input_pos
@@ -86,6 +89,28 @@ def logits_of(
     else:
         out = model(tokens, mask=mask, input_pos=input_pos)
     return _as_logits(out).float()
+
+
+def _logits_at_lockstep_width(
+    model: Any,
+    tokens: torch.Tensor,
+    *,
+    padding_mask: Optional[torch.Tensor],
+    mask: Optional[torch.Tensor],
+    input_pos: Optional[torch.Tensor],
+) -> torch.Tensor:
+    """:func:`logits_of` over ``tokens`` right-padded to :func:`lockstep_width` (columns after the
+    real ones cannot change them under a causal mask), cut back to ``tokens``' width."""
+    if mask is not None:
+        raise ValueError("an explicit attention mask cannot be widened for an FSDP2 forward; pass padding_mask")
+    width = tokens.shape[1]
+    wide = lockstep_width(model, width)
+    if padding_mask is not None:
+        input_pos = positions_from_padding(padding_mask) if input_pos is None else input_pos
+        padding_mask = pad_columns(padding_mask, wide, False)
+    if input_pos is not None:
+        input_pos = pad_columns(input_pos, wide)
+    return logits_of(model, pad_columns(tokens, wide), padding_mask=padding_mask, input_pos=input_pos)[:, :width]
 
 
 def last_logits_of(
@@ -140,6 +165,63 @@ def is_fsdp_sharded(model: Any) -> bool:
     except ImportError:  # a torch build without distributed
         return False
     return isinstance(model, FSDPModule)
+
+
+def forwards_in_lockstep(model: Any) -> bool:
+    """True when every rank of the default process group must run the same number of forwards of
+    ``model``: it is FSDP2-sharded, so each forward all-gathers its parameters (a collective)."""
+    import torch.distributed as dist
+
+    return is_fsdp_sharded(model) and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def lockstep_width(model: Any, width: int) -> int:
+    """The sequence width a forward over ``width`` columns must run at so that, under
+    :func:`forwards_in_lockstep`, every rank calls each sharded module equally often.
+
+    torchtune's chunked output (``num_output_chunks`` n > 0) projects ``hidden.chunk(n)``: fewer
+    than n chunks for some widths (10 columns make 5), so two ranks with other widths would call
+    a separately sharded ``output`` (``custom_sharded_layers``) a different number of times and
+    hang in its all-gathers. A multiple of n always makes exactly n chunks."""
+    chunks = int(getattr(model, "num_output_chunks", 0) or 0)
+    if chunks <= 1 or not forwards_in_lockstep(model):
+        return width
+    return max(1, -(-width // chunks)) * chunks
+
+
+def pad_columns(tensor: torch.Tensor, width: int, value: Any = None) -> torch.Tensor:
+    """``tensor`` ``[b, s, ...]`` right-padded to ``width`` columns with ``value`` (default: a copy
+    of its last column)."""
+    extra = width - tensor.shape[1]
+    if extra <= 0:
+        return tensor
+    if value is None:
+        fill = tensor[:, -1:].expand(-1, extra, *tensor.shape[2:])
+    else:
+        fill = torch.full((tensor.shape[0], extra, *tensor.shape[2:]), value, dtype=tensor.dtype, device=tensor.device)
+    return torch.cat([tensor, fill], dim=1)
+
+
+def forward_anywhere(model: Any, wanted: bool, tokens: torch.Tensor) -> bool:
+    """One round of a data-dependent loop of forwards, kept in step across ranks.
+
+    Returns whether some rank wants a forward this round (``wanted`` is this rank's wish; a
+    collective MAX over ranks under :func:`forwards_in_lockstep`, else ``wanted`` itself). When
+    another rank wants one and this rank does not, this rank runs an idle no-grad forward of
+    ``tokens[:1, :1]`` (``tokens``: any ``[b, s]`` ids) so that every rank joins the same
+    parameter all-gathers. Every rank must call it once per round, in the same order.
+    """
+    if not forwards_in_lockstep(model):
+        return wanted
+    import torch.distributed as dist
+
+    flag = torch.tensor([int(wanted)], dtype=torch.long, device=tokens.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    anywhere = bool(flag.item())
+    if anywhere and not wanted:
+        with torch.no_grad():
+            logits_of(model, tokens[:1, :1])
+    return anywhere
 
 
 _MIN_PROJECTED = 16

@@ -10,7 +10,7 @@ from entropy_guided_generation.modeling import logits_of
 
 def tiny_decoder(
     vocab_size: int = 64, seed: int = 0, embed_dim: int = 32, num_layers: int = 2, weight_scale: float = 1.0,
-    max_seq_len: int = 256,
+    max_seq_len: int = 256, tie_word_embeddings: bool = True,
 ):
     """A random torchtune Qwen2 decoder (fp32, eval mode). ``weight_scale`` sharpens its distributions
     so that entropies spread over several bins; ``max_seq_len`` sizes its rotary position table."""
@@ -25,7 +25,7 @@ def tiny_decoder(
         embed_dim=embed_dim,
         intermediate_dim=2 * embed_dim,
         max_seq_len=max_seq_len,
-        tie_word_embeddings=True,
+        tie_word_embeddings=tie_word_embeddings,
     )
     with torch.no_grad():
         for p in model.parameters():

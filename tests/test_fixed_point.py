@@ -274,3 +274,80 @@ def test_bad_max_passes_is_named(bad, model):
     codec = spread_codec()
     with pytest.raises(ValueError, match=f"max_passes must be None .* or an int >= 1, got {bad!r}"):
         compute_bins(model, tokens, codec=codec, slots=confidence_slots(tokens, mode="full"), max_passes=bad)
+
+
+# ------------------------------------------------------------------ (d) FSDP2: ranks keep forwards in step
+RANK_WIDTHS = (30, 10)  # rank 1's rows are cut short: torch.chunk(8) makes 8 output chunks of 30 columns, 5 of 10
+
+
+def sharded_tiny_model():
+    """The module's model, untied, with torchtune's chunked output (8 chunks) as training sets it."""
+    model = tiny_decoder(VOCAB, seed=11, weight_scale=3.0, tie_word_embeddings=False)
+    model.set_num_output_chunks(8)
+    return model
+
+
+def rank_rows(rank: int, mode: str):
+    """Rank ``rank``'s batch: rank 0 every row at full width; rank 1 the rows cut to 10 columns and,
+    in mode answer, no slot at all (no pass of its own)."""
+    tokens, labels, valid, response = (t[:, : RANK_WIDTHS[rank]] for t in plain_batch())
+    if rank == 1 and mode == "answer":
+        response = torch.zeros_like(response)
+    return tokens, labels, valid, response
+
+
+def _sharded_fixed_point_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    """One rank (gloo): the fixed point and a training loss step on an FSDP2-sharded copy of
+    :func:`sharded_tiny_model`, with ``tok_embeddings`` and ``output`` sharded on their own (the
+    8B configs' ``custom_sharded_layers``). The ranks need different numbers of passes and
+    forwards of different widths; any difference in the all-gathers they join would hang."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+    from torchtune.modules.loss import CEWithChunkedOutputLoss
+
+    from entropy_guided_generation.training.loss_step import ModelBatch, summed_token_loss
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        model = sharded_tiny_model()
+        codec = codec_for(model, *(plain_batch()[i] for i in (0, 2)))
+        for module in (*model.layers, model.tok_embeddings, model.output, model):
+            fully_shard(module)
+        results = {}
+        for mode in ("full", "answer"):
+            tokens, labels, valid, response = rank_rows(rank, mode)
+            slots = slots_of(mode, tokens, valid, response)
+            result = compute_bins(model, tokens, codec=codec, slots=slots, labels=labels, valid_mask=valid, pad_id=PAD)
+            layout = result.interleaved
+            batch = ModelBatch(layout.tokens, layout.labels, layout.is_confidence)
+            loss = summed_token_loss(model, CEWithChunkedOutputLoss(num_output_chunks=8), batch)
+            loss.loss.backward()
+            results[mode] = (result.bins, result.passes, loss.loss.detach())
+        torch.save(results, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.timeout(300)
+def test_fsdp2_ranks_needing_different_passes_and_widths_keep_in_step(tmp_path):
+    import torch.multiprocessing as mp
+    from torchtune.modules.loss import CEWithChunkedOutputLoss
+
+    from entropy_guided_generation.training.loss_step import ModelBatch, summed_token_loss
+
+    mp.spawn(_sharded_fixed_point_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    model = sharded_tiny_model()
+    codec = codec_for(model, *(plain_batch()[i] for i in (0, 2)))
+    for mode in ("full", "answer"):
+        for rank in range(2):
+            tokens, labels, valid, response = rank_rows(rank, mode)
+            slots = slots_of(mode, tokens, valid, response)
+            alone = compute_bins(model, tokens, codec=codec, slots=slots, labels=labels, valid_mask=valid, pad_id=PAD)
+            bins, passes, loss = ranks[rank][mode]
+            assert torch.equal(bins, alone.bins), (mode, rank)
+            layout = alone.interleaved
+            expected = summed_token_loss(model, CEWithChunkedOutputLoss(num_output_chunks=8), ModelBatch(layout.tokens, layout.labels, layout.is_confidence))
+            assert torch.allclose(loss, expected.loss.detach(), rtol=1e-5), (mode, rank)
+    assert ranks[0]["full"][1] > 1 and ranks[1]["answer"][1] == 0  # passes differ across ranks

@@ -28,7 +28,6 @@ from entropy_guided_generation.layout import (
 )
 from entropy_guided_generation.training.loss_step import ConfidenceLayout, shifted_labels, summed_token_loss
 from entropy_guided_generation.training.options import interleaving_options
-from entropy_guided_generation.training.parallelism import SingleDevice
 
 from helpers import quantile_codec, tiny_decoder
 
@@ -140,7 +139,7 @@ def test_a_registered_mode_trains_decodes_and_scores_with_no_other_change(toy_mo
     tokens, response, valid = random_responses(seed=3, rows=4)
     labels = tokens.masked_fill(~response | ~valid, -100)
     batch = {"tokens": tokens + 1, "labels": labels, "response_mask": response, "valid_mask": valid}
-    built = ConfidenceLayout(interleaving, codec, pad_id=PAD).build(model, batch, SingleDevice(torch.device("cpu")))
+    built = ConfidenceLayout(interleaving, codec, pad_id=PAD).build(model, batch)
     assert built.is_confidence.any()
     assert not torch.isin(shifted_labels(built.labels), torch.tensor(CONF_IDS)).any()
 
@@ -204,11 +203,10 @@ def test_shared_positions_reach_the_training_forward_and_the_metadata(model, cod
     tokens = tokens + 1
     labels = tokens.masked_fill(~response | ~valid, -100)
     batch = {"tokens": tokens, "labels": labels, "response_mask": response, "valid_mask": valid}
-    device = SingleDevice(torch.device("cpu"))
     losses = {}
     for rule in POSITION_RULES:
         interleaving = Interleaving.of("answer", stop_ids=[EOS + 1], positions=rule)
-        built = ConfidenceLayout(interleaving, codec, pad_id=PAD).build(model, batch, device)
+        built = ConfidenceLayout(interleaving, codec, pad_id=PAD).build(model, batch)
         if rule == "sequential":
             assert built.positions is None  # the model's own 0..L-1
         else:

@@ -321,7 +321,7 @@ def layout_for(mode, codec, tokenizer, max_passes=4):
 
 @pytest.mark.parametrize("mode", ["full", "answer", "marker"])
 def test_interleaved_labels_never_target_a_confidence_token(mode, tokenizer, codec, sharp_model, plain_batch):
-    built = layout_for(mode, codec, tokenizer).build(sharp_model, plain_batch, SingleDevice(torch.device("cpu")))
+    built = layout_for(mode, codec, tokenizer).build(sharp_model, plain_batch)
     conf_ids = codec.token_ids
     targets = shifted_labels(built.labels)
     assert not torch.isin(targets, conf_ids).any()
@@ -344,7 +344,7 @@ def test_interleaved_labels_never_target_a_confidence_token(mode, tokenizer, cod
 
 
 def test_summed_loss_equals_cross_entropy_over_targets(tokenizer, codec, sharp_model, plain_batch):
-    built = layout_for("answer", codec, tokenizer).build(sharp_model, plain_batch, SingleDevice(torch.device("cpu")))
+    built = layout_for("answer", codec, tokenizer).build(sharp_model, plain_batch)
     from torchtune.modules.loss import CEWithChunkedOutputLoss
 
     chunked = CEWithChunkedOutputLoss(num_output_chunks=2)
@@ -370,7 +370,7 @@ def test_bins_come_from_the_frozen_reference_when_one_is_given(tokenizer, codec,
     loss_fn = torch.nn.CrossEntropyLoss(ignore_index=IGNORE)
     with_reference = LossStep(layout, loss_fn, cpu, reference=sharp_model).model_batch(trained, plain_batch)
     online = LossStep(layout, loss_fn, cpu).model_batch(trained, plain_batch)
-    from_reference = layout.build(sharp_model, plain_batch, cpu)
+    from_reference = layout.build(sharp_model, plain_batch)
     assert torch.equal(with_reference.tokens, from_reference.tokens)
     assert not torch.equal(online.bins.bins, from_reference.bins.bins), "the two models should bin differently"
     step = LossStep(layout, loss_fn, cpu, reference=sharp_model)(trained, plain_batch)

@@ -23,6 +23,7 @@ from torch import nn
 
 from entropy_guided_generation.confidence import ConfidenceCodec
 from entropy_guided_generation.layout import IGNORE_INDEX, FixedPointBins, Interleaving, compute_bins, marker_end_positions
+from entropy_guided_generation.modeling import lockstep_width, pad_columns
 from entropy_guided_generation.training.metrics import ConfidenceStats
 
 log = logging.getLogger(__name__)
@@ -112,13 +113,12 @@ class ConfidenceLayout:
         return marker_end_positions(batch["tokens"], self.interleaving.marker_ids, allowed) >= 0
 
     @torch.no_grad()
-    def build(self, bin_model: nn.Module, batch: Dict[str, torch.Tensor], parallel: Any) -> ModelBatch:
+    def build(self, bin_model: nn.Module, batch: Dict[str, torch.Tensor]) -> ModelBatch:
         """The interleaved batch, with bins from ``bin_model`` (no grad).
 
         Args:
             bin_model: the model whose entropies give the bins (being trained, or a reference).
             batch: collated plain batch (see ``padded_collate_with_response_mask``).
-            parallel: the parallelism object; keeps collective forwards in step across ranks.
         """
         tokens, valid = batch["tokens"], batch["valid_mask"]
         check_no_confidence_ids(tokens, valid, self.codec)
@@ -134,7 +134,6 @@ class ConfidenceLayout:
             max_passes=self.max_passes,
             positions=self.interleaving.positions,
         )
-        parallel.align_forward_count(bin_model, result.passes, tokens)
         layout = result.interleaved
         positions = None
         if self.interleaving.positions != "sequential":
@@ -173,8 +172,12 @@ def summed_token_loss(
     """
     targets = shifted_labels(batch.labels, ignore_index)
     num_tokens = (targets != ignore_index).sum()
+    # Under FSDP2 every rank's forward runs at a width that makes as many output chunks.
+    width = lockstep_width(model, batch.tokens.shape[1])
+    tokens, targets = pad_columns(batch.tokens, width), pad_columns(targets, width, ignore_index)
+    positions = None if batch.positions is None else pad_columns(batch.positions, width)
     with forward_ctx or contextlib.nullcontext():
-        logits = model(batch.tokens) if batch.positions is None else model(batch.tokens, input_pos=batch.positions)
+        logits = model(tokens) if positions is None else model(tokens, input_pos=positions)
     if int(num_tokens) == 0:
         # Nothing to learn here, but every parameter must still join the backward pass (FSDP).
         chunks = logits if isinstance(logits, list) else [logits]
@@ -221,7 +224,7 @@ class LossStep:
         """The batch the model trains on (interleaved unless mode none); records statistics."""
         if self.layout is None:
             return plain_model_batch(batch)
-        built = self.layout.build(self.reference if self.reference is not None else model, batch, self.parallel)
+        built = self.layout.build(self.reference if self.reference is not None else model, batch)
         if not built.bins.converged:
             self._warn_unconverged(built.bins)
         if self.stats is not None:

@@ -2,8 +2,8 @@
 
 Both objects answer the same few questions: where a model is built and how its weights are
 loaded (``materialize``), how per-rank numbers are summed (``all_reduce_sum``), how a full state
-dict is gathered for saving and scattered back on loading, and how ranks keep their collective
-forwards in step (``align_forward_count``). The loss step, the loop, the logging and the
+dict is gathered for saving and scattered back on loading. (The fixed point keeps ranks'
+collective forwards in step itself: ``modeling.forward_anywhere``.) The loss step, the loop, the logging and the
 checkpoint format are written once, against this interface.
 """
 from __future__ import annotations
@@ -44,9 +44,6 @@ class SingleDevice:
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor
-
-    def align_forward_count(self, model: nn.Module, calls: int, tokens: torch.Tensor) -> None:
-        """Nothing to align on one device."""
 
     def full_model_state_dict(self, model: nn.Module) -> Dict[str, torch.Tensor]:
         """The model's full state dict on CPU (every rank gets it here; rank 0 only when sharded)."""
@@ -128,22 +125,6 @@ class FSDP2:
         """Sum over ranks, in place; returns ``tensor``."""
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor
-
-    def align_forward_count(self, model: nn.Module, calls: int, tokens: torch.Tensor) -> None:
-        """Run no-grad forwards until every rank has made as many calls as the busiest one.
-
-        Each FSDP2 forward all-gathers parameters, a collective every rank must join. Fixed-point
-        binning stops early on ranks whose bins converged, so the others would wait forever.
-
-        Args:
-            calls: forwards this rank made.
-            tokens: any valid ``[b, s]`` input (its first token is used).
-        """
-        most = torch.tensor([calls], dtype=torch.long, device=self.device)
-        dist.all_reduce(most, op=dist.ReduceOp.MAX)
-        with torch.no_grad():
-            for _ in range(int(most.item()) - calls):
-                model(tokens[:1, :1])
 
     def full_model_state_dict(self, model: nn.Module) -> Dict[str, torch.Tensor]:
         """The full state dict on CPU, on rank 0 (empty elsewhere); a collective call."""
