@@ -32,8 +32,10 @@ import torch
 from entropy_guided_generation import signals
 from entropy_guided_generation.confidence import ConfidenceCodec, encode_text
 from entropy_guided_generation.modeling import (
+    MIN_PROJECTED_POSITIONS,
     PositionLogits,
     forward_anywhere,
+    forwards_in_lockstep,
     is_fsdp_sharded,
     is_torchtune_decoder,
     kv_session,
@@ -611,16 +613,22 @@ def _slots_in_order(slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.where(in_row, order, torch.zeros_like(order)), in_row
 
 
-# Logits per chunk of a pass, at most this many values ([positions, vocabulary]): small enough to
-# stay in cache through the signal's elementwise steps (and to bound memory),
-# and lets a pass stop at each row's first changed slot without projecting the rest.
+# Logits per chunk of a pass, about this many values ([positions, vocabulary]): small enough to
+# stay in cache through the signal's elementwise steps (and to bound memory), and lets a pass stop
+# at each row's first changed slot without projecting the rest ...
 _CHUNK_LOGITS = 1 << 20
+# ... but at least the positions PositionLogits projects at once anyway (it pads fewer to this
+# many, for the bits' sake): with a 128,256-token vocabulary and 8 rows, one slot per row made
+# every chunk project and score twice the positions it used.
+_MIN_CHUNK_POSITIONS = MIN_PROJECTED_POSITIONS
 
 
 def _chunk_slots(model: Any, rows: int, most: int) -> int:
     """Slots per row in one chunk of ``rows`` rows (``most``, all of them, when the vocabulary is unknown)."""
     vocab = vocab_size_of(model)
-    return min(most, max(1, _CHUNK_LOGITS // (vocab * rows))) if vocab else most
+    if not vocab:
+        return most
+    return min(most, max(1, _CHUNK_LOGITS // (vocab * rows), -(-_MIN_CHUNK_POSITIONS // rows)))
 
 
 def _run_pass(
@@ -695,6 +703,15 @@ def _run_pass(
         changed += int(moved.sum())
     settled = torch.where(first_change >= 0, first_change + 1, stop)
     return settled, computed, changed
+
+
+def _leading_known(known_bins: Optional[torch.Tensor], slots: torch.Tensor, order: torch.Tensor, in_row: torch.Tensor) -> torch.Tensor:
+    """``[b]``: how many of each row's first slots (in order) ``known_bins`` holds a bin for (>= 0)."""
+    if known_bins is None:
+        return torch.zeros(slots.shape[0], dtype=torch.long, device=slots.device)
+    rows = torch.arange(slots.shape[0], device=slots.device).unsqueeze(1)
+    has = (known_bins[rows, order] >= 0) & in_row
+    return has.long().cumprod(1).sum(1)
 
 
 def _can_step(model: Any) -> bool:
@@ -781,6 +798,8 @@ def compute_bins(
     left_pad: bool = False,
     sequential_fallback: bool = True,
     positions: str = "sequential",
+    known_bins: Optional[torch.Tensor] = None,
+    known_signal: Optional[torch.Tensor] = None,
 ) -> FixedPointBins:
     """Exact bins of every slot by fixed-point iteration, and the batch interleaved with them.
 
@@ -811,6 +830,11 @@ def compute_bins(
         sequential_fallback: allow the stepping described above (only when ``max_passes`` is None).
         positions: the position rule of every forward, ``sequential`` or ``shared`` (see
             :func:`advances_position`); training, decoding and eval pass their interleaving's.
+        known_bins: optional ``[b, n]`` bins already known to be final (-1 elsewhere), e.g. those of
+            a prompt prefix seen before (:class:`~entropy_guided_generation.generation.prompt_bins.PromptBinsCache`):
+            each row's leading slots that hold one are taken as they are, the passes start after them.
+            Exact when they are (a slot's bin depends only on the tokens and bins before it).
+        known_signal: optional ``[b, n]`` signals behind ``known_bins`` (NaN in ``signal`` otherwise).
 
     Returns:
         :class:`FixedPointBins`.
@@ -820,6 +844,8 @@ def compute_bins(
     """
     _check_max_passes(max_passes)
     check_position_rule(positions)
+    if known_bins is not None and known_bins.shape != tokens.shape:
+        raise ValueError(f"known_bins must have the shape of tokens {tuple(tokens.shape)}, got {tuple(known_bins.shape)}")
     if valid_mask is None:
         valid_mask = (tokens != pad_id) if left_pad else torch.ones_like(tokens, dtype=torch.bool)
     b = tokens.shape[0]
@@ -841,18 +867,39 @@ def compute_bins(
 
     order, in_row = _slots_in_order(slots)
     counts = in_row.sum(1)
-    everyone = torch.arange(b, device=tokens.device)
-    # Pass 0: the plain sequence. A row's first slot is final at once (no confidence token precedes it).
-    plain = interleave(tokens, torch.zeros_like(slots), tokens, pad_id=pad_id, valid_mask=valid_mask, left_pad=left_pad)
-    zeros = torch.zeros_like(counts)
-    guessed = torch.zeros_like(counts)  # [b] leading slots of each row that hold a computed bin
     lazy = max_passes is None
-    _, computed, _ = _run_pass(
-        model, plain, everyone, zeros, order, counts, bins, signal, codec, guessed, left_pad=left_pad, lazy=lazy,
-        positions=positions,
-    )
-    final = counts.clamp(max=1)  # [b] leading slots of each row whose bins are final
-    passes, pass_rows, pass_slots = 1, [b], [computed]
+    known = _leading_known(known_bins, slots, order, in_row)
+    if bool(known.any()):
+        # Pass 0 starts after each row's known slots, on the batch interleaved with them (bin 0 after).
+        if forwards_in_lockstep(model):
+            raise ValueError("known_bins cannot be used with an FSDP2-sharded model (its passes must match across ranks)")
+        rows, index = (in_row & (torch.arange(order.shape[1], device=order.device) < known.unsqueeze(1))).nonzero(as_tuple=True)
+        taken = (rows, order[rows, index])
+        bins[taken] = known_bins[taken]
+        if known_signal is not None:
+            signal[taken] = known_signal[taken].to(signal.dtype)
+        guessed = known.clone()  # [b] leading slots of each row that hold a computed bin
+        final = known.clone()  # [b] leading slots of each row whose bins are final
+        first = (final < counts).nonzero().squeeze(1)
+        computed = 0
+        if first.numel():
+            # A row's first slot without a bin is final once computed (only final bins precede it).
+            final[first], computed, _ = _run_pass(
+                model, build(bins), first, final[first], order, counts, bins, signal, codec, guessed, left_pad=left_pad,
+                lazy=lazy, positions=positions,
+            )
+        passes, pass_rows = int(first.numel() > 0), [int(first.numel())]
+    else:
+        # Pass 0: the plain sequence. A row's first slot is final at once (no confidence token precedes it).
+        plain = interleave(tokens, torch.zeros_like(slots), tokens, pad_id=pad_id, valid_mask=valid_mask, left_pad=left_pad)
+        guessed = torch.zeros_like(counts)
+        _, computed, _ = _run_pass(
+            model, plain, torch.arange(b, device=tokens.device), torch.zeros_like(counts), order, counts, bins, signal,
+            codec, guessed, left_pad=left_pad, lazy=lazy, positions=positions,
+        )
+        final = counts.clamp(max=1)
+        passes, pass_rows = 1, [b]
+    pass_slots = [computed]
     changed = math.nan
     stepped = 0
     # Each pass settles >= 1 slot of every row it runs, so m passes always reach the fixed point.

@@ -224,7 +224,9 @@ def forward_anywhere(model: Any, wanted: bool, tokens: torch.Tensor) -> bool:
     return anywhere
 
 
-_MIN_PROJECTED = 16
+MIN_PROJECTED_POSITIONS = 16
+""":class:`PositionLogits` projects at least this many positions at once (fewer are padded by repeating
+the last one): BLAS multiplies a handful of rows by another code path, with another summation order."""
 
 
 class PositionLogits:
@@ -272,9 +274,9 @@ class PositionLogits:
             return self.hidden[rows, cols]
         k = rows.shape[0]
         # BLAS libraries multiply a handful of rows by another code path (another summation order)
-        # than many rows: project at least _MIN_PROJECTED positions, repeating the last one.
-        if 0 < k < _MIN_PROJECTED:
-            pick = torch.arange(_MIN_PROJECTED, device=rows.device).clamp(max=k - 1)
+        # than many rows: project at least MIN_PROJECTED_POSITIONS positions, repeating the last one.
+        if 0 < k < MIN_PROJECTED_POSITIONS:
+            pick = torch.arange(MIN_PROJECTED_POSITIONS, device=rows.device).clamp(max=k - 1)
             rows, cols = rows[pick], cols[pick]
         return self.model.output(self.model.norm(self.hidden[rows, cols].unsqueeze(0))).float()[0, :k]
 

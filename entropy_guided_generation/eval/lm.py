@@ -33,6 +33,7 @@ from tqdm import tqdm
 from entropy_guided_generation import sampling  # noqa: F401
 from entropy_guided_generation.confidence import ConfidenceCodec
 from entropy_guided_generation.eval.distributed import DataParallelLM
+from entropy_guided_generation.generation.prompt_bins import PromptBinsCache
 from entropy_guided_generation.eval.generation import (
     DecodeSettings,
     cut_at_stop,
@@ -208,6 +209,9 @@ class TorchtuneLM(DataParallelLM, TemplateLM):
                 self._decoder_kwargs["tokenizer"] = tokenizer
         else:
             self.decoder_name, self._decoder, self._decoder_kwargs = interleaving.name, get_decoder(interleaving.name), {}
+            if interleaving.interleaves_prompt and _accepts_keyword(self._decoder, "prompt_bins"):
+                # Few-shot prompts repeat their examples: their exact bins are found once.
+                self._decoder_kwargs["prompt_bins"] = PromptBinsCache()
         self._batch_size = batch_size
         self._max_length = max_seq_length
         self._max_gen_toks = max_gen_toks

@@ -20,6 +20,7 @@ from entropy_guided_generation.generation.nucleus import nucleus_mask
 from entropy_guided_generation.generation.overrides import ConfidenceOverride, FixedBin, ShuffledBins
 from entropy_guided_generation.generation.padding import left_pad, left_padded_mask
 from entropy_guided_generation.generation.plain import generate_plain
+from entropy_guided_generation.generation.prompt_bins import PromptBinsCache
 from entropy_guided_generation.generation.sampling import filter_top_k, filter_top_p, sample_next_token
 from entropy_guided_generation.generation.session import DecodeSession, HFSession, KVSession, PrefixSession, kv_session, open_session
 from entropy_guided_generation.layout import MODES
@@ -53,6 +54,7 @@ def get_decoder(mode: str) -> Callable[..., DecodeResult]:
 
 
 __all__ = [
+    "PromptBinsCache",
     "ConfidenceOverride",
     "DECODERS",
     "FixedBin",

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from entropy_guided_generation import signals
 from entropy_guided_generation.confidence import ConfidenceCodec
 from entropy_guided_generation.generation.overrides import ConfidenceOverride
+from entropy_guided_generation.generation.prompt_bins import PromptBinsCache
 from entropy_guided_generation.generation.sampling import sample_next_token
 from entropy_guided_generation.layout import Interleaving, compute_bins, interleave
 from entropy_guided_generation.modeling import KVSession, caches_set_aside, kv_session
@@ -80,6 +81,7 @@ def decode(
     step_hook: Optional[Callable[..., Any]] = None,
     confidence_override: Optional[ConfidenceOverride] = None,
     positions: str = "sequential",
+    prompt_bins: Optional[PromptBinsCache] = None,
 ) -> DecodeResult:
     """Generate up to ``max_generated_tokens`` content tokens per row under ``interleaving``.
 
@@ -90,7 +92,9 @@ def decode(
     may return content token ids ``[b]`` to replace the built-in sampler (the entropix sampler uses it).
     ``confidence_override`` (see :mod:`~entropy_guided_generation.generation.overrides`) replaces the
     bin fed back after each token (an ablation); ``bins`` then records the fed bins, ``signal`` and
-    ``entropies`` stay the model's own.
+    ``entropies`` stay the model's own. ``prompt_bins`` (a
+    :class:`~entropy_guided_generation.generation.prompt_bins.PromptBinsCache` kept across calls on
+    one model and codec) reuses the exact bins of prompt prefixes seen before, e.g. few-shot examples.
 
     Raises:
         ValueError: on an empty prompt row, or a prompt + generation that could outgrow the model's
@@ -112,7 +116,7 @@ def decode(
 
     prefill_tokens, prefill_valid, prefill_conf = _prefill_sequence(
         model, prompt, prompt_valid, interleaving, codec=codec, pad_id=pad_id, max_passes=max_prompt_passes,
-        override=confidence_override,
+        override=confidence_override, prompt_bins=prompt_bins,
     )
     cache_len = prefill_tokens.shape[1] + interleaving.columns_per_content_token * max_generated_tokens
     gets_confidence = interleaving.step_policy(b, device)
@@ -197,19 +201,24 @@ def _prefill_sequence(
     pad_id: int,
     max_passes: Optional[int],
     override: Optional[ConfidenceOverride] = None,
+    prompt_bins: Optional[PromptBinsCache] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(tokens, valid, is_confidence)``, each ``[b, P]``: the left-padded sequence the prefill
     feeds, i.e. the prompt, interleaved with exact bins when the mode interleaves prompts, by the
     same functions the training layout uses (the decode session's caches set aside meanwhile), or
-    with the bins an ``override`` makes of them."""
+    with the bins an ``override`` makes of them. With ``prompt_bins`` the bins of a prefix seen
+    before are reused (exact) and this prompt's are remembered (only when the passes were not capped)."""
     if not interleaving.interleaves_prompt:
         return prompt, prompt_valid, torch.zeros_like(prompt_valid)
     slots = interleaving.slots(prompt, valid_mask=prompt_valid)
+    known_bins, known_signal = prompt_bins.known(prompt, prompt_valid, slots) if prompt_bins is not None else (None, None)
     with caches_set_aside(model):
         fixed = compute_bins(
             model, prompt, codec=codec, slots=slots, valid_mask=prompt_valid, pad_id=pad_id, max_passes=max_passes,
-            left_pad=True, positions=interleaving.positions,
+            left_pad=True, positions=interleaving.positions, known_bins=known_bins, known_signal=known_signal,
         )
+    if prompt_bins is not None and fixed.converged:
+        prompt_bins.add(prompt, prompt_valid, fixed.bins, fixed.signal)
     layout = fixed.interleaved
     if override is not None:
         conf = codec.token_ids_for_bins(override.prompt_bins(fixed.bins, slots).clamp(min=0))

@@ -7,6 +7,7 @@ import torch
 
 from entropy_guided_generation.confidence import ConfidenceCodec
 from entropy_guided_generation.generation.common import DecodeResult, decode
+from entropy_guided_generation.generation.prompt_bins import PromptBinsCache
 
 
 def generate_full_interleaved(
@@ -24,6 +25,7 @@ def generate_full_interleaved(
     max_prompt_passes: Optional[int] = None,
     progress: bool = False,
     positions: str = "sequential",
+    prompt_bins: Optional[PromptBinsCache] = None,
 ) -> DecodeResult:
     """Decode with the prompt interleaved by the training layout's own functions
     (``Interleaving.slots`` + ``compute_bins``), so the same text gives the same tokens as in training.
@@ -43,9 +45,13 @@ def generate_full_interleaved(
         progress: show a progress bar over decode steps.
         positions: the position rule the checkpoint was trained with (``interleaving.positions`` in
             its ``confidence.json``): ``sequential`` or ``shared``.
+        prompt_bins: a :class:`~entropy_guided_generation.generation.prompt_bins.PromptBinsCache` kept
+            across calls (same model and codec): prompt prefixes seen before keep their exact bins
+            instead of being recomputed (few-shot prompts).
     """
     return decode(
         model, prompt, interleaving="full", max_generated_tokens=max_generated_tokens, pad_id=pad_id,
         temperature=temperature, top_k=top_k, top_p=top_p, stop_tokens=stop_tokens, rng=rng, codec=codec,
         max_prompt_passes=max_prompt_passes, progress=progress, positions=positions,
+        prompt_bins=prompt_bins,
     )
