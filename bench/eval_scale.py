@@ -9,6 +9,9 @@ gathers, calibration and file writing; process start-up and model loading exclud
   and it needs one idle core per rank: on a shared machine the load average (printed) eats it.
 - cpu: the busiest rank's CPU time of the same call; documents / cpu is the throughput each rank would
   reach on a core of its own (waiting at a barrier costs no CPU), a load-independent view of the split.
+- serving documents: the busiest rank's wall time inside the LM's request methods, the part that
+  splits across ranks; the rest of ``evaluate()`` is per run (lm-eval's task set-up and its
+  environment report, which runs ``pip`` and friends in subprocesses on rank 0, the gathers, files).
 
 Each setting runs ``--repeats`` times, alternating; the median counts. The 2-rank results must equal
 the 1-rank results (greedy decoding). Target (issue 21): 2 ranks >= 1.7 x 1 rank.
@@ -48,13 +51,32 @@ def worker(args: argparse.Namespace) -> None:
     cfg = OmegaConf.merge(OmegaConf.load(REPO / CONFIG), OmegaConf.from_dotlist(overrides))
     recipe = EleutherEvalRecipeDirect(cfg)
     recipe.setup(cfg)
+    work = time_requests(recipe.lm)
     wall, cpu = time.perf_counter(), time.process_time()
     summary = recipe.evaluate()
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     rank = int(os.environ.get("RANK", "0"))
-    record = {"wall": wall, "cpu": cpu, "results": summary["lm_eval_results"] if summary else None}
+    record = {"wall": wall, "cpu": cpu, "work": work["seconds"], "results": summary["lm_eval_results"] if summary else None}
     (Path(args.out) / f"rank{rank}.json").write_text(json.dumps(record))
     recipe.cleanup()
+
+
+def time_requests(lm) -> dict:
+    """Wrap ``lm``'s request methods (lm-eval calls them with this rank's share of the documents) so
+    that ``seconds`` adds up the wall time spent serving documents, the part that splits across ranks."""
+    timer = {"seconds": 0.0}
+    for name in ("loglikelihood", "loglikelihood_rolling", "generate_until"):
+        method = getattr(lm, name)
+
+        def timed(*a, _method=method, **k):
+            start = time.perf_counter()
+            try:
+                return _method(*a, **k)
+            finally:
+                timer["seconds"] += time.perf_counter() - start
+
+        setattr(lm, name, timed)
+    return timer
 
 
 def run(ranks: int, args: argparse.Namespace, out: Path) -> dict:
@@ -68,7 +90,8 @@ def run(ranks: int, args: argparse.Namespace, out: Path) -> dict:
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} exited {done.returncode}\n{done.stderr[-4000:]}")
     records = [json.loads((out / f"rank{r}.json").read_text()) for r in range(ranks)]
-    return {"wall": records[0]["wall"], "cpu": max(r["cpu"] for r in records), "results": records[0]["results"]}
+    return {"wall": records[0]["wall"], "cpu": max(r["cpu"] for r in records), "work": max(r["work"] for r in records),
+            "results": records[0]["results"]}
 
 
 def main() -> None:
@@ -100,6 +123,10 @@ def main() -> None:
         walls = " ".join(f"{r['wall']:.1f}" for r in runs[n])
         print(f"{f'{n} x 1':>16} {wall[n]:8.2f} {docs / wall[n]:8.2f} {wall[1] / wall[n]:7.2f}x {cpu[n]:8.2f} "
               f"{docs / cpu[n]:11.2f} {cpu[1] / cpu[n]:7.2f}x   {walls}")
+    work = {n: statistics.median(r["work"] for r in runs[n]) for n in runs}
+    print(f"{'':>16} serving documents (the busiest rank's time inside the LM's request methods): "
+          f"{work[1]:.2f} s -> {work[2]:.2f} s, {work[1] / work[2]:.2f}x; the rest of evaluate() on rank 0 "
+          f"(task set-up, lm-eval's environment report, gathers, files): {wall[1] - work[1]:.2f} s -> {wall[2] - work[2]:.2f} s")
     print(f"target: 2 x 1 >= 1.70x (wall, one idle core per rank); {os.cpu_count()} cores, "
           f"load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after")
 

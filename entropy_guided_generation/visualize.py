@@ -6,7 +6,7 @@ from __future__ import annotations
 import html
 import math
 from pathlib import Path
-from typing import Mapping, Sequence, Union
+from typing import Any, Mapping, Sequence, Union
 
 PathLike = Union[str, Path]
 
@@ -20,6 +20,16 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def _save(plt: Any, fig: Any, path: PathLike, suptitle: str = "") -> Path:
+    """Write ``fig`` to ``path`` (PNG, 110 dpi) under an optional figure title, close it; returns the path."""
+    if suptitle:
+        fig.suptitle(suptitle)
+    path = Path(path)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
 
 
 def bin_colour(bin_index: int, num_bins: int) -> tuple[float, float, float]:
@@ -85,10 +95,7 @@ def confidence_png(pieces: Sequence[str], bins: Sequence[int], num_bins: int, pa
             x += char_w * len(part)
     if title:
         ax.set_title(title, fontsize=11, loc="left")
-    path = Path(path)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def reliability_diagram(
@@ -115,10 +122,7 @@ def reliability_diagram(
     ax.set_ylabel("accuracy")
     ax.set_title(title or "reliability")
     ax.legend(loc="upper left", fontsize=8)
-    path = Path(path)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def loss_curves(curves: Mapping[str, Sequence[float]], path: PathLike, title: str = "training loss", log_y: bool = False) -> Path:
@@ -134,10 +138,7 @@ def loss_curves(curves: Mapping[str, Sequence[float]], path: PathLike, title: st
     ax.set_title(title)
     ax.legend()
     ax.grid(alpha=0.3)
-    path = Path(path)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def learning_curves(points: Mapping[str, Sequence[Mapping[str, float]]], path: PathLike, title: str = "") -> Path:
@@ -161,12 +162,7 @@ def learning_curves(points: Mapping[str, Sequence[Mapping[str, float]]], path: P
     loss_ax.set_yscale("log")
     acc_ax.set_ylim(0, 1)
     acc_ax.legend()
-    if title:
-        fig.suptitle(title)
-    path = Path(path)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path, suptitle=title)
 
 
 def ablation_bars(accuracy: Mapping[str, Mapping[str, float]], path: PathLike, title: str = "") -> Path:
@@ -190,10 +186,7 @@ def ablation_bars(accuracy: Mapping[str, Mapping[str, float]], path: PathLike, t
     ax.legend(fontsize=8)
     ax.set_title(title or "decoding with the confidence tokens replaced")
     ax.grid(axis="y", alpha=0.3)
-    path = Path(path)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def digit_bins(histograms: Mapping[str, Mapping[str, Sequence[int]]], path: PathLike, title: str = "") -> Path:
@@ -217,12 +210,7 @@ def digit_bins(histograms: Mapping[str, Mapping[str, Sequence[int]]], path: Path
         ax.set_xlabel("confidence bin")
         ax.set_ylabel("share of digits")
         ax.legend(fontsize=7)
-    if title:
-        fig.suptitle(title)
-    path = Path(path)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path, suptitle=title)
 
 
 __all__ = [
