@@ -493,17 +493,19 @@ class Demo:
     def __init__(self, out: Path, settings: DemoSettings, base: BaseModel, files: DataFiles, custom_base: bool):
         self.out, self.settings, self.files, self.custom_base = out, settings, files, custom_base
         self.plain_base = base
-        self._bases: dict[str, BaseModel] = {}
+        self._bases: dict[tuple[str, str], BaseModel] = {}  # (base, positions) -> checkpoint
         self._runs: dict[tuple[str, DemoSettings], FinishedRun] = {}
 
     def base_for(self, settings: DemoSettings) -> BaseModel:
         """The base checkpoint of ``settings`` (``--checkpoint`` when given, else the kit base it names)."""
         if self.custom_base or settings.base == "plain":
             return self.plain_base
-        if settings.base not in self._bases:
+        # Each mixed-format base was pretrained with its own position rule.
+        key = (settings.base, settings.positions)
+        if key not in self._bases:
             folder = mixed_format_base(settings.positions, log=lambda line: print(f"[demo] {line}", flush=True))
-            self._bases[settings.base] = BaseModel(folder, folder, self.plain_base.model_type)
-        return self._bases[settings.base]
+            self._bases[key] = BaseModel(folder, folder, self.plain_base.model_type)
+        return self._bases[key]
 
     def run(self, mode: str, settings: DemoSettings) -> FinishedRun:
         """Finetune ``mode`` under ``settings`` (or reuse it)."""

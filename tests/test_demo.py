@@ -54,3 +54,17 @@ def test_demo_writes_finite_results_and_pictures_for_every_mode(tmp_path, subpro
     assert again.stdout.count("reusing the finetune") == len(MODES)
     assert again.stdout.count("reusing the evaluation") == len(MODES)
     assert again.stdout.count("reusing the analysis") == len(MODES)
+
+
+def test_each_position_rule_starts_from_its_own_mixed_format_base(tmp_path):
+    """A ``--compare positions=shared`` run starts from the base pretrained with shared positions,
+    not from whichever mixed-format base an earlier run of the same demo loaded."""
+    from entropy_guided_generation.demo import BaseModel, Demo, DemoSettings
+
+    plain = BaseModel(tmp_path / "plain", tmp_path / "plain", "QWEN2")
+    demo = Demo(tmp_path, DemoSettings(), plain, files=None, custom_base=False)
+    sequential = demo.base_for(DemoSettings())
+    shared = demo.base_for(DemoSettings(positions="shared"))
+    assert sequential.checkpoint_dir.name == "mixed_base_sequential"
+    assert shared.checkpoint_dir.name == "mixed_base_shared"
+    assert demo.base_for(DemoSettings(base="plain", positions="shared")) is plain
