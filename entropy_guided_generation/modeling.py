@@ -17,6 +17,7 @@ import contextlib
 from typing import Any, Iterator, Optional
 
 import torch
+import torch.distributed as dist
 
 
 def is_torchtune_decoder(model: Any) -> bool:
@@ -170,8 +171,6 @@ def is_fsdp_sharded(model: Any) -> bool:
 def forwards_in_lockstep(model: Any) -> bool:
     """True when every rank of the default process group must run the same number of forwards of
     ``model``: it is FSDP2-sharded, so each forward all-gathers its parameters (a collective)."""
-    import torch.distributed as dist
-
     return is_fsdp_sharded(model) and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
@@ -213,8 +212,6 @@ def forward_anywhere(model: Any, wanted: bool, tokens: torch.Tensor) -> bool:
     """
     if not forwards_in_lockstep(model):
         return wanted
-    import torch.distributed as dist
-
     flag = torch.tensor([int(wanted)], dtype=torch.long, device=tokens.device)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     anywhere = bool(flag.item())

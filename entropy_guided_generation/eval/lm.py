@@ -33,7 +33,6 @@ from tqdm import tqdm
 from entropy_guided_generation import sampling  # noqa: F401
 from entropy_guided_generation.confidence import ConfidenceCodec
 from entropy_guided_generation.eval.distributed import DataParallelLM
-from entropy_guided_generation.generation.prompt_bins import PromptBinsCache
 from entropy_guided_generation.eval.generation import (
     DecodeSettings,
     cut_at_stop,
@@ -44,7 +43,7 @@ from entropy_guided_generation.eval.generation import (
 )
 from entropy_guided_generation.eval.teacher_forcing import ContinuationScores, score_continuations
 from entropy_guided_generation.eval.traces import ConfidenceTrace
-from entropy_guided_generation.generation import DecodeResult, get_decoder, left_pad
+from entropy_guided_generation.generation import DecodeResult, PromptBinsCache, get_decoder, left_pad
 from entropy_guided_generation.layout import Interleaving
 from entropy_guided_generation.sampling.budget_forcing import (
     BudgetForcedOutput,
@@ -210,7 +209,7 @@ class TorchtuneLM(DataParallelLM, TemplateLM):
         else:
             self.decoder_name, self._decoder, self._decoder_kwargs = interleaving.name, get_decoder(interleaving.name), {}
             if interleaving.interleaves_prompt and _accepts_keyword(self._decoder, "prompt_bins"):
-                # Few-shot prompts repeat their examples: their exact bins are found once.
+                # Prompts that open alike (fixed few-shot exemplars, a system prompt) share their exact bins.
                 self._decoder_kwargs["prompt_bins"] = PromptBinsCache()
         self._batch_size = batch_size
         self._max_length = max_seq_length

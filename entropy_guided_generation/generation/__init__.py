@@ -54,7 +54,6 @@ def get_decoder(mode: str) -> Callable[..., DecodeResult]:
 
 
 __all__ = [
-    "PromptBinsCache",
     "ConfidenceOverride",
     "DECODERS",
     "FixedBin",
@@ -64,6 +63,7 @@ __all__ = [
     "HFSession",
     "KVSession",
     "PrefixSession",
+    "PromptBinsCache",
     "ShuffledBins",
     "decode",
     "filter_top_k",

@@ -3,9 +3,10 @@
 In modes that interleave the prompt (``full``), the prefill finds every prompt slot's bin by the
 exact fixed point (:func:`~entropy_guided_generation.layout.compute_bins`). A slot's bin depends
 only on the tokens before it and the bins of earlier slots, so two prompts that share their first
-L tokens share every bin of a slot among those L tokens. Few-shot evaluation is the case that
-matters: lm-eval's GSM8K puts the same 5 worked problems (about 800 tokens) before every question,
-so after the first batch only each question's own tokens need passes.
+L tokens share every bin of a slot among those L tokens. Prompts that open alike are where it pays:
+fixed few-shot exemplars (lm-eval tasks with ``fewshot_config: {sampler: first_n}``, chain-of-thought
+exemplar sets), a shared system prompt or instructions. After the first batch only each prompt's own
+tokens need passes. (lm-eval's ``gsm8k`` draws other shots for every document: little is shared there.)
 
 The cache belongs to one model, codec and interleaving (the eval LM holds one for its lifetime);
 nothing in it is checked against the model's weights.
