@@ -184,6 +184,35 @@ def test_passes_alone_equal_sequential_stepping(mode, left_pad, model, batch):
     assert 0.0 < passes.recomputed_fraction < 1.0
 
 
+def test_a_large_vocabulary_on_cpu_steps_right_after_pass_0(batch):
+    """On a CPU, with 4+ rows and an output projection of 2**22 multiply-adds per signal (a 65,536-token
+    vocabulary x hidden 64), stepping does less work than passes: it starts right after pass 0, and
+    its bins are the passes' and the sequential decode's. With 3 rows, or in training, passes run."""
+    tokens, labels, valid, response = batch
+    model = tiny_decoder(1 << 16, seed=3, weight_scale=3.0, embed_dim=64)
+    codec = codec_for(model, tokens, valid)
+    slots = slots_of("full", tokens, valid, response)
+    kwargs = dict(codec=codec, slots=slots, valid_mask=valid, pad_id=PAD)
+    stepped = compute_bins(model, tokens, **kwargs)
+    assert stepped.passes == 1 and stepped.stepped_slots == int(slots.sum()) - tokens.shape[0]
+    passes = compute_bins(model, tokens, sequential_fallback=False, **kwargs)
+    assert passes.passes > 1 and passes.stepped_slots == 0
+    assert torch.equal(stepped.bins, passes.bins)
+    for row in range(tokens.shape[0]):
+        n = int(valid[row].sum())
+        ref_bins, ref_seq, _ = decoded_row(model, tokens[row, :n], labels[row, :n], slots[row, :n], codec)
+        assert torch.equal(stepped.bins[row, :n], ref_bins), f"row {row}"
+        assert torch.equal(stepped.interleaved.tokens[row][stepped.interleaved.valid_mask[row]], ref_seq), f"row {row}"
+    three = dict(kwargs, slots=slots[:3], valid_mask=valid[:3])
+    assert compute_bins(model, tokens[:3], **three).passes > 1
+    model.train()
+    try:
+        training = compute_bins(model, tokens, **kwargs)
+    finally:
+        model.eval()
+    assert training.stepped_slots == 0 and torch.equal(training.bins, passes.bins)
+
+
 # ------------------------------------------------------------------ (b) narrowed == full, bit for bit
 @pytest.mark.parametrize("left_pad", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
