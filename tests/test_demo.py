@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 from entropy_guided_generation.demo import MODES
+from entropy_guided_generation.training.metrics import read_disk_log
 
 TINY = ["--steps", "2", "--batch-size", "4", "--eval-limit", "4", "--max-gen-toks", "24", "--train-rows", "48"]
 
@@ -46,6 +47,13 @@ def test_demo_writes_finite_results_and_pictures_for_every_mode(tmp_path, subpro
             assert (out / name).stat().st_size > 0, name
     for name in ("loss_curves.png", "ablation.png", "digit_bins.png"):
         assert (out / name).stat().st_size > 0, name
+    # Exact by default: every logged step of every interleaving finetune ended with its bins converged.
+    conf_logs = [read_disk_log(d) for d in sorted({f.parent for f in out.rglob("log_*.txt")})]
+    conf_logs = [log for log in conf_logs if any("conf/unconverged_fraction" in m for m in log.values())]
+    assert len(conf_logs) == len(MODES) - 1
+    for log in conf_logs:
+        steps = [m for m in log.values() if "loss" in m]
+        assert steps and [m.get("conf/unconverged_fraction") for m in steps] == [0.0] * len(steps)
     table_header = proc.stdout.splitlines()
     assert any("accuracy" in line and "ECE" in line and "AUROC" in line for line in table_header)
 
