@@ -598,7 +598,7 @@ _STEP_AFTER_PASSES = 4
 # matrix: passes compute about two signals per slot (a guess, then its check) plus a whole-row
 # forward per pass; stepping computes one per slot. Measured on a 5-shot GSM8K prompt (~480 tokens)
 # with the Llama-3.2-shaped stand-in (vocabulary 128,256 x hidden 64, so 8.2M multiply-adds per
-# signal; 1 thread), time of stepping over passes: 1.29 at 1 row, 1.07 at 2, 0.78 at 4, 0.58-0.74 at 8
+# signal; 1 thread), time of stepping over passes: 1.29 at 1 row, 1.07 at 2, 0.78 at 4, 0.54-0.74 at 8
 # (the passes vary more from run to run).
 # Accelerators run a pass's positions in parallel and keep passes (not measured here).
 _STEP_ON_CPU_FROM_ROWS = 4
