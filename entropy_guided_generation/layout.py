@@ -928,13 +928,20 @@ def compute_bins(
     pass_slots = [computed]
     changed = math.nan
     stepped = 0
-    behind = (final < counts).nonzero().squeeze(1)
-    steps_now = max_passes is None and sequential_fallback and _can_step(model)
-    if steps_now and behind.numel() and _stepping_is_cheaper(model, int(behind.numel()), tokens.device):
-        # After pass 0 (each row's first slot without a bin is final), step through the rest.
+
+    def step_the_rest() -> int:
+        """Step every row not final yet from its first non-final slot to its end; the slots stepped."""
+        behind = (final < counts).nonzero().squeeze(1)
         _step_to_the_end(model, build(bins), behind, order, final, counts, bins, signal, codec, positions)
-        stepped = int((counts - final)[behind].sum())
+        n = int((counts - final)[behind].sum())
         final[behind] = counts[behind]
+        return n
+
+    steps_now = max_passes is None and sequential_fallback and _can_step(model)
+    rows_behind = int((final < counts).sum())
+    if steps_now and rows_behind and _stepping_is_cheaper(model, rows_behind, tokens.device):
+        # After pass 0 (each row's first slot without a bin is final), step through the rest.
+        stepped = step_the_rest()
     # Each pass settles >= 1 slot of every row it runs, so m passes always reach the fixed point.
     limit = order.shape[1] if max_passes is None else min(max_passes, order.shape[1])
     min_progress = _chunk_slots(model, b, order.shape[1])
@@ -956,10 +963,7 @@ def compute_bins(
         # slots than a chunk (lazy passes of a large vocabulary settle at most their window).
         slow = bool(((counts[active] - settled > _STEP_AFTER_PASSES * progress) & (progress < min_progress)).any())
         if steps_now and slow:
-            behind = (final < counts).nonzero().squeeze(1)
-            _step_to_the_end(model, build(bins), behind, order, final, counts, bins, signal, codec, positions)
-            stepped = int((counts - final)[behind].sum())
-            final[behind] = counts[behind]
+            stepped = step_the_rest()
     unconverged = int((final < counts).sum())
     if max_passes is None and unconverged:
         raise RuntimeError(
