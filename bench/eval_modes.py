@@ -106,5 +106,6 @@ def main() -> None:
             print(f"{budget:12d} {mode:8s} {s:8.2f} {rate[mode]:8.3f} {summaries[budget, mode]['decode_tokens'] / s:14.1f} {ratio}")
     print("full / answer throughput (docs/s), target >= 0.4")
 
+
 if __name__ == "__main__":
     main()

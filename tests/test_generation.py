@@ -13,6 +13,7 @@ from entropy_guided_generation.generation import (
     get_decoder,
     sample_next_token,
 )
+from entropy_guided_generation import layout
 from entropy_guided_generation.layout import compute_bins, confidence_slots
 from entropy_guided_generation.scoring import SamplingPolicy
 
@@ -87,6 +88,24 @@ def test_decoded_interleaved_sequence_equals_training_layout(mode, model, codec)
         generated = torch.arange(result.content.shape[1]) < result.generated_lengths.unsqueeze(1)
         assert (result.bins[generated & (result.content != EOS)] >= 0).all()
         assert (result.bins[~generated | (result.content == EOS)] == -1).all()
+
+
+def test_full_mode_prompt_stepped_on_cpu_still_decodes_the_training_layout():
+    """With a large vocabulary (65,536 x hidden 64) and 4 prompts on a CPU, the decoder finds the
+    prompt's bins by stepping right after pass 0; what it decodes is still, row by row, the training
+    layout of the same text (whose single-row fixed point runs passes)."""
+    vocab = 1 << 16
+    big = tiny_decoder(vocab, seed=5, weight_scale=3.0, embed_dim=64)
+    big_codec = quantile_codec(big, vocab, list(range(vocab - 11, vocab)))
+    prompts = [[5, 9, 12, 7, 30, 31, 2], [22, 3, 40], [14, 15, 16, 17, 18, 19, 20, 21, 22], [8, 6, 4, 2, 11]]
+    assert layout._stepping_is_cheaper(big, len(prompts), torch.device("cpu"))
+    result = decode_mode("full", big, big_codec, left_pad(prompts))
+    for row, prompt_row in enumerate(prompts):
+        n = int(result.generated_lengths[row])
+        content = result.content[row, :n].tolist()
+        expected_seq, expected_bins = training_layout(big, big_codec, "full", prompt_row, content, None, [EOS])
+        assert result.interleaved[row][result.interleaved_valid[row]].tolist() == expected_seq.tolist(), f"row {row}"
+        assert result.bins[row, :n].tolist() == expected_bins.tolist()
 
 
 @pytest.mark.parametrize("mode", ["none", "full", "answer", "marker"])
