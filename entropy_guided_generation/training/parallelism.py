@@ -1,7 +1,7 @@
 """Single device vs. distributed (FSDP2 under torchrun): the only place the two differ.
 
 Both objects answer the same few questions: where a model is built and how its weights are
-loaded (``materialize``), how per-rank numbers are summed (``all_reduce_sum``), how a full state
+loaded (``materialize``), how per-rank numbers are summed (``all_reduce_sum``) or maximized (``all_reduce_max``), how a full state
 dict is gathered for saving and scattered back on loading. (The fixed point keeps ranks'
 collective forwards in step itself: ``modeling.forward_anywhere``.) The loss step, the loop, the logging and the
 checkpoint format are written once, against this interface.
@@ -43,6 +43,9 @@ class SingleDevice:
         return model
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
+    def all_reduce_max(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor
 
     def full_model_state_dict(self, model: nn.Module) -> Dict[str, torch.Tensor]:
@@ -124,6 +127,11 @@ class FSDP2:
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum over ranks, in place; returns ``tensor``."""
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
+    def all_reduce_max(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Maximum over ranks, in place; returns ``tensor``."""
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
         return tensor
 
     def full_model_state_dict(self, model: nn.Module) -> Dict[str, torch.Tensor]:

@@ -34,6 +34,7 @@ from tqdm import tqdm
 from entropy_guided_generation.confidence import ConfidenceCodec, ConfidenceMetadata, metadata_for
 from entropy_guided_generation.layout import Interleaving
 from entropy_guided_generation.modeling import vocab_size_of
+from entropy_guided_generation.run_lock import OutputDirInUseError, RunLock, lock_output_dir
 from entropy_guided_generation.training import checkpointing, run_dir
 from entropy_guided_generation.training.codec_setup import (
     codec_from_config,
@@ -49,6 +50,7 @@ from entropy_guided_generation.training.loss_step import ConfidenceLayout, LossS
 from entropy_guided_generation.training.metrics import ConfidenceStats
 from entropy_guided_generation.training.options import InterleavingOptions, interleaving_options, loop_options
 from entropy_guided_generation.training.parallelism import Parallelism, parallelism_from_config
+from entropy_guided_generation.training.preemption import RunPreempted, StopSignals, resume_hint
 
 log = utils.get_logger("INFO")
 
@@ -58,6 +60,16 @@ BATCH_KEYS = ("tokens", "labels", "response_mask", "valid_mask")
 
 # Packages a config may name that the project installs only as an extra: top-level module -> extra.
 OPTIONAL_EXTRAS = {"bitsandbytes": "bnb"}
+
+
+def validation_dataset_config(cfg: DictConfig) -> Any:
+    """``cfg.dataset_val``, or None when validation is off: the key absent or null, or a dataset
+    whose ``_component_`` is null (what ``dataset_val=null`` on torchtune's command line makes of
+    a YAML dataset: it sets ``dataset_val._component_``)."""
+    section = cfg.get("dataset_val", None)
+    if section is None or (isinstance(section, DictConfig) and section.get("_component_", None) is None):
+        return None
+    return section
 
 
 def check_optional_component(cfg_component: Any, key: str) -> None:
@@ -117,12 +129,15 @@ class CaCFinetuneRecipe(FTRecipeInterface):
         self._steps_in_epoch = 0
         self._last_saved_step: Optional[int] = None
         self._metric_logger = None
+        self._lock: Optional[RunLock] = None
+        self._signals = StopSignals()  # installed while train() runs
 
     # ------------------------------------------------------------------ setup
     def setup(self, cfg: DictConfig) -> None:
         """Build everything; on ``resume_from_checkpoint`` restore the newest readable step checkpoint
         of this run, else claim ``output_dir`` for a fresh run."""
         check_optional_component(cfg.optimizer, "optimizer")  # before minutes of checkpoint loading
+        self._lock_output_dir()
         if not self._loop.resume_from_checkpoint:
             self._claim_output_dir()
         if self._parallel.is_rank_zero:
@@ -147,9 +162,8 @@ class CaCFinetuneRecipe(FTRecipeInterface):
 
         self._reference = self._setup_reference(cfg) if self._interleaving.reference_checkpoint is not None else None
         self._dataloader = self._setup_dataloader(cfg.dataset, shuffle=self._loop.shuffle)
-        self._val_dataloader = (
-            self._setup_dataloader(cfg.dataset_val, shuffle=False) if cfg.get("dataset_val", None) is not None else None
-        )
+        val_dataset = validation_dataset_config(cfg)
+        self._val_dataloader = self._setup_dataloader(val_dataset, shuffle=False) if val_dataset is not None else None
         self._codec = self._setup_codec(cfg, resume)
         self._stats = ConfidenceStats(self._codec.num_bins, self._device) if self._interleaving.interleaved else None
         layout = self._build_layout() if self._interleaving.interleaved else None
@@ -367,6 +381,22 @@ class CaCFinetuneRecipe(FTRecipeInterface):
             utils.log_rank_zero(log, f"overwrite_output_dir: deleted the previous run's {', '.join(p.name for p in deleted)} in {self._output_dir}.")
         utils.log_rank_zero(log, f"Run {self._config_hash} starts in {self._output_dir}.")
 
+    def _lock_output_dir(self) -> None:
+        """Hold ``output_dir``'s run lock (rank 0) for this run; every rank raises when another
+        live run holds it.
+
+        Raises:
+            OutputDirInUseError: naming the holding process.
+        """
+        refused: Optional[OutputDirInUseError] = None
+        if self._parallel.is_rank_zero:
+            try:
+                self._lock = lock_output_dir(self._output_dir, "finetune")
+            except OutputDirInUseError as err:
+                refused = err
+        if not self._all_ranks(refused is None):
+            raise refused or OutputDirInUseError(f"output_dir {self._output_dir} is in use by another run (rank 0 says which)")
+
     def _all_ranks(self, ok: bool) -> bool:
         """True when ``ok`` holds on every rank (a collective under FSDP2)."""
         flag = torch.tensor([1.0 if ok else 0.0], device=self._device)
@@ -470,7 +500,7 @@ class CaCFinetuneRecipe(FTRecipeInterface):
         if global_tokens == 0:
             raise ValueError(f"step {self.global_step + 1}: no target token in the whole batch (all labels ignored)")
         if not math.isfinite(global_loss):
-            self._stop_on_non_finite("training loss", global_loss, bool(torch.isfinite(loss_sum)))
+            self._stop_on_non_finite("training loss", global_loss, bool(torch.isfinite(loss_sum)), step=self.global_step + 1)
         metrics = {"loss": global_loss / global_tokens, "num_tokens": float(global_tokens)}
         if not self._loop.optimizer_in_bwd:
             training.scale_grads(self._model, torch.tensor(self._parallel.world_size / global_tokens))
@@ -478,18 +508,18 @@ class CaCFinetuneRecipe(FTRecipeInterface):
                 norm = torch.nn.utils.clip_grad_norm_(self._model.parameters(), max_norm=self._loop.clip_grad_norm)
                 metrics["grad_norm"] = float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
                 if not math.isfinite(metrics["grad_norm"]):
-                    self._stop_on_non_finite("gradient norm", metrics["grad_norm"], None)
+                    self._stop_on_non_finite("gradient norm", metrics["grad_norm"], None, step=self.global_step + 1)
             self._optimizer.step()
             self._optimizer.zero_grad(set_to_none=True)
         if self._lr_scheduler is not None:
             self._lr_scheduler.step()
         return metrics
 
-    def _stop_on_non_finite(self, what: str, value: float, finite_here: Optional[bool]) -> None:
-        """Raise before this step is checkpointed (and, unless ``optimizer_in_bwd``, before its
-        optimizer step). Every rank gets here
-        together (``value`` is summed over ranks); ``finite_here`` (this rank's own share, when
-        known) names the ranks where it went bad.
+    def _stop_on_non_finite(self, what: str, value: float, finite_here: Optional[bool], *, step: int) -> None:
+        """Raise before ``step`` is checkpointed (a training loss or gradient norm: also, unless
+        ``optimizer_in_bwd``, before its optimizer step; a validation loss: after it). Every rank
+        gets here together (``value`` is summed over ranks); ``finite_here`` (this rank's own share,
+        when known) names the ranks where it went bad.
 
         Raises:
             FloatingPointError: naming the step, the value and the ranks.
@@ -502,13 +532,21 @@ class CaCFinetuneRecipe(FTRecipeInterface):
             where = f" (non-finite on rank {', '.join(map(str, ranks))} of {self._parallel.world_size})"
         saved = f"step {self._last_saved_step}" if self._last_saved_step is not None else "none yet"
         raise FloatingPointError(
-            f"step {self.global_step + 1} (epoch {self.epochs_run + 1}): the {what} is {value}{where}; stopped, no "
+            f"step {step} (epoch {self.epochs_run + 1}): the {what} is {value}{where}; stopped, no "
             f"checkpoint holds this step (last step checkpoint: {saved}). Lower the learning rate, "
             "clip gradients (clip_grad_norm) or check the data and starting weights"
         )
 
     def train(self) -> None:
-        """Train until ``epochs`` are done (or ``stop_after_steps``), checkpointing on the way."""
+        """Train until ``epochs`` are done (or ``stop_after_steps``), checkpointing on the way.
+
+        Raises:
+            RunPreempted: after SIGTERM or SIGINT, once the step in flight is taken and saved.
+        """
+        with self._signals:
+            self._train_epochs()
+
+    def _train_epochs(self) -> None:
         if self._device.type == "cuda":
             training.cleanup_before_training()
         if self._optimizer is not None:
@@ -528,7 +566,7 @@ class CaCFinetuneRecipe(FTRecipeInterface):
                 elapsed, started = time.perf_counter() - started, time.perf_counter()
                 if self.global_step % self._loop.log_every_n_steps == 0:
                     self._log_step(metrics, elapsed)
-                if self._loop.run_val_every_n_steps and self.global_step % self._loop.run_val_every_n_steps == 0:
+                if self._val_dataloader is not None and self._loop.run_val_every_n_steps and self.global_step % self._loop.run_val_every_n_steps == 0:
                     self._log_validation()
                 if self._steps_in_epoch == self._steps_per_epoch:
                     break
@@ -538,16 +576,46 @@ class CaCFinetuneRecipe(FTRecipeInterface):
                     bar.close()
                     return
             bar.close()
+            if self._val_dataloader is not None and not self._loop.run_val_every_n_steps:
+                self._log_validation()  # before the epoch's checkpoints: a non-finite loss must not be saved
             self.epochs_run += 1
             self._steps_in_epoch = 0
             self.save_checkpoint(epoch)
-            if self._val_dataloader is not None and not self._loop.run_val_every_n_steps:
-                self._log_validation()
-            if self._stop_requested():
+            if self._stop_requested(finished=self.epochs_run == self.total_epochs):
                 return
 
-    def _stop_requested(self) -> bool:
-        """True once ``stop_after_steps`` is reached (after making sure this step is saved)."""
+    def _stop_signal(self) -> int:
+        """The stop signal caught on any rank since training began (0: none); a cheap collective
+        under FSDP2, so every rank stops after the same step."""
+        flag = torch.tensor([self._signals.received or 0], dtype=torch.int32, device=self._device)
+        return int(self._parallel.all_reduce_max(flag).item())
+
+    def _stop_on_signal(self, signum: int) -> None:
+        """Save this step (unless saved), say where the run stopped and how to resume, and raise.
+
+        Raises:
+            RunPreempted: always.
+        """
+        self._signals.begin_saving()
+        if self._last_saved_step != self.global_step:
+            self._save_step_checkpoint()
+        message = resume_hint(self.global_step, signum, self._step_root / checkpointing.step_dir_name(self.global_step))
+        if self._parallel.is_rank_zero:
+            log.warning(message)
+        raise RunPreempted(message, signum=signum, step=self.global_step)
+
+    def _stop_requested(self, finished: bool = False) -> bool:
+        """True once ``stop_after_steps`` is reached (after making sure this step is saved).
+
+        Args:
+            finished: the last epoch just ended (a signal then stops nothing: the run is complete).
+
+        Raises:
+            RunPreempted: when a rank caught SIGTERM or SIGINT and epochs remain.
+        """
+        signum = self._stop_signal()
+        if signum and not finished:
+            self._stop_on_signal(signum)
         if self._loop.stop_after_steps is None or self.global_step < self._loop.stop_after_steps:
             return False
         if self._last_saved_step != self.global_step:
@@ -577,7 +645,11 @@ class CaCFinetuneRecipe(FTRecipeInterface):
     @torch.no_grad()
     def validate(self) -> float:
         """Mean loss (nats per target token) on ``dataset_val``, over all ranks, with the same
-        interleaving and binning as training."""
+        interleaving and binning as training.
+
+        Raises:
+            FloatingPointError: when it is NaN or infinite (as a training loss), naming the step and ranks.
+        """
         self._model.eval()
         loss_sum = torch.zeros((), dtype=torch.float64, device=self._device)
         tokens = torch.zeros((), dtype=torch.float64, device=self._device)
@@ -591,7 +663,10 @@ class CaCFinetuneRecipe(FTRecipeInterface):
         totals = self._parallel.all_reduce_sum(torch.stack([loss_sum, tokens]))
         if totals[1].item() == 0:
             raise ValueError("dataset_val has no target token")
-        return totals[0].item() / totals[1].item()
+        val_loss = totals[0].item() / totals[1].item()
+        if not math.isfinite(val_loss):
+            self._stop_on_non_finite("validation loss", val_loss, bool(torch.isfinite(loss_sum)), step=self.global_step)
+        return val_loss
 
     def _log_validation(self) -> None:
         val_loss = self.validate()
@@ -641,6 +716,8 @@ class CaCFinetuneRecipe(FTRecipeInterface):
     def cleanup(self) -> None:
         if self._metric_logger is not None:
             self._metric_logger.close()
+        if self._lock is not None:
+            self._lock.release()
         self._parallel.close()
 
 
@@ -663,6 +740,11 @@ def run_recipe(cfg: DictConfig, mode: Optional[str] = None, *, distributed: bool
     Returns:
         ``cfg.output_dir``: it holds ``epoch_<N>/`` (Hugging Face weights + ``confidence.json``) and
         ``step_checkpoints/``.
+
+    Raises:
+        RunPreempted: SIGTERM or SIGINT stopped the run after a step, which was saved (resume it
+            with ``resume_from_checkpoint=True``); the entry points exit with its ``exit_status``.
+        OutputDirInUseError: another live run holds ``output_dir`` (the error names its process).
     """
     check_finetune_keys(cfg)
     cfg = resolve_kit_references(cfg)
@@ -682,8 +764,12 @@ def make_recipe_main(mode: Optional[str], distributed: bool) -> Callable[[], Any
     """The ``recipe_main`` of an entry point: parses ``--config`` and ``key=value`` overrides
     (torchtune's ``config.parse``) and runs :func:`run_recipe` with this entry point's mode."""
 
-    def recipe_main(cfg: DictConfig) -> None:
-        run_recipe(cfg, mode=mode, distributed=distributed)
+    def recipe_main(cfg: DictConfig) -> int:
+        try:
+            run_recipe(cfg, mode=mode, distributed=distributed)
+        except RunPreempted as stopped:
+            return stopped.exit_status  # 143 after SIGTERM, 130 after SIGINT (the log said how to resume)
+        return 0
 
     label = mode or "interleaving.mode from the config"
     recipe_main.__doc__ = (
@@ -692,4 +778,11 @@ def make_recipe_main(mode: Optional[str], distributed: bool) -> Callable[[], Any
     return config.parse(recipe_main)
 
 
-__all__ = ["OPTIONAL_EXTRAS", "CaCFinetuneRecipe", "check_optional_component", "make_recipe_main", "run_recipe"]
+__all__ = [
+    "OPTIONAL_EXTRAS",
+    "CaCFinetuneRecipe",
+    "check_optional_component",
+    "make_recipe_main",
+    "run_recipe",
+    "validation_dataset_config",
+]

@@ -1,0 +1,222 @@
+"""Long runs survive preemption, through the users' commands on the tiny configs.
+
+Invariants: SIGTERM stops a finetune after the step in flight, saves it, says how to resume and
+exits 143 (one device and 2-rank FSDP2, where every rank stops after the same step); the resumed
+run's losses equal an uninterrupted run's; a second signal during that save exits at once and the
+resume falls back to the previous complete step checkpoint; one run per ``output_dir`` at a time
+(the refusal names the holder; a dead holder's lock is taken over); a non-finite validation loss
+stops the run; ``dataset_val=null`` on the command line turns validation off.
+
+Signals are real (``send_signal``) and sent at points the test can see: the run pauses after
+logging a chosen step (``preemption_hooks.PausingDiskLogger``) until the test has signalled it.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List
+
+import pytest
+from omegaconf import OmegaConf
+
+from entropy_guided_generation.run_lock import LOCK_FILENAME, OutputDirInUseError, lock_output_dir
+from entropy_guided_generation.training import read_disk_log, run_recipe
+from entropy_guided_generation.training.checkpointing import PARTIAL_SUFFIX
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+TUNE = str(Path(sys.executable).parent / "tune")
+# 32 examples, 2 epochs of 4 steps of 8 (one device) or 2 x 4 (two ranks); no validation.
+SHORT_RUN = ["dataset.split=train[:32]", "epochs=2", "max_steps_per_epoch=4", "dataset_val=null"]
+WAIT_S = 120
+
+
+def hooked_env(subprocess_env: Dict[str, str]) -> Dict[str, str]:
+    """The subprocess environment with ``tests/`` importable (``preemption_hooks``)."""
+    env = dict(subprocess_env)
+    env["PYTHONPATH"] = os.pathsep.join([str(TESTS), env["PYTHONPATH"]])
+    return env
+
+
+def config_args(name: str, out: Path, *overrides: str) -> List[str]:
+    return ["--config", f"configs/tiny/{name}.yaml", f"output_dir={out}", f"metric_logger.log_dir={out}/logs", *overrides]
+
+
+def pausing_logger(step: int) -> List[str]:
+    """Overrides that make the run pause after logging ``step`` (see ``PausingDiskLogger``)."""
+    return ["metric_logger._component_=preemption_hooks.PausingDiskLogger", f"metric_logger.pause_at_step={step}"]
+
+
+def tiny_config(name: str, out: Path, *overrides: str):
+    cfg = OmegaConf.load(REPO / "configs" / "tiny" / f"{name}.yaml")
+    return OmegaConf.merge(cfg, OmegaConf.from_dotlist([f"output_dir={out}", f"metric_logger.log_dir={out}/logs", *overrides]))
+
+
+def losses(out: Path) -> Dict[int, float]:
+    return {step: m["loss"] for step, m in read_disk_log(out / "logs").items() if "loss" in m}
+
+
+def start(command: List[str], env: Dict[str, str]) -> subprocess.Popen:
+    return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for_file(path: Path, proc: subprocess.Popen) -> None:
+    """Wait until ``path`` exists; fail with the process's output if it ends first."""
+    deadline = time.monotonic() + WAIT_S
+    while not path.exists():
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended ({proc.returncode}) before {path} appeared:\n{proc.stdout.read()[-6000:]}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"{path} did not appear within {WAIT_S} s")
+        time.sleep(0.05)
+
+
+def finish(proc: subprocess.Popen) -> str:
+    output, _ = proc.communicate(timeout=WAIT_S)
+    return output
+
+
+def run(command: List[str], env: Dict[str, str]) -> str:
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    if done.returncode != 0:
+        pytest.fail(f"{' '.join(command)} exited {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}")
+    return done.stdout + done.stderr
+
+
+def step_folders(out: Path) -> List[str]:
+    return sorted(p.name for p in (out / "step_checkpoints").iterdir())
+
+
+def test_sigterm_saves_the_step_in_flight_and_the_resumed_run_equals_an_uninterrupted_one(tmp_path, subprocess_env):
+    """Signalled after step 3 (mid-epoch): exit 143, step 3 saved, the log names the step and the
+    resume option; resuming gives the uninterrupted run's losses for steps 4-8, bit for bit."""
+    reference, split = tmp_path / "reference", tmp_path / "split"
+    run_recipe(tiny_config("none_single_device", reference, *SHORT_RUN))
+    env = hooked_env(subprocess_env)
+    command = [sys.executable, "-m", "entropy_guided_generation.training"] + config_args("none_single_device", split, *SHORT_RUN)
+    proc = start(command + pausing_logger(3), env)
+    wait_for_file(split / "logs" / "paused", proc)
+    proc.send_signal(signal.SIGTERM)
+    (split / "logs" / "go").touch()
+    output = finish(proc)
+    assert proc.returncode == 143, output[-4000:]
+    assert re.search(r"Stopped by SIGTERM after step 3; step checkpoint \S*step_00000003 holds it\. Resume with the same command plus resume_from_checkpoint=True", output), output[-4000:]
+    assert step_folders(split) == ["step_00000003"] and not (split / "epoch_0").exists()
+    assert sorted(losses(split)) == [1, 2, 3]
+
+    run(command + ["resume_from_checkpoint=True"], env)
+    assert losses(split) == losses(reference) and sorted(losses(split)) == list(range(1, 9))
+
+
+def test_second_signal_during_the_final_save_exits_at_once_and_resume_uses_the_previous_checkpoint(tmp_path, subprocess_env):
+    """SIGINT after step 3, then SIGINT again once the stop's save of step 3 has written its model
+    file: exit 130 at once, ``step_3.partial`` left half written, step 2 the newest complete
+    checkpoint; the resume starts from step 2 and matches the uninterrupted run."""
+    reference, split = tmp_path / "reference", tmp_path / "split"
+    overrides = [*SHORT_RUN, "save_every_n_steps=2"]
+    run_recipe(tiny_config("none_single_device", reference, *overrides))
+    env = hooked_env(subprocess_env)
+    args = config_args("none_single_device", split, *overrides)
+    hooked = [sys.executable, "-c", "import preemption_hooks; preemption_hooks.run_signalling_mid_save('entropy_guided_generation.training')"]
+    proc = start(hooked + args + pausing_logger(3), env)
+    wait_for_file(split / "logs" / "paused", proc)
+    proc.send_signal(signal.SIGINT)
+    (split / "logs" / "go").touch()
+    output = finish(proc)
+    assert proc.returncode == 130, output[-4000:]
+    assert "SIGINT during the final save: exiting now" in output and "Stopped by" not in output
+    assert step_folders(split) == ["step_00000002", "step_00000003" + PARTIAL_SUFFIX]
+    assert sorted(p.name for p in (split / "step_checkpoints" / ("step_00000003" + PARTIAL_SUFFIX)).iterdir()) == ["model.pt", "rank_0.pt"]
+
+    resumed = run([sys.executable, "-m", "entropy_guided_generation.training"] + args + ["resume_from_checkpoint=True"], env)
+    assert re.search(r"Resuming run cfg-\w+ from step 2 ", resumed)
+    assert losses(split) == losses(reference)
+
+
+def test_sigterm_to_a_two_rank_fsdp2_run_stops_every_rank_after_the_same_step(tmp_path, subprocess_env):
+    """``tune run --nproc_per_node 2``, SIGTERM to the launcher after step 2: torchrun forwards it,
+    both ranks take the same steps, save one step checkpoint together and exit 143; the resumed run
+    logs every step once and matches one device on the same global batches (to 1e-5)."""
+    reference, split = tmp_path / "reference", tmp_path / "split"
+    run_recipe(tiny_config("answer_single_device", reference, *SHORT_RUN, "batch_size=8"), mode="answer")
+    env = hooked_env(subprocess_env)
+    command = [TUNE, "run", "--nproc_per_node", "2", "recipes/finetune_distributed.py"] + config_args(
+        "answer_distributed", split, *SHORT_RUN, "batch_size=4"
+    )
+    proc = start(command + pausing_logger(2), env)
+    wait_for_file(split / "logs" / "paused", proc)
+    proc.send_signal(signal.SIGTERM)
+    (split / "logs" / "go").touch()
+    output = finish(proc)
+    assert proc.returncode != 0
+    stopped = re.search(r"Stopped by SIGTERM after step (\d+); step checkpoint \S*step_0*(\d+) holds it", output)
+    assert stopped is not None and stopped.group(1) == stopped.group(2), output[-6000:]
+    step = int(stopped.group(1))
+    assert 2 <= step < 8 and step_folders(split) == [f"step_{step:08d}"]
+    assert output.count("SIGTERM received: stopping after the optimizer step in flight") == 2  # torchrun forwarded it to both ranks
+    assert sorted(p.name for p in (split / "step_checkpoints" / f"step_{step:08d}").glob("rank_*.pt")) == ["rank_0.pt", "rank_1.pt"]
+
+    run(command + ["resume_from_checkpoint=True"], env)
+    one, two = losses(reference), losses(split)
+    assert sorted(two) == list(range(1, 9))
+    assert [two[s] for s in sorted(two)] == pytest.approx([one[s] for s in sorted(one)], rel=1e-5)
+
+
+def test_one_run_per_output_dir_at_a_time_and_a_dead_holders_lock_is_taken_over(tmp_path, subprocess_env, caplog):
+    """A finetune paused after step 1 holds its folder: a second run there (fresh or resuming) is
+    refused naming the first one's process; a lock left by a process killed with SIGKILL is taken
+    over with a warning naming it."""
+    out = tmp_path / "run"
+    env = hooked_env(subprocess_env)
+    first = start([sys.executable, "-m", "entropy_guided_generation.training"] + config_args("none_single_device", out, *SHORT_RUN) + pausing_logger(1), env)
+    wait_for_file(out / "logs" / "paused", first)
+    holder = rf"output_dir {out} is in use by process {first.pid} on \S+ \([^)]*entropy_guided_generation[^)]*\) since [\d-]+ [\d:]+ \(lock {out / LOCK_FILENAME}\); one finetune per output_dir at a time"
+    with pytest.raises(OutputDirInUseError, match=holder):
+        run_recipe(tiny_config("none_single_device", out, *SHORT_RUN, "resume_from_checkpoint=True"))
+    second = subprocess.run(
+        [sys.executable, "-m", "entropy_guided_generation.training"] + config_args("none_single_device", out, *SHORT_RUN, "overwrite_output_dir=True"),
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert second.returncode != 0 and re.search(holder, second.stdout + second.stderr)
+    (out / "logs" / "go").touch()
+    output = finish(first)
+    assert first.returncode == 0, output[-4000:]
+    assert sorted(losses(out)) == list(range(1, 9))
+
+    stale = tmp_path / "stale"
+    holder_proc = start([sys.executable, "-c", f"import sys, time; from entropy_guided_generation.run_lock import lock_output_dir; lock_output_dir({str(stale)!r}); print('locked', flush=True); time.sleep(300)"], env)
+    assert holder_proc.stdout.readline().strip() == "locked"
+    holder_proc.send_signal(signal.SIGKILL)
+    holder_proc.wait()
+    with caplog.at_level(logging.WARNING):
+        with lock_output_dir(stale, "eval") as lock:
+            assert lock.held
+    assert f"taking over the lock left by process {holder_proc.pid} on" in caplog.text and "no longer running" in caplog.text
+
+
+def test_non_finite_validation_loss_stops_the_run_before_its_checkpoint(tmp_path):
+    """lr 1e30 blows the weights up at step 2 (step 1 has lr 0 under the warm-up); validation after
+    step 2 sees it before step 2 is saved."""
+    out = tmp_path / "blowup"
+    cfg = tiny_config("none_single_device", out, "dataset.split=train[:32]", "max_steps_per_epoch=4", "save_every_n_steps=1",
+                      "optimizer.lr=1e30", "clip_grad_norm=null", "run_val_every_n_steps=2", "max_val_batches=1")
+    with pytest.raises(FloatingPointError, match=r"step 2 \(epoch 1\): the validation loss is (nan|inf) \(non-finite on rank 0 of 1\); .*last step checkpoint: step 1"):
+        run_recipe(cfg)
+    assert step_folders(out) == ["step_00000001"]
+
+
+def test_dataset_val_null_on_the_command_line_turns_validation_off(tmp_path, subprocess_env):
+    """torchtune's override ``dataset_val=null`` sets ``dataset_val._component_``; the recipe reads it as off."""
+    out = tmp_path / "noval"
+    run([TUNE, "run", "recipes/finetune_single_device.py"] + config_args("none_single_device", out, "dataset.split=train[:16]", "max_steps_per_epoch=2", "dataset_val=null"), subprocess_env)
+    logged = read_disk_log(out / "logs")
+    assert sorted(logged) == [1, 2] and not any("val_loss" in m for m in logged.values())
