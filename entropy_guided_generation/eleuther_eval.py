@@ -30,6 +30,13 @@ Data parallel: ``tune run --nproc_per_node N recipes/eleuther_eval.py --config .
 model, lm-eval splits the documents across ranks, and rank 0 gathers samples, metrics, confidence
 traces and decode counts, computes the calibration and writes every file; the other ranks write
 nothing and exit 0. The results equal a one-process run's (greedy decoding; same seed).
+
+Interrupted evals resume: with an ``output_dir``, every answered request is committed as it finishes
+under ``output_dir/request_cache/<identity>/`` (one file per rank; the identity hashes the
+checkpoint files, the config less ``output_dir``/``limit``/``bootstrap_iters`` and the tasks), and
+rerunning the same command after ``kill -9`` or SIGTERM computes only the requests not answered yet,
+with the same results, samples and traces (:mod:`entropy_guided_generation.eval.request_cache`).
+One eval per ``output_dir`` at a time: rank 0 holds its run lock (:mod:`entropy_guided_generation.run_lock`).
 """
 from __future__ import annotations
 
@@ -44,6 +51,7 @@ from typing import Any, Optional
 from lm_eval.evaluator import simple_evaluate
 from lm_eval.loggers import EvaluationTracker
 from lm_eval.utils import handle_non_serializable, make_table
+import torch
 from omegaconf import DictConfig
 from torchtune import config, training, utils
 
@@ -56,11 +64,18 @@ from entropy_guided_generation.eval.from_config import (
     plain_container,
     resolve_kit_paths,
 )
-from entropy_guided_generation.eval.distributed import gather_to_rank_zero, join_process_group, leave_process_group
+from entropy_guided_generation.eval.distributed import (
+    gather_to_rank_zero,
+    join_process_group,
+    leave_process_group,
+    rank_and_world_size,
+)
 from entropy_guided_generation.eval.lm import MODEL_NAME, DecodeStats
 from entropy_guided_generation.eval.report import calibration_rows, calibration_table
+from entropy_guided_generation.eval.request_cache import RequestCache, cache_identity, cache_path, checkpoint_fingerprint
 from entropy_guided_generation.eval.tasks import expand_task_spec, task_manager_for
 from entropy_guided_generation.eval.traces import in_document_order, write_traces_jsonl
+from entropy_guided_generation.run_lock import OutputDirInUseError, RunLock, lock_output_dir
 
 log = utils.get_logger("INFO")
 
@@ -135,15 +150,69 @@ class EleutherEvalRecipeDirect:
         output_dir = cfg.get("output_dir", None)
         self.output_dir = Path(output_dir) if output_dir else None
         self.lm = None
+        self._lock: Optional[RunLock] = None
+
+    def _lock_output_dir(self) -> None:
+        """Hold ``output_dir``'s run lock on rank 0; every rank raises when another live run holds it.
+
+        Raises:
+            OutputDirInUseError: naming the holding process.
+        """
+        if self.output_dir is None:
+            return
+        rank, world_size = rank_and_world_size()
+        refused: Optional[OutputDirInUseError] = None
+        if rank == 0:
+            try:
+                self._lock = lock_output_dir(self.output_dir, "eval")
+            except OutputDirInUseError as err:
+                refused = err
+        if world_size > 1:
+            flag = [refused is not None]
+            torch.distributed.broadcast_object_list(flag, src=0)
+            if flag[0] and refused is None:
+                refused = OutputDirInUseError(f"output_dir {self.output_dir} is in use by another run (rank 0 says which)")
+        if refused is not None:
+            raise refused
 
     def setup(self, cfg: DictConfig) -> None:
-        """Resolve ``kit:`` paths, reconcile the config with ``confidence.json``, build the model."""
+        """Take ``output_dir``'s run lock, resolve ``kit:`` paths, reconcile the config with
+        ``confidence.json``, build the model and open this rank's request cache (a failing setup
+        frees the folder again).
+
+        Raises:
+            OutputDirInUseError: another live run holds ``output_dir`` (naming its process).
+        """
+        self._lock_output_dir()
+        try:
+            self._setup(cfg)
+        except BaseException:
+            self._release_lock()
+            raise
+
+    def _setup(self, cfg: DictConfig) -> None:
         cfg = resolve_kit_paths(cfg)
         self.tasks = list(plain_container(cfg.tasks))  # again: a kit: data_dir is a path now
         self.include_path = plain_container(cfg.get("include_path", None))
         self.checkpoint_dir = str(cfg.checkpointer.checkpoint_dir)
         self.lm, self.interleaving, self.metadata = build_lm(cfg, self.device, self.dtype)
+        if self.output_dir is not None:
+            self.lm.request_cache = self._open_request_cache(cfg)
         log.info(f"lm-eval model {type(self.lm).__name__} in interleaving mode {self.interleaving.name!r}, decoder {self.lm.decoder_name!r}")
+
+    def _release_lock(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def _open_request_cache(self, cfg: DictConfig) -> RequestCache:
+        """This rank's answers file for this checkpoint, config and tasks (see the module docstring)."""
+        checkpoint = checkpoint_fingerprint(Path(self.checkpoint_dir), list(plain_container(cfg.checkpointer.checkpoint_files)))
+        identity = cache_identity(checkpoint, plain_container(cfg), self.tasks)
+        rank, world_size = rank_and_world_size()
+        cache = RequestCache(cache_path(self.output_dir, identity, rank, world_size))
+        log.info(f"Rank {rank}: answered requests are kept in {cache.path} ({len(cache)} there already)")
+        return cache
 
     def evaluate(self) -> Optional[dict]:
         """Run lm-eval on the tasks; write and print results, samples, traces, calibration and summary.
@@ -203,7 +272,12 @@ class EleutherEvalRecipeDirect:
         return {**summary, "lm_eval": results}
 
     def cleanup(self) -> None:
-        """Leave the process group if ``__init__`` created it (one the caller made stays)."""
+        """Close the request cache, release the run lock, and leave the process group if
+        ``__init__`` created it (one the caller made stays)."""
+        if self.lm is not None and self.lm.request_cache is not None:
+            self.lm.request_cache.close()
+            self.lm.request_cache = None
+        self._release_lock()
         if self._owns_process_group:
             leave_process_group()
 
@@ -240,9 +314,11 @@ def recipe_main(cfg: DictConfig) -> None:
     """Entry point: ``tune run recipes/eleuther_eval.py --config X.yaml [key=value ...]``."""
     config.log_config(recipe_name="EleutherEvalRecipeDirect", cfg=cfg)
     recipe = EleutherEvalRecipeDirect(cfg)
-    recipe.setup(cfg)
-    recipe.evaluate()
-    recipe.cleanup()
+    try:
+        recipe.setup(cfg)
+        recipe.evaluate()
+    finally:
+        recipe.cleanup()
 
 
 if __name__ == "__main__":

@@ -6,6 +6,9 @@ their ``PYTHONPATH``): points where a test can send a real signal and know what 
   signal in between, so the run is stopped right after that step (one device).
 - :func:`run_signalling_mid_save`: runs a recipe module as ``python -m`` would, and sends the process
   ``signum`` right after the final save (the one a stop signal starts) has written ``model.pt``.
+- run as a script (``python`` or ``tune run --nproc_per_node N``), this file is the eval recipe with
+  each rank halting for good once it has committed a chosen number of answers to its request cache
+  (:func:`pause_after_answers`), where the test kills it.
 """
 from __future__ import annotations
 
@@ -67,3 +70,34 @@ def run_signalling_mid_save(module: str, signum: int = signal.SIGINT) -> None:
     preemption.StopSignals.begin_saving = mark_final_save
     checkpointing._save = save_then_signal
     runpy.run_module(module, run_name="__main__", alter_sys=True)
+
+
+def pause_after_answers(answers: int, paused_file: str) -> None:
+    """Make this process stop computing once ``answers`` requests are committed to its request cache:
+    it writes ``paused_file`` (``{rank}`` filled in) and waits there until killed."""
+    from entropy_guided_generation.eval import request_cache
+    from entropy_guided_generation.eval.distributed import rank_and_world_size
+
+    store = request_cache.RequestCache.store
+    committed = {"count": 0}
+
+    def store_then_pause(self: Any, *args: Any, **kwargs: Any) -> None:
+        store(self, *args, **kwargs)
+        committed["count"] += 1
+        if committed["count"] == answers:
+            Path(paused_file.format(rank=rank_and_world_size()[0])).write_text(str(os.getpid()))
+            while True:
+                time.sleep(1)
+
+    request_cache.RequestCache.store = store_then_pause
+
+
+if __name__ == "__main__":
+    # ``[tune run [--nproc_per_node N]] tests/preemption_hooks.py --config <eval yaml> ...``: the eval
+    # recipe, each rank halting after $EGG_TEST_PAUSE_AFTER answers (writing $EGG_TEST_PAUSED_FILE).
+    import sys
+
+    pause_after_answers(int(os.environ["EGG_TEST_PAUSE_AFTER"]), os.environ["EGG_TEST_PAUSED_FILE"])
+    from entropy_guided_generation.eleuther_eval import recipe_main
+
+    sys.exit(recipe_main())

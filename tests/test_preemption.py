@@ -5,13 +5,16 @@ exits 143 (one device and 2-rank FSDP2, where every rank stops after the same st
 run's losses equal an uninterrupted run's; a second signal during that save exits at once and the
 resume falls back to the previous complete step checkpoint; one run per ``output_dir`` at a time
 (the refusal names the holder; a dead holder's lock is taken over); a non-finite validation loss
-stops the run; ``dataset_val=null`` on the command line turns validation off.
+stops the run; ``dataset_val=null`` on the command line turns validation off; an eval killed
+mid-run (``kill -9`` or SIGTERM) and rerun computes only the requests not yet answered and writes
+the results, samples and confidence traces of an uninterrupted run.
 
 Signals are real (``send_signal``) and sent at points the test can see: the run pauses after
 logging a chosen step (``preemption_hooks.PausingDiskLogger``) until the test has signalled it.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -220,3 +223,109 @@ def test_dataset_val_null_on_the_command_line_turns_validation_off(tmp_path, sub
     run([TUNE, "run", "recipes/finetune_single_device.py"] + config_args("none_single_device", out, "dataset.split=train[:16]", "max_steps_per_epoch=2", "dataset_val=null"), subprocess_env)
     logged = read_disk_log(out / "logs")
     assert sorted(logged) == [1, 2] and not any("val_loss" in m for m in logged.values())
+
+
+# ---------------------------------------------------------------- eval: answered requests are kept
+
+EVAL_ARGS = ["limit=3", "batch_size=2", "max_gen_toks=8", "bootstrap_iters=0"]
+ANSWERED = re.compile(r"(generate_until|loglikelihood|loglikelihood_rolling): (\d+) of (\d+) requests answered by an earlier run \(\S+\); computing (\d+)")
+
+
+def pausing_env(env: Dict[str, str], answers: int, paused_file: Path) -> Dict[str, str]:
+    """Settings of ``preemption_hooks.py`` run as the eval recipe: halt after ``answers`` answers."""
+    return {**env, "EGG_TEST_PAUSE_AFTER": str(answers), "EGG_TEST_PAUSED_FILE": str(paused_file)}
+
+
+def eval_outputs(out: Path) -> dict:
+    """What an eval wrote that must not depend on interruptions: lm-eval's per-task results and our
+    calibration, and every samples and traces line (timestamps and timings left out)."""
+    (results_file,) = out.glob("results_*.json")
+    results = json.loads(results_file.read_text())
+    lines = {re.sub(r"_\d{4}-\d{2}-\d{2}T[\d\-.]+\.jsonl$", "", p.name): p.read_text().splitlines() for p in out.glob("*.jsonl")}
+    return {"results": results["results"], "calibration": results["confidence_calibration"], "lines": lines}
+
+
+def answered_counts(output: str) -> Dict[str, tuple]:
+    """``{request type: (answered earlier, total, computed)}`` from the eval's log lines."""
+    return {m.group(1): (int(m.group(2)), int(m.group(3)), int(m.group(4))) for m in ANSWERED.finditer(output)}
+
+
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM"])
+def test_eval_killed_mid_run_resumes_computing_only_the_unanswered_requests(tmp_path, subprocess_env, how):
+    """Mode answer on three tasks (generation, multiple choice, rolling): the eval is stopped for good
+    after its 5th answer; the same command again reads those 5, computes the rest, and writes what an
+    uninterrupted run writes. Another config (max_gen_toks) does not read them."""
+    reference, split = tmp_path / "reference", tmp_path / "split"
+    env = hooked_env(subprocess_env)
+    command = [sys.executable, "-m", "entropy_guided_generation.eleuther_eval", "--config", "configs/tiny/eval_answer.yaml", *EVAL_ARGS]
+    first_output = run(command + [f"output_dir={reference}"], env)
+    computed = answered_counts(first_output)
+    assert all(answered == 0 for answered, _, _ in computed.values()) and len(computed) == 3
+
+    paused = tmp_path / "paused"
+    hooked = [sys.executable, str(TESTS / "preemption_hooks.py")]
+    proc = start(hooked + command[3:] + [f"output_dir={split}"], pausing_env(env, 5, paused))
+    wait_for_file(paused, proc)
+    proc.send_signal(getattr(signal, how))
+    finish(proc)
+    assert proc.returncode == -getattr(signal, how)
+    assert not list(split.glob("results_*.json"))
+
+    resumed = answered_counts(run(command + [f"output_dir={split}"], env))
+    assert {kind: total for kind, (_, total, _) in resumed.items()} == {kind: total for kind, (_, total, _) in computed.items()}
+    assert sum(answered for answered, _, _ in resumed.values()) == 5
+    assert all(answered + rest == total for answered, total, rest in resumed.values())
+    assert eval_outputs(split) == eval_outputs(reference)
+
+    other = answered_counts(run(command + [f"output_dir={split}", "max_gen_toks=6"], env))
+    assert all(answered == 0 for answered, _, _ in other.values())
+
+
+def test_two_rank_eval_killed_mid_run_resumes_each_ranks_share(tmp_path, subprocess_env):
+    """``tune run --nproc_per_node 2``: each rank halts after its 3rd answer and the launcher gets
+    SIGTERM; the same command again has each rank read its own 3 answers and compute the rest of its
+    share, and rank 0 writes what one uninterrupted process writes (batch_size 1, as in
+    test_eval_distributed)."""
+    args = ["limit=3", "batch_size=1", "max_gen_toks=8", "bootstrap_iters=0"]
+    reference, split = tmp_path / "reference", tmp_path / "split"
+    env = hooked_env(subprocess_env)
+    run([sys.executable, "-m", "entropy_guided_generation.eleuther_eval", "--config", "configs/tiny/eval_answer.yaml", *args, f"output_dir={reference}"], env)
+    launch = [TUNE, "run", "--nproc_per_node", "2"]
+    config = ["--config", "configs/tiny/eval_answer.yaml", *args, f"output_dir={split}"]
+    proc = start(launch + ["tests/preemption_hooks.py"] + config, pausing_env(env, 3, tmp_path / "paused_{rank}"))
+    wait_for_file(tmp_path / "paused_0", proc)
+    wait_for_file(tmp_path / "paused_1", proc)
+    proc.send_signal(signal.SIGTERM)
+    finish(proc)
+    assert proc.returncode != 0 and not list(split.glob("results_*.json"))
+
+    output = run(launch + ["recipes/eleuther_eval.py"] + config, env)
+    per_rank = {rank: 0 for rank in (0, 1)}
+    for match in re.finditer(r"(\d+) of \d+ requests answered by an earlier run \(\S+rank(\d)-of-2\.sqlite\)", output):
+        per_rank[int(match.group(2))] += int(match.group(1))
+    assert per_rank == {0: 3, 1: 3}
+    assert eval_outputs(split) == eval_outputs(reference)
+
+
+def test_lm_evals_use_cache_serves_a_rerun_of_our_model_from_its_cache(tmp_path, subprocess_env, kit_cache):
+    """``python -m entropy_guided_generation.lm_eval --model egg_torchtune ... --use_cache``: the
+    second run computes nothing and logs the same samples."""
+    from entropy_guided_generation import kit
+
+    command = [
+        sys.executable, "-m", "entropy_guided_generation.lm_eval", "--model", "egg_torchtune",
+        "--model_args", "config=configs/tiny/eval_answer.yaml,max_gen_toks=8", "--tasks", "kit_gsm8k,kit_arith_choice,kit_perplexity",
+        "--include_path", str(kit.tasks_dir()), "--limit", "2", "--use_cache", str(tmp_path / "cache" / "egg"), "--log_samples",
+    ]
+    outputs = [run(command + ["--output_path", str(tmp_path / f"out{i}")], subprocess_env) for i in (1, 2)]
+    assert re.findall(r"Cached requests: (\d+), Requests remaining: (\d+)", outputs[0]) == [("0", "2"), ("0", "8"), ("0", "2")]
+    assert re.findall(r"Cached requests: (\d+), Requests remaining: (\d+)", outputs[1]) == [("2", "0"), ("8", "0"), ("2", "0")]
+
+    def samples(folder: Path) -> Dict[str, list]:
+        found = {}
+        for path in folder.rglob("samples_*.jsonl"):
+            rows = [json.loads(line) for line in path.read_text().splitlines()]
+            found[path.name.split("_20")[0]] = [(r["doc_id"], r["resps"], r["filtered_resps"]) for r in rows]
+        return found
+
+    assert samples(tmp_path / "out2") == samples(tmp_path / "out1") and len(samples(tmp_path / "out1")) == 3

@@ -10,7 +10,9 @@ Three methods, as lm-eval's ``LM`` asks:
   gen_kwargs name budget forcing are served by it (:mod:`~entropy_guided_generation.sampling.budget_forcing`).
 
 Every request also leaves a :class:`~entropy_guided_generation.eval.traces.ConfidenceTrace` in
-:attr:`TorchtuneLM.traces`. Mode ``none`` reproduces lm-eval's ``hf`` model (same tokenization,
+:attr:`TorchtuneLM.traces`. With a :attr:`TorchtuneLM.request_cache`, every answer is committed as
+it finishes and answers found there are not computed again
+(:mod:`~entropy_guided_generation.eval.request_cache`). Mode ``none`` reproduces lm-eval's ``hf`` model (same tokenization,
 truncation, prefix token, scoring and greedy decoding). Under torchrun (a process group initialized
 before the model is built) the model reports its rank and world size and lm-eval splits the requests
 across ranks (:class:`~entropy_guided_generation.eval.distributed.DataParallelLM`).
@@ -21,7 +23,7 @@ import inspect
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 from lm_eval.api.model import TemplateLM
@@ -41,6 +43,7 @@ from entropy_guided_generation.eval.generation import (
     first_rows,
     tokens_covering,
 )
+from entropy_guided_generation.eval.request_cache import RequestCache, split_answered
 from entropy_guided_generation.eval.teacher_forcing import ContinuationScores, score_continuations
 from entropy_guided_generation.eval.traces import ConfidenceTrace
 from entropy_guided_generation.generation import DecodeResult, PromptBinsCache, get_decoder, left_pad
@@ -218,6 +221,7 @@ class TorchtuneLM(DataParallelLM, TemplateLM):
         self._device = next(model.parameters()).device
         self._rng = torch.Generator(device=self._device).manual_seed(seed)
         self.traces: list[ConfidenceTrace] = []
+        self.request_cache: Optional[RequestCache] = None  # answers kept across runs (the eval recipe sets it)
         self.decode_stats = DecodeStats()
         self.static_cache = enable_kv_cache
         if enable_kv_cache:
@@ -291,14 +295,17 @@ class TorchtuneLM(DataParallelLM, TemplateLM):
 
     def loglikelihood(self, requests: list[Any], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         """``(log p(continuation | context), is_greedy)`` per request, content tokens only."""
-        return self.serve_once(requests, lambda served: self._loglikelihood(served, disable_tqdm))
+        return self.serve_once(requests, lambda served: self._reuse_or_compute("loglikelihood", served, lambda rest: self._loglikelihood(rest, disable_tqdm)))
 
     def _loglikelihood(self, requests: list[Any], disable_tqdm: bool) -> list[tuple[float, bool]]:
         encoded = [self._encode_request(*request.args) for request in requests]
-        scored = self._score(encoded, disable_tqdm=disable_tqdm)
-        for request, result in zip(requests, scored):
-            self._add_trace(RequestKey.of(request), "loglikelihood", result.tokens, result.bins, result.signal, result.entropy, result.token_logprobs)
-            self.cache_hook.add_partial("loglikelihood", request.args, (result.logprob, result.is_greedy))
+
+        def answered(position: int, result: ScoredContinuation) -> None:
+            request = requests[position]
+            trace = self._trace(RequestKey.of(request), "loglikelihood", result.tokens, result.bins, result.signal, result.entropy, result.token_logprobs)
+            self._answered("loglikelihood", request.args, (result.logprob, result.is_greedy), trace)
+
+        scored = self._score(encoded, disable_tqdm=disable_tqdm, on_scored=answered)
         return [(r.logprob, r.is_greedy) for r in scored]
 
     def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[float]:
@@ -308,7 +315,9 @@ class TorchtuneLM(DataParallelLM, TemplateLM):
         (``Interleaving.rolling_window``: all of them in mode none, ``(max_seq_length - 1) // 2`` when
         every token may be followed by its confidence token).
         """
-        return self.serve_once(requests, lambda served: self._loglikelihood_rolling(served, disable_tqdm))
+        return self.serve_once(
+            requests, lambda served: self._reuse_or_compute("loglikelihood_rolling", served, lambda rest: self._loglikelihood_rolling(rest, disable_tqdm))
+        )
 
     def _loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool) -> list[float]:
         window = self.interleaving.rolling_window(self.max_length)
@@ -330,11 +339,11 @@ class TorchtuneLM(DataParallelLM, TemplateLM):
         totals = []
         for request, parts in zip(requests, parts_of):
             total = sum(p.logprob for p in parts)
-            self._add_trace(
+            trace = self._trace(
                 RequestKey.of(request), "loglikelihood_rolling",
                 *(torch.cat([getattr(p, f) for p in parts]) for f in ("tokens", "bins", "signal", "entropy", "token_logprobs")),
             )
-            self.cache_hook.add_partial("loglikelihood_rolling", request.args, total)
+            self._answered("loglikelihood_rolling", request.args, total, trace)
             totals.append(total)
         return totals
 
@@ -360,16 +369,22 @@ class TorchtuneLM(DataParallelLM, TemplateLM):
             log.warning("context of %d tokens left-truncated to %d to fit max_seq_length %d", len(context), keep - n_cont, self.max_length)
         return whole[-keep:]
 
-    def _score(self, encoded: list[tuple[list[int], list[int]]], disable_tqdm: bool = False) -> list[ScoredContinuation]:
-        """Scores of ``(context_ids, continuation_ids)`` pairs, in batches of similar length."""
-        items = [(self._fit_window(c, x), len(x)) for c, x in encoded]
+    def _score(
+        self,
+        encoded: list[tuple[list[int], list[int]]],
+        disable_tqdm: bool = False,
+        on_scored: Optional[Callable[[int, ScoredContinuation], None]] = None,
+    ) -> list[ScoredContinuation]:
+        """Scores of ``(context_ids, continuation_ids)`` pairs, in batches of similar length;
+        ``on_scored(index in encoded, score)`` is called as each batch finishes."""
+        items = [(self._fit_window(c, x), len(x), index) for index, (c, x) in enumerate(encoded)]
         collator = Collator(items, sort_fn=lambda item: (-len(item[0]), tuple(item[0])))
         results: list[ScoredContinuation] = []
         progress = tqdm(total=len(items), disable=disable_tqdm, desc=f"Scoring continuations [{self.mode}]")
         for chunk in collator.get_batched(n=self.batch_size):
-            rows = [torch.tensor(seq, dtype=torch.long) for seq, _ in chunk]
+            rows = [torch.tensor(seq, dtype=torch.long) for seq, _, _ in chunk]
             lengths = torch.tensor([len(r) for r in rows], device=self.device)
-            starts = lengths - torch.tensor([n for _, n in chunk], device=self.device)
+            starts = lengths - torch.tensor([n for _, n, _ in chunk], device=self.device)
             tokens = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=self.pad_id).to(self.device)
             positions = torch.arange(tokens.shape[1], device=self.device).unsqueeze(0)
             valid = positions < lengths.unsqueeze(1)
@@ -380,7 +395,11 @@ class TorchtuneLM(DataParallelLM, TemplateLM):
             )
             if not scores.converged:
                 log.warning("fixed-point bins did not converge within interleaving.max_passes=%s; they are approximate", self._max_passes)
-            results.extend(_row_of(scores, row, continuation[row], tokens) for row in range(len(chunk)))
+            batch = [_row_of(scores, row, continuation[row], tokens) for row in range(len(chunk))]
+            if on_scored is not None:
+                for (_, _, index), result in zip(chunk, batch):
+                    on_scored(index, result)
+            results.extend(batch)
             progress.update(len(chunk))
         progress.close()
         return collator.get_original(results)
@@ -394,7 +413,7 @@ class TorchtuneLM(DataParallelLM, TemplateLM):
         """
         if not self.interleaving.is_plain and any(budget_forcing_requested(request.args[1]) for request in requests):
             raise ValueError(f"budget forcing decodes in interleaving.mode none; this model is in mode {self.mode!r}")
-        return self.serve_once(requests, lambda served: self._serve(served, disable_tqdm))
+        return self.serve_once(requests, lambda served: self._reuse_or_compute("generate_until", served, lambda rest: self._serve(rest, disable_tqdm)))
 
     def _serve(self, requests: list[Any], disable_tqdm: bool) -> list[str]:
         """This rank's share of ``generate_until``: budget forcing where asked, the decoder elsewhere."""
@@ -428,9 +447,9 @@ class TorchtuneLM(DataParallelLM, TemplateLM):
             prompt = self._prompt_batch(contexts, settings)
             result = self._decode(prompt, settings)
             for row, (context, gen_kwargs, position) in enumerate(chunk):
-                text = self._finish_row(result, row, settings, RequestKey.of(requests[position]))
+                text, trace = self._finish_row(result, row, settings, RequestKey.of(requests[position]))
                 texts.append(text)
-                self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
+                self._answered("generate_until", (context, gen_kwargs), text, trace)
             progress.update(len(chunk))
         progress.close()
         return collator.get_original(texts)
@@ -470,27 +489,49 @@ class TorchtuneLM(DataParallelLM, TemplateLM):
         self.decode_stats.tokens += int(result.generated_lengths.sum())
         return result
 
-    def _finish_row(self, result: DecodeResult, row: int, settings: DecodeSettings, key: RequestKey) -> str:
+    def _finish_row(self, result: DecodeResult, row: int, settings: DecodeSettings, key: RequestKey) -> tuple[str, ConfidenceTrace]:
         """The returned text of one row, and its trace over the content tokens that text covers."""
         content = result.content[row, : int(result.generated_lengths[row])].tolist()
         full_text = self.tok_decode(content)
         text = cut_at_stop(full_text, settings.until)
         covered = tokens_covering(len(text), content, self.tok_decode)
-        self._add_trace(
+        trace = self._trace(
             key, "generate_until",
             torch.tensor(content[:covered]), result.bins[row, :covered], result.signal[row, :covered],
             result.entropies[row, :covered], result.token_logprobs[row, :covered],
         )
-        return text
+        return text, trace
 
-    def _add_trace(self, key: RequestKey, request_type: str, tokens: torch.Tensor, bins: torch.Tensor,
-                   signal: torch.Tensor, entropy: torch.Tensor, logprob: torch.Tensor) -> None:
-        self.traces.append(
-            ConfidenceTrace.from_tensors(
-                task=key.task, doc_id=key.doc_id, request_index=key.index, request_type=request_type, mode=self.mode,
-                tokens=tokens.cpu(), bins=bins.cpu(), signal=signal.cpu(), entropy=entropy.cpu(), logprob=logprob.cpu(),
-            )
+    def _trace(self, key: RequestKey, request_type: str, tokens: torch.Tensor, bins: torch.Tensor,
+               signal: torch.Tensor, entropy: torch.Tensor, logprob: torch.Tensor) -> ConfidenceTrace:
+        return ConfidenceTrace.from_tensors(
+            task=key.task, doc_id=key.doc_id, request_index=key.index, request_type=request_type, mode=self.mode,
+            tokens=tokens.cpu(), bins=bins.cpu(), signal=signal.cpu(), entropy=entropy.cpu(), logprob=logprob.cpu(),
         )
+
+    # ------------------------------------------------------------------ answers kept across runs
+    def _answered(self, request_type: str, args: Sequence[Any], response: Any, trace: ConfidenceTrace) -> None:
+        """One request answered: its trace kept, lm-eval's cache hook (``--use_cache``) told, and the
+        answer committed to the request cache."""
+        self.traces.append(trace)
+        self.cache_hook.add_partial(request_type, args, response)
+        if self.request_cache is not None:
+            self.request_cache.store(request_type, args, response, trace)
+
+    def _reuse_or_compute(self, request_type: str, requests: list[Any], compute: Callable[[list], list]) -> list:
+        """Responses to ``requests``: those the request cache holds (their traces replayed under this
+        run's task, document and index), ``compute`` for the rest, in the order of ``requests``."""
+        answered, rest = split_answered(self.request_cache, request_type, requests)
+        responses: list = [None] * len(requests)
+        for position, request, answer in answered:
+            responses[position] = answer.response
+            if answer.trace is not None:
+                key = RequestKey.of(request)
+                self.traces.append(ConfidenceTrace(task=key.task, doc_id=key.doc_id, request_index=key.index, **answer.trace))
+        computed = compute([request for _, request in rest]) if rest else []
+        for (position, _), response in zip(rest, computed):
+            responses[position] = response
+        return responses
 
 
 __all__ = ["MODEL_NAME", "DecodeStats", "RequestKey", "ScoredContinuation", "TorchtuneLM", "sampler_decoder"]
