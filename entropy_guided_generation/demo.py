@@ -462,6 +462,7 @@ def evaluate(mode: str, cfg: DictConfig, eval_dir: Path, fingerprint: str) -> di
     recipe.setup(cfg)
     summary = recipe.evaluate()
     pairs = per_sample_pairs(summary, recipe)
+    recipe.cleanup()  # frees eval_dir's run lock and request cache
     kept = {k: v for k, v in summary.items() if k != "lm_eval"}
     kept["per_sample"] = pairs
     kept["seconds"] = round(time.perf_counter() - started, 1)

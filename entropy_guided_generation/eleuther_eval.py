@@ -207,8 +207,7 @@ class EleutherEvalRecipeDirect:
 
     def _open_request_cache(self, cfg: DictConfig) -> RequestCache:
         """This rank's answers file for this checkpoint, config and tasks (see the module docstring)."""
-        checkpoint = checkpoint_fingerprint(Path(self.checkpoint_dir), list(plain_container(cfg.checkpointer.checkpoint_files)))
-        identity = cache_identity(checkpoint, plain_container(cfg), self.tasks)
+        identity = cache_identity(checkpoint_fingerprint(Path(self.checkpoint_dir)), plain_container(cfg), self.tasks)
         rank, world_size = rank_and_world_size()
         cache = RequestCache(cache_path(self.output_dir, identity, rank, world_size))
         log.info(f"Rank {rank}: answered requests are kept in {cache.path} ({len(cache)} there already)")

@@ -28,6 +28,7 @@ from typing import Dict, List
 import pytest
 from omegaconf import OmegaConf
 
+from entropy_guided_generation.eleuther_eval import EleutherEvalRecipeDirect
 from entropy_guided_generation.run_lock import LOCK_FILENAME, OutputDirInUseError, lock_output_dir
 from entropy_guided_generation.training import read_disk_log, run_recipe
 from entropy_guided_generation.training.checkpointing import PARTIAL_SUFFIX
@@ -196,7 +197,7 @@ def test_one_run_per_output_dir_at_a_time_and_a_dead_holders_lock_is_taken_over(
     assert sorted(losses(out)) == list(range(1, 9))
 
     stale = tmp_path / "stale"
-    holder_proc = start([sys.executable, "-c", f"import sys, time; from entropy_guided_generation.run_lock import lock_output_dir; lock_output_dir({str(stale)!r}); print('locked', flush=True); time.sleep(300)"], env)
+    holder_proc = start([sys.executable, "-c", f"import sys, time; from entropy_guided_generation.run_lock import lock_output_dir; held = lock_output_dir({str(stale)!r}); print('locked', flush=True); time.sleep(300)"], env)
     assert holder_proc.stdout.readline().strip() == "locked"
     holder_proc.send_signal(signal.SIGKILL)
     holder_proc.wait()
@@ -289,7 +290,11 @@ def test_two_rank_eval_killed_mid_run_resumes_each_ranks_share(tmp_path, subproc
     args = ["limit=3", "batch_size=1", "max_gen_toks=8", "bootstrap_iters=0"]
     reference, split = tmp_path / "reference", tmp_path / "split"
     env = hooked_env(subprocess_env)
-    run([sys.executable, "-m", "entropy_guided_generation.eleuther_eval", "--config", "configs/tiny/eval_answer.yaml", *args, f"output_dir={reference}"], env)
+    cfg = OmegaConf.merge(OmegaConf.load(REPO / "configs/tiny/eval_answer.yaml"), OmegaConf.from_dotlist([*args, f"output_dir={reference}"]))
+    recipe = EleutherEvalRecipeDirect(cfg)
+    recipe.setup(cfg)
+    recipe.evaluate()
+    recipe.cleanup()
     launch = [TUNE, "run", "--nproc_per_node", "2"]
     config = ["--config", "configs/tiny/eval_answer.yaml", *args, f"output_dir={split}"]
     proc = start(launch + ["tests/preemption_hooks.py"] + config, pausing_env(env, 3, tmp_path / "paused_{rank}"))

@@ -28,18 +28,23 @@ REQUEST_CACHE_DIRNAME = "request_cache"
 IDENTITY_LENGTH = 16
 # Eval settings that do not change any answer: where results go, how many documents, how metrics are summarized.
 NOT_IN_IDENTITY = ("output_dir", "limit", "bootstrap_iters", "log_level")
+# What identifies a checkpoint folder's weights (any checkpointer's file layout, shards included).
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+CHECKPOINT_METADATA_FILES = ("config.json", "confidence.json")
 # Trace fields that say where a request came from: set from the request being answered, not stored.
 TRACE_ORIGIN_FIELDS = ("task", "doc_id", "request_index")
 
 
-def checkpoint_fingerprint(checkpoint_dir: Path, files: Sequence[str]) -> list:
-    """``[name, bytes, mtime_ns]`` of each checkpoint file plus the folder's path: weights replaced
-    in place (another size or modification time) make another identity."""
+def checkpoint_fingerprint(checkpoint_dir: Path) -> list:
+    """The folder's path and ``[name, bytes, mtime_ns]`` of each weight file in it (and of its
+    ``config.json`` and ``confidence.json``): weights replaced in place (another size or modification
+    time) make another identity; results written beside them do not."""
     folder = Path(checkpoint_dir).resolve()
     entries = []
-    for name in files:
-        stat = (folder / name).stat()
-        entries.append([name, stat.st_size, stat.st_mtime_ns])
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and (path.suffix in WEIGHT_SUFFIXES or path.name in CHECKPOINT_METADATA_FILES):
+            stat = path.stat()
+            entries.append([path.name, stat.st_size, stat.st_mtime_ns])
     return [str(folder), entries]
 
 

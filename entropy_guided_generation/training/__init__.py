@@ -1,7 +1,8 @@
 """The finetune recipe core shared by every entry point: one recipe class
 (:class:`CaCFinetuneRecipe`), the single-device/FSDP2 difference (``parallelism``), the interleaved
-loss step (``loss_step``), step checkpoints and resume (``checkpointing``), ``kit:`` config paths
-(``kit_paths``) and the ``conf/*`` metrics (``metrics``).
+loss step (``loss_step``), step checkpoints and resume (``checkpointing``), stopping on
+SIGTERM/SIGINT (``preemption``), ``kit:`` config paths (``kit_paths``) and the ``conf/*`` metrics
+(``metrics``).
 
 ``python -m entropy_guided_generation.training --config X.yaml`` trains on one device with the mode
 given by ``interleaving.mode``. From Python: ``run_recipe(cfg, mode=None)`` trains and returns the

@@ -5,7 +5,9 @@ A reader can follow a run top to bottom: ``setup`` builds the model, tokenizer, 
 codec and data; ``train`` walks gradient-accumulation windows of the current epoch, each one
 optimizer step of :class:`~entropy_guided_generation.training.loss_step.LossStep`; checkpoints are
 written per epoch (Hugging Face weights + ``confidence.json``) and every ``save_every_n_steps``
-(resumable step checkpoints). What differs between one device and many lives in
+(resumable step checkpoints); SIGTERM or SIGINT stops the run after the step in flight, saved
+(:mod:`~entropy_guided_generation.training.preemption`), and a run holds its ``output_dir``'s lock
+(:mod:`~entropy_guided_generation.run_lock`). What differs between one device and many lives in
 :mod:`~entropy_guided_generation.training.parallelism`; what differs between modes lives in the
 layout's data (which positions are slots), never in this loop.
 """
@@ -134,8 +136,8 @@ class CaCFinetuneRecipe(FTRecipeInterface):
 
     # ------------------------------------------------------------------ setup
     def setup(self, cfg: DictConfig) -> None:
-        """Build everything; on ``resume_from_checkpoint`` restore the newest readable step checkpoint
-        of this run, else claim ``output_dir`` for a fresh run."""
+        """Take ``output_dir``'s run lock, then build everything; on ``resume_from_checkpoint``
+        restore the newest readable step checkpoint of this run, else claim ``output_dir`` for a fresh run."""
         check_optional_component(cfg.optimizer, "optimizer")  # before minutes of checkpoint loading
         self._lock_output_dir()
         if not self._loop.resume_from_checkpoint:
