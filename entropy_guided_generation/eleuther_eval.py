@@ -29,11 +29,11 @@ Data parallel: ``tune run --nproc_per_node N recipes/eleuther_eval.py --config .
 ``torchrun --nnodes M --nproc_per_node N ...``) starts one process per device; each loads the whole
 model, lm-eval splits the documents across ranks, and rank 0 gathers samples, metrics, confidence
 traces and decode counts, computes the calibration and writes every file; the other ranks write
-nothing and exit 0. The results equal a one-process run's (greedy decoding; same seed).
+only their request cache (below) and exit 0. The results equal a one-process run's (greedy decoding; same seed).
 
 Interrupted evals resume: with an ``output_dir``, every answered request is committed as it finishes
 under ``output_dir/request_cache/<identity>/`` (one file per rank; the identity hashes the
-checkpoint files, the config less ``output_dir``/``limit``/``bootstrap_iters`` and the tasks), and
+checkpoint's weight files, the config less ``output_dir``/``limit``/``bootstrap_iters`` and the tasks), and
 rerunning the same command after ``kill -9`` or SIGTERM computes only the requests not answered yet,
 with the same results, samples and traces (:mod:`entropy_guided_generation.eval.request_cache`).
 One eval per ``output_dir`` at a time: rank 0 holds its run lock (:mod:`entropy_guided_generation.run_lock`).
@@ -48,10 +48,10 @@ import math
 from pathlib import Path
 from typing import Any, Optional
 
+import torch
 from lm_eval.evaluator import simple_evaluate
 from lm_eval.loggers import EvaluationTracker
 from lm_eval.utils import handle_non_serializable, make_table
-import torch
 from omegaconf import DictConfig
 from torchtune import config, training, utils
 

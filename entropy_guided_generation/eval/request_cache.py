@@ -2,13 +2,14 @@
 interrupted eval (``kill -9``, SIGTERM, a preempted job) recomputes only the requests still unanswered.
 
 One SQLite file per rank: ``<output_dir>/request_cache/<identity>/rank<r>-of-<W>.sqlite``. The
-identity is a hash of what fixes the answers (the checkpoint's files, the eval settings that change
+identity is a hash of what fixes the answers (the checkpoint's weight files, the eval settings that change
 outputs, the tasks), so another model, config or task never reads them. Inside, a request is keyed
 as lm-eval's ``--use_cache`` keys it (``hash_args(request_type, args)``); the value is its response
 and its confidence trace (JSON), so a resumed run writes the same samples, traces and calibration as
 an uninterrupted one. Each answer is committed on its own (WAL journal): a process killed at any
 point loses at most the requests in flight. Requests that sample (``do_sample``) are neither read nor
-written, as with ``--use_cache``.
+written, as with ``--use_cache``; budget-forced requests (whose samples log what forcing did) are
+never stored, so always recomputed.
 """
 from __future__ import annotations
 
