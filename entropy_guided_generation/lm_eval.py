@@ -31,7 +31,7 @@ from lm_eval.utils import setup_logging
 
 from entropy_guided_generation.diffusion.lm_eval_model import MODEL_NAME as DIFFUSION
 from entropy_guided_generation.diffusion.lm_eval_model import DiffusionLM
-from entropy_guided_generation.eval.distributed import leave_process_group
+from entropy_guided_generation.eval.distributed import leave_process_group, padding_aware_use_cache
 from entropy_guided_generation.eval.from_config import TorchtuneLMFromConfig, lm_eval_cli_settings
 from entropy_guided_generation.eval.lm import MODEL_NAME as EGG_TORCHTUNE
 from entropy_guided_generation.sampling.hf_guided import MODEL_NAME as HF_GUIDED
@@ -70,12 +70,14 @@ def register_models() -> None:
 def main() -> None:
     """Register our models, then run lm-eval's CLI on ``sys.argv`` (its ``cli_evaluate``, with the
     parsed command line kept so ``egg_torchtune`` can tell a ``--device`` / ``--batch_size`` the user
-    gave from lm-eval's defaults), leaving any process group after."""
+    gave from lm-eval's defaults, and ``--use_cache`` aware of data-parallel padding:
+    :func:`~entropy_guided_generation.eval.distributed.padding_aware_use_cache`), leaving any process
+    group after."""
     register_models()
     setup_logging()
     cli = HarnessCLI()
     args = cli.parse_args()
-    with lm_eval_cli_settings(args):
+    with lm_eval_cli_settings(args), padding_aware_use_cache():
         cli.execute(args)
     leave_process_group()
 

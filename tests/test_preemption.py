@@ -312,19 +312,22 @@ def test_two_rank_eval_killed_mid_run_resumes_each_ranks_share(tmp_path, subproc
     assert eval_outputs(split) == eval_outputs(reference)
 
 
-def test_lm_evals_use_cache_serves_a_rerun_of_our_model_from_its_cache(tmp_path, subprocess_env, kit_cache):
-    """``python -m entropy_guided_generation.lm_eval --model egg_torchtune ... --use_cache``: the
-    second run computes nothing and logs the same samples."""
+def test_lm_evals_use_cache_serves_a_two_rank_rerun_of_our_model_from_its_cache(tmp_path, subprocess_env, kit_cache):
+    """``torchrun --nproc_per_node 2 -m entropy_guided_generation.lm_eval --model egg_torchtune ...
+    --use_cache``: the second run computes nothing on either rank and logs the same samples (rank 1's
+    padding copy, answered by the cache, adds no response)."""
     from entropy_guided_generation import kit
 
     command = [
-        sys.executable, "-m", "entropy_guided_generation.lm_eval", "--model", "egg_torchtune",
-        "--model_args", "config=configs/tiny/eval_answer.yaml,max_gen_toks=8", "--tasks", "kit_gsm8k,kit_arith_choice,kit_perplexity",
-        "--include_path", str(kit.tasks_dir()), "--limit", "2", "--use_cache", str(tmp_path / "cache" / "egg"), "--log_samples",
+        str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "-m", "entropy_guided_generation.lm_eval",
+        "--model", "egg_torchtune", "--model_args", "config=configs/tiny/eval_answer.yaml,max_gen_toks=8,batch_size=1",
+        "--tasks", "kit_gsm8k,kit_arith_choice", "--include_path", str(kit.tasks_dir()), "--limit", "3",
+        "--use_cache", str(tmp_path / "cache" / "egg"), "--log_samples",
     ]
     outputs = [run(command + ["--output_path", str(tmp_path / f"out{i}")], subprocess_env) for i in (1, 2)]
-    assert re.findall(r"Cached requests: (\d+), Requests remaining: (\d+)", outputs[0]) == [("0", "2"), ("0", "8"), ("0", "2")]
-    assert re.findall(r"Cached requests: (\d+), Requests remaining: (\d+)", outputs[1]) == [("2", "0"), ("8", "0"), ("2", "0")]
+    counts = [sorted(re.findall(r"Cached requests: (\d+), Requests remaining: (\d+)", output)) for output in outputs]
+    assert counts[0] == [("0", "2"), ("0", "2"), ("0", "8"), ("0", "8")]  # per rank: generation, choices
+    assert counts[1] == [("2", "0"), ("2", "0"), ("8", "0"), ("8", "0")]
 
     def samples(folder: Path) -> Dict[str, list]:
         found = {}
@@ -333,4 +336,4 @@ def test_lm_evals_use_cache_serves_a_rerun_of_our_model_from_its_cache(tmp_path,
             found[path.name.split("_20")[0]] = [(r["doc_id"], r["resps"], r["filtered_resps"]) for r in rows]
         return found
 
-    assert samples(tmp_path / "out2") == samples(tmp_path / "out1") and len(samples(tmp_path / "out1")) == 3
+    assert samples(tmp_path / "out2") == samples(tmp_path / "out1") and len(samples(tmp_path / "out1")) == 2

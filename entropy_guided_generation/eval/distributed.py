@@ -12,15 +12,24 @@ NCCL on GPU) and two repairs that make a W-rank run equal the one-process run:
   same number of batches) and appends their responses to that request. Our models need no such
   lock-step: a copy gets its original's response without any compute and leaves no trace, and the
   extra responses are dropped at the barrier lm-eval calls right after appending them.
+
+Under lm-eval's ``--use_cache``, :class:`PaddingAwareCachingLM` (in place of lm-eval's ``CachingLM``
+while :func:`padding_aware_use_cache` is active, as in our CLI) tells the model about the padding
+copies even when the cache answers them, so a cached rerun writes the same samples.
 """
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
+import lm_eval.api.model
 import torch
 import torch.distributed as dist
+from lm_eval.api.model import CachingLM
 from torchtune import training
+
+REQUEST_METHODS = ("loglikelihood", "loglikelihood_rolling", "generate_until")
 
 
 def launched_world_size() -> int:
@@ -146,9 +155,17 @@ class DataParallelLM:
         served, source, padded = split_padding(requests)
         if not padded:
             return serve(requests)
-        self.__dict__.setdefault("_padded_requests", []).extend(padded)
+        self._drop_padding_at_barrier(padded)
         responses = serve(served)
         return [responses[i] for i in source]
+
+    def note_padding(self, requests: list) -> None:
+        """Have the next :meth:`barrier` drop the responses lm-eval appends for the padding copies
+        in ``requests`` (for a wrapper that answers requests without calling :meth:`serve_once`)."""
+        self._drop_padding_at_barrier(split_padding(requests)[2])
+
+    def _drop_padding_at_barrier(self, padded: list) -> None:
+        self.__dict__.setdefault("_padded_requests", []).extend(padded)
 
     # lm-eval's distributed hooks (LM's defaults are single-process no-ops)
     def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -181,14 +198,46 @@ class DataParallelLM:
             dist.barrier()
 
 
+class PaddingAwareCachingLM(CachingLM):
+    """lm-eval's ``CachingLM`` (``--use_cache``) that, before each request method, tells a
+    :class:`DataParallelLM` which requests are lm-eval's padding copies: a rank whose share the cache
+    answers then drops their responses at the barrier, as when it serves them. Other models see
+    lm-eval's behaviour unchanged."""
+
+    def __getattr__(self, attr: str) -> Any:
+        method = super().__getattr__(attr)
+        if attr not in REQUEST_METHODS or not isinstance(self.lm, DataParallelLM):
+            return method
+
+        def serve(requests: list) -> list:
+            self.lm.note_padding(requests)
+            return method(requests)
+
+        return serve
+
+
+@contextlib.contextmanager
+def padding_aware_use_cache() -> Iterator[None]:
+    """While active, lm-eval's ``--use_cache`` / ``simple_evaluate(use_cache=...)`` wraps models in
+    :class:`PaddingAwareCachingLM` (lm-eval's evaluator builds ``lm_eval.api.model.CachingLM``)."""
+    original = lm_eval.api.model.CachingLM
+    lm_eval.api.model.CachingLM = PaddingAwareCachingLM
+    try:
+        yield
+    finally:
+        lm_eval.api.model.CachingLM = original
+
+
 __all__ = [
     "DataParallelLM",
+    "PaddingAwareCachingLM",
     "gather_to_rank_zero",
     "in_document_order",
     "interleave",
     "join_process_group",
     "launched_world_size",
     "leave_process_group",
+    "padding_aware_use_cache",
     "rank_and_world_size",
     "split_padding",
 ]
