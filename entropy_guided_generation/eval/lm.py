@@ -12,8 +12,8 @@ Three methods, as lm-eval's ``LM`` asks:
 Every request also leaves a :class:`~entropy_guided_generation.eval.traces.ConfidenceTrace` in
 :attr:`TorchtuneLM.traces`. With a :attr:`TorchtuneLM.request_cache`, every answer is committed as
 it finishes and answers found there are not computed again
-(:mod:`~entropy_guided_generation.eval.request_cache`). Mode ``none`` reproduces lm-eval's ``hf`` model (same tokenization,
-truncation, prefix token, scoring and greedy decoding). Under torchrun (a process group initialized
+(:mod:`~entropy_guided_generation.eval.request_cache`). Mode ``none`` reproduces lm-eval's ``hf``
+model (same tokenization, truncation, prefix token, scoring and greedy decoding). Under torchrun (a process group initialized
 before the model is built) the model reports its rank and world size and lm-eval splits the requests
 across ranks (:class:`~entropy_guided_generation.eval.distributed.DataParallelLM`).
 """
@@ -295,14 +295,16 @@ class TorchtuneLM(DataParallelLM, TemplateLM):
 
     def loglikelihood(self, requests: list[Any], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         """``(log p(continuation | context), is_greedy)`` per request, content tokens only."""
-        return self.serve_once(requests, lambda served: self._reuse_or_compute("loglikelihood", served, lambda rest: self._loglikelihood(rest, disable_tqdm)))
+        return self._serve_requests("loglikelihood", requests, lambda rest: self._loglikelihood(rest, disable_tqdm))
 
     def _loglikelihood(self, requests: list[Any], disable_tqdm: bool) -> list[tuple[float, bool]]:
         encoded = [self._encode_request(*request.args) for request in requests]
 
         def answered(position: int, result: ScoredContinuation) -> None:
             request = requests[position]
-            trace = self._trace(RequestKey.of(request), "loglikelihood", result.tokens, result.bins, result.signal, result.entropy, result.token_logprobs)
+            trace = self._trace(
+                RequestKey.of(request), "loglikelihood", result.tokens, result.bins, result.signal, result.entropy, result.token_logprobs
+            )
             self._answered("loglikelihood", request.args, (result.logprob, result.is_greedy), trace)
 
         scored = self._score(encoded, disable_tqdm=disable_tqdm, on_scored=answered)
@@ -315,9 +317,7 @@ class TorchtuneLM(DataParallelLM, TemplateLM):
         (``Interleaving.rolling_window``: all of them in mode none, ``(max_seq_length - 1) // 2`` when
         every token may be followed by its confidence token).
         """
-        return self.serve_once(
-            requests, lambda served: self._reuse_or_compute("loglikelihood_rolling", served, lambda rest: self._loglikelihood_rolling(rest, disable_tqdm))
-        )
+        return self._serve_requests("loglikelihood_rolling", requests, lambda rest: self._loglikelihood_rolling(rest, disable_tqdm))
 
     def _loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool) -> list[float]:
         window = self.interleaving.rolling_window(self.max_length)
@@ -413,7 +413,7 @@ class TorchtuneLM(DataParallelLM, TemplateLM):
         """
         if not self.interleaving.is_plain and any(budget_forcing_requested(request.args[1]) for request in requests):
             raise ValueError(f"budget forcing decodes in interleaving.mode none; this model is in mode {self.mode!r}")
-        return self.serve_once(requests, lambda served: self._reuse_or_compute("generate_until", served, lambda rest: self._serve(rest, disable_tqdm)))
+        return self._serve_requests("generate_until", requests, lambda rest: self._serve(rest, disable_tqdm))
 
     def _serve(self, requests: list[Any], disable_tqdm: bool) -> list[str]:
         """This rank's share of ``generate_until``: budget forcing where asked, the decoder elsewhere."""
@@ -510,6 +510,11 @@ class TorchtuneLM(DataParallelLM, TemplateLM):
         )
 
     # ------------------------------------------------------------------ answers kept across runs
+    def _serve_requests(self, request_type: str, requests: list[Any], compute: Callable[[list], list]) -> list:
+        """``compute`` on this rank's requests that no earlier run answered (lm-eval's padding copies
+        left out: ``serve_once``); the others' responses from the request cache."""
+        return self.serve_once(requests, lambda served: self._reuse_or_compute(request_type, served, compute))
+
     def _answered(self, request_type: str, args: Sequence[Any], response: Any, trace: ConfidenceTrace) -> None:
         """One request answered: its trace kept, lm-eval's cache hook (``--use_cache``) told, and the
         answer committed to the request cache."""

@@ -59,7 +59,8 @@ class StopSignals:
 
     def _on_signal(self, signum: int, frame: Optional[FrameType]) -> None:
         if self._saving:
-            os.write(2, f"\n{signal_name(signum)} during the final save: exiting now (resume falls back to the previous complete step checkpoint)\n".encode())
+            message = f"{signal_name(signum)} during the final save: exiting now (resume falls back to the previous complete step checkpoint)"
+            os.write(2, f"\n{message}\n".encode())
             os._exit(exit_status(signum))
         if self.received is None:
             self.received = signum

@@ -568,7 +568,7 @@ class CaCFinetuneRecipe(FTRecipeInterface):
                 elapsed, started = time.perf_counter() - started, time.perf_counter()
                 if self.global_step % self._loop.log_every_n_steps == 0:
                     self._log_step(metrics, elapsed)
-                if self._val_dataloader is not None and self._loop.run_val_every_n_steps and self.global_step % self._loop.run_val_every_n_steps == 0:
+                if self._validation_due():
                     self._log_validation()
                 if self._steps_in_epoch == self._steps_per_epoch:
                     break
@@ -585,6 +585,11 @@ class CaCFinetuneRecipe(FTRecipeInterface):
             self.save_checkpoint(epoch)
             if self._stop_requested(finished=self.epochs_run == self.total_epochs):
                 return
+
+    def _validation_due(self) -> bool:
+        """Validation after this step: ``run_val_every_n_steps`` divides it (and validation is on)."""
+        every = self._loop.run_val_every_n_steps
+        return self._val_dataloader is not None and every is not None and self.global_step % every == 0
 
     def _stop_signal(self) -> int:
         """The stop signal caught on any rank since training began (0: none); a cheap collective
