@@ -207,6 +207,22 @@ def test_one_run_per_output_dir_at_a_time_and_a_dead_holders_lock_is_taken_over(
     assert f"taking over the lock left by process {holder_proc.pid} on" in caplog.text and "no longer running" in caplog.text
 
 
+def test_an_eval_into_a_folder_in_use_is_refused_naming_the_holder_and_frees_it_when_done(tmp_path):
+    """The eval recipe takes the run lock in ``setup`` (before any model work) and ``cleanup`` frees it."""
+    out = tmp_path / "eval"
+    cfg = OmegaConf.merge(OmegaConf.load(REPO / "configs/tiny/eval_answer.yaml"), {"output_dir": str(out)})
+    with lock_output_dir(out, "finetune"):
+        with pytest.raises(OutputDirInUseError, match=rf"output_dir {out} is in use by process {os.getpid()} on .*one eval per output_dir at a time"):
+            EleutherEvalRecipeDirect(cfg).setup(cfg)
+    recipe = EleutherEvalRecipeDirect(cfg)
+    recipe.setup(cfg)
+    with pytest.raises(OutputDirInUseError, match=rf"in use by process {os.getpid()}"):
+        lock_output_dir(out)
+    recipe.cleanup()
+    with lock_output_dir(out) as lock:
+        assert lock.held
+
+
 def test_non_finite_validation_loss_stops_the_run_before_its_checkpoint(tmp_path):
     """lr 1e30 blows the weights up at step 2 (step 1 has lr 0 under the warm-up); validation after
     step 2 sees it before step 2 is saved."""
