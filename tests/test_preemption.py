@@ -267,17 +267,28 @@ def answered_counts(output: str) -> Dict[str, tuple]:
     return {m.group(1): (int(m.group(2)), int(m.group(3)), int(m.group(4))) for m in ANSWERED.finditer(output)}
 
 
+EVAL_COMMAND = [sys.executable, "-m", "entropy_guided_generation.eleuther_eval", "--config", "configs/tiny/eval_answer.yaml", *EVAL_ARGS]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_eval(tmp_path_factory):
+    """``(output_dir, {request type: counts})`` of one uninterrupted eval (shared by the kill tests)."""
+    reference = tmp_path_factory.mktemp("uninterrupted") / "out"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH", "")]))}
+    computed = answered_counts(run(EVAL_COMMAND + [f"output_dir={reference}"], env))
+    assert all(answered == 0 for answered, _, _ in computed.values()) and len(computed) == 3
+    return reference, computed
+
+
 @pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM"])
-def test_eval_killed_mid_run_resumes_computing_only_the_unanswered_requests(tmp_path, subprocess_env, how):
+def test_eval_killed_mid_run_resumes_computing_only_the_unanswered_requests(tmp_path, subprocess_env, uninterrupted_eval, how):
     """Mode answer on three tasks (generation, multiple choice, rolling): the eval is stopped for good
     after its 5th answer; the same command again reads those 5, computes the rest, and writes what an
     uninterrupted run writes. Another config (max_gen_toks) does not read them."""
-    reference, split = tmp_path / "reference", tmp_path / "split"
+    reference, computed = uninterrupted_eval
+    split = tmp_path / "split"
     env = hooked_env(subprocess_env)
-    command = [sys.executable, "-m", "entropy_guided_generation.eleuther_eval", "--config", "configs/tiny/eval_answer.yaml", *EVAL_ARGS]
-    first_output = run(command + [f"output_dir={reference}"], env)
-    computed = answered_counts(first_output)
-    assert all(answered == 0 for answered, _, _ in computed.values()) and len(computed) == 3
+    command = EVAL_COMMAND
 
     paused = tmp_path / "paused"
     hooked = [sys.executable, str(TESTS / "preemption_hooks.py")]
