@@ -14,7 +14,7 @@ $(VPY):
 $(STAMP): $(VPY) pyproject.toml
 	$(VPY) -m pip install --quiet --upgrade pip
 	$(VPY) -m pip install --quiet torch==2.13.0
-	$(VPY) -m pip install --quiet -e '.[dev,plots]'
+	$(VPY) -m pip install --quiet -e '.[dev,plots,real]'
 	touch $(STAMP)
 
 setup: $(STAMP)

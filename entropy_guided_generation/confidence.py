@@ -20,7 +20,7 @@ from entropy_guided_generation import signals
 
 SIGNALS = ("entropy", "max_prob")
 EDGE_SCHEMES = ("explicit", "uniform", "quantile", "entropy_round", "maxprob_round")
-TOKEN_PRESETS = ("kit", "llama3_reserved", "digits")
+TOKEN_PRESETS = ("kit", "llama3_reserved", "digits", "smollm2_unused")
 FORMAT_VERSION = 1
 METADATA_FILENAME = "confidence.json"
 
@@ -42,10 +42,18 @@ def digit_confidence_tokens() -> list[str]:
     return [str(k) for k in range(11)]
 
 
+def smollm2_unused_confidence_tokens() -> list[str]:
+    """SmolLM2's unused special tokens ids 3..13 (``<repo_name>`` .. ``<jupyter_code>``: code-repository
+    and notebook markers that chat and math text never use); their rows carry pretrained meanings."""
+    return ["<repo_name>", "<reponame>", "<file_sep>", "<filename>", "<gh_stars>", "<issue_start>", "<issue_comment>",
+            "<issue_closed>", "<jupyter_start>", "<jupyter_text>", "<jupyter_code>"]  # fmt: skip
+
+
 _PRESET_TOKENS = {
     "kit": kit_confidence_tokens,
     "llama3_reserved": llama3_reserved_confidence_tokens,
     "digits": digit_confidence_tokens,
+    "smollm2_unused": smollm2_unused_confidence_tokens,
 }
 
 
@@ -351,24 +359,48 @@ def _tokens_from_config(
             if bad:
                 raise ValueError(f"confidence.token_ids {bad} lie outside the vocabulary [0, {vocab_size})")
         return ids, None
-    tokens = cfg.get("tokens", {"preset": "kit"})
-    if isinstance(tokens, Mapping):
-        unknown = sorted(set(tokens) - {"preset"})
-        if unknown:
-            raise ValueError(
-                f"unknown confidence.tokens keys {unknown}; a mapping takes only 'preset' (one of "
-                f"{', '.join(TOKEN_PRESETS)}), or give a list of token strings"
-            )
-        preset = tokens.get("preset")
-        if preset not in _PRESET_TOKENS:
-            raise ValueError(f"unknown confidence.tokens.preset {preset!r}; expected one of {', '.join(TOKEN_PRESETS)}")
-        strings = _PRESET_TOKENS[preset]()
-    else:
-        strings = [str(s) for s in tokens]
+    strings = token_strings_from_config(cfg.get("tokens", {"preset": "kit"}))
     if tokenizer is None:
         raise ValueError("confidence tokens given as strings need a tokenizer to resolve them to ids")
     ids = resolve_token_ids(strings, tokenizer, vocab_size)
     return ids, tuple(strings)
+
+
+def token_strings_from_config(tokens: Any) -> list[str]:
+    """The confidence token strings ``confidence.tokens`` names: a list of strings, ``{preset: NAME}``
+    (tokens the vocabulary has) or ``{add: [strings] | NAME}`` (tokens to add to the vocabulary when it
+    lacks them: see :func:`tokens_to_add`).
+
+    Raises:
+        ValueError: on unknown keys, an unknown preset, or both ``preset`` and ``add``.
+    """
+    tokens = _plain(tokens)
+    if not isinstance(tokens, Mapping):
+        return [str(s) for s in tokens]
+    unknown = sorted(set(tokens) - {"preset", "add"})
+    if unknown or len(tokens) != 1:
+        raise ValueError(
+            f"confidence.tokens {tokens!r}: a mapping takes exactly one of 'preset' (one of {', '.join(TOKEN_PRESETS)}) "
+            "or 'add' (a list of new token strings, or a preset name); or give a list of token strings. A command-line "
+            "mapping merges into the config's: drop the other key, e.g. confidence.tokens.add=kit ~confidence.tokens.preset"
+        )
+    name = tokens.get("preset", tokens.get("add"))
+    if "add" in tokens and not isinstance(name, str):
+        if not name or not all(isinstance(s, str) and s for s in name):
+            raise ValueError(f"confidence.tokens.add must be a preset name or a list of non-empty strings, got {name!r}")
+        return list(name)
+    if name not in _PRESET_TOKENS:
+        key = "preset" if "preset" in tokens else "add"
+        raise ValueError(f"unknown confidence.tokens.{key} {name!r}; expected one of {', '.join(TOKEN_PRESETS)}")
+    return _PRESET_TOKENS[name]()
+
+
+def tokens_to_add(confidence_cfg: Optional[Mapping[str, Any]]) -> list[str]:
+    """The strings ``confidence.tokens: {add: ...}`` asks to add as special tokens (empty otherwise)."""
+    tokens = _plain((confidence_cfg or {}).get("tokens", None))
+    if isinstance(tokens, Mapping) and "add" in tokens:
+        return token_strings_from_config(tokens)
+    return []
 
 
 def resolve_token_ids(strings: Sequence[str], tokenizer: Any, vocab_size: Optional[int] = None) -> list[int]:
@@ -615,6 +647,9 @@ __all__ = [
     "metadata_for",
     "read_confidence_json",
     "resolve_token_ids",
+    "smollm2_unused_confidence_tokens",
+    "token_strings_from_config",
+    "tokens_to_add",
     "uniform_edges",
     "write_confidence_json",
 ]

