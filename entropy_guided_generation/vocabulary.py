@@ -20,6 +20,7 @@ from torch import nn
 from torchtune.modules import TiedLinear
 
 from entropy_guided_generation.confidence import tokens_to_add
+from entropy_guided_generation.modeling import vocab_size_of
 
 # torchtune state-dict keys of the input embedding and of an untied output projection.
 EMBEDDING_KEY = "tok_embeddings.weight"
@@ -76,11 +77,6 @@ def grow_state_dict(state_dict: Dict[str, torch.Tensor], num_rows: int) -> list[
     return list(range(current, num_rows))
 
 
-def model_vocab_rows(model: nn.Module) -> int:
-    """Rows of a torchtune decoder's input embedding."""
-    return int(_embedding_of(model).num_embeddings)
-
-
 def _embedding_of(model: nn.Module) -> nn.Embedding:
     embedding = getattr(model, "tok_embeddings", None)
     if not isinstance(embedding, nn.Embedding):
@@ -91,15 +87,15 @@ def _embedding_of(model: nn.Module) -> nn.Embedding:
 def fit_model_vocabulary(model: nn.Module, num_rows: int) -> None:
     """Give a torchtune decoder ``num_rows`` vocabulary rows before its weights are loaded: a new
     ``tok_embeddings`` (and ``output``: re-tied to it when tied, a new ``nn.Linear`` otherwise) on the
-    same device and dtype (the meta device under FSDP2). A model that already has ``num_rows`` is left
-    as it is. The caller loads a state dict of that size next.
+    same device and dtype (the meta device under FSDP2). A model that already has ``num_rows`` (any
+    model, a torchtune decoder or not) is left as it is. The caller loads a state dict of that size next.
 
     Raises:
         TypeError: when ``model`` is not shaped like a torchtune ``TransformerDecoder``.
     """
-    embedding = _embedding_of(model)
-    if embedding.num_embeddings == num_rows:
+    if vocab_size_of(model) == num_rows:
         return
+    embedding = _embedding_of(model)
     weight = embedding.weight
     grown = nn.Embedding(num_rows, embedding.embedding_dim, padding_idx=embedding.padding_idx, device=weight.device, dtype=weight.dtype)
     output = model.output
@@ -124,7 +120,6 @@ __all__ = [
     "add_confidence_tokens",
     "fit_model_vocabulary",
     "grow_state_dict",
-    "model_vocab_rows",
     "rows_needed",
     "state_dict_rows",
 ]

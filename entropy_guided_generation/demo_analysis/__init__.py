@@ -49,7 +49,7 @@ def analyze_run(
     no codec). ``init_embeddings``: the finetune's ``interleaving.init_confidence_embeddings``, applied
     to the base before its content loss is measured (the finetune started from those weights).
     """
-    tokenizer = kit.load_tokenizer(folder=tokenizer_dir)
+    tokenizer = kit.load_folder_tokenizer(tokenizer_dir)
     codec, positions = None, "sequential"
     if mode != "none":
         found = find_confidence_json(checkpoint)

@@ -17,7 +17,9 @@ API (see each function's docstring):
 
 - tokens: ``CONFIDENCE_TOKENS`` (``<|conf_0|>`` .. ``<|conf_10|>``), ``MASK_TOKEN`` (``<|mask|>``),
   ``THINK_START`` / ``THINK_END`` (``<think>`` / ``</think>``, single ids), ``EOS_TOKEN``, ``PAD_TOKEN``
-- ``kit_cache_dir()``; ``build_tokenizer()``, ``load_tokenizer(max_seq_len=None)``, ``tokenizer_kwargs()``
+- ``kit_cache_dir()``; ``build_tokenizer()``, ``load_tokenizer(max_seq_len=None)``, ``tokenizer_kwargs()``;
+  ``tokenizer_section(folder)`` / ``load_folder_tokenizer(folder)`` for any model folder (the kit's
+  Qwen2.5-format tokenizer, else the HF model tokenizer)
 - ``build_tiny_checkpoint(arch="qwen2"|"llama", seed=0, **sizes)``, ``load_torchtune_model(ckpt_dir)``,
   ``torchtune_model_config(ckpt_dir)``, ``checkpointer_config(ckpt_dir, output_dir)``,
   ``decoder_from_hf_config(checkpoint_dir)`` (a YAML ``_component_``)
@@ -70,7 +72,9 @@ from entropy_guided_generation.kit.tokenizer import (
     THINK_END,
     THINK_START,
     build_tokenizer,
+    load_folder_tokenizer,
     load_tokenizer,
+    tokenizer_section,
     tokenizer_kwargs,
     vocab_size_of,
 )
@@ -98,6 +102,7 @@ __all__ = [
     "heldout_accuracy",
     "kit_cache_dir",
     "llama3_standin",
+    "load_folder_tokenizer",
     "load_tokenizer",
     "load_torchtune_model",
     "prompt_of",
@@ -108,6 +113,7 @@ __all__ = [
     "standin_size_overrides",
     "tasks_dir",
     "tokenizer_kwargs",
+    "tokenizer_section",
     "torchtune_model_config",
     "torchtune_model_type",
     "trained_base",
