@@ -334,7 +334,6 @@ def train_config(mode: str, base: BaseModel, files: DataFiles, settings: DemoSet
         "output_dir": str(run_dir),
         "checkpointer": {"checkpoint_dir": str(base.checkpoint_dir), "checkpoint_files": weight_files(base.checkpoint_dir),
                          "model_type": base.model_type, "output_dir": str(run_dir)},
-        "tokenizer": _tokenizer_section(base, MAX_PLAIN_TOKENS),
         # Interleaving about doubles a response's length: positions for the interleaved sequence.
         "model": {"max_seq_len": MAX_INTERLEAVED_POSITIONS},
         "seed": settings.seed,
@@ -346,7 +345,8 @@ def train_config(mode: str, base: BaseModel, files: DataFiles, settings: DemoSet
     }
     cfg = OmegaConf.merge(cfg, overrides)
     cfg.checkpointer.checkpoint_files = OmegaConf.create(weight_files(base.checkpoint_dir))
-    # Replace (not merge) the datasets and the codec: the config's keys must not leak into another choice.
+    # Replace (not merge) the tokenizer, the datasets and the codec: the config's keys must not leak into another choice.
+    cfg.tokenizer = OmegaConf.create(_tokenizer_section(base, MAX_PLAIN_TOKENS))
     cfg.dataset = OmegaConf.create(dataset)
     cfg.dataset_val = OmegaConf.create(val) if val is not None else None
     if mode != "none":
@@ -374,7 +374,6 @@ def eval_config(mode: str, checkpoint: Path, base: BaseModel, files: DataFiles, 
         "output_dir": str(eval_dir),
         "checkpointer": {"checkpoint_dir": str(checkpoint), "checkpoint_files": weight_files(checkpoint),
                          "model_type": base.model_type, "output_dir": str(eval_dir)},
-        "tokenizer": _tokenizer_section(base, None),
         "include_path": str(include),
         "tasks": tasks,
         "limit": settings.eval_limit,
@@ -384,6 +383,7 @@ def eval_config(mode: str, checkpoint: Path, base: BaseModel, files: DataFiles, 
     }
     cfg = OmegaConf.merge(cfg, overrides)
     cfg.tasks = OmegaConf.create(tasks)
+    cfg.tokenizer = OmegaConf.create(_tokenizer_section(base, None))  # replaced: another tokenizer takes other keys
     cfg.checkpointer.checkpoint_files = OmegaConf.create(weight_files(checkpoint))
     if mode != "none":
         cfg.interleaving = OmegaConf.merge(cfg.interleaving, _interleaving_section(mode, settings))

@@ -108,6 +108,18 @@ def fit_model_vocabulary(model: nn.Module, num_rows: int) -> None:
         raise TypeError(f"cannot grow an output projection of type {type(output).__name__}; expected nn.Linear or TiedLinear")
 
 
+def grow_model(model: nn.Module, num_rows: int) -> nn.Module:
+    """A loaded torchtune decoder grown to ``num_rows`` vocabulary rows in place (new rows: the mean of
+    the trained ones, as :func:`grow_state_dict` starts a finetune that added tokens). Returns ``model``."""
+    if vocab_size_of(model) == num_rows:
+        return model
+    state = {key: value.detach().clone() for key, value in model.state_dict().items()}
+    grow_state_dict(state, num_rows)
+    fit_model_vocabulary(model, num_rows)
+    model.load_state_dict(state)
+    return model
+
+
 def state_dict_rows(state_dict: Mapping[str, torch.Tensor]) -> Optional[int]:
     """Vocabulary rows of a torchtune state dict (None when it has no input embedding)."""
     weight = state_dict.get(EMBEDDING_KEY)
@@ -119,6 +131,7 @@ __all__ = [
     "OUTPUT_KEY",
     "add_confidence_tokens",
     "fit_model_vocabulary",
+    "grow_model",
     "grow_state_dict",
     "rows_needed",
     "state_dict_rows",

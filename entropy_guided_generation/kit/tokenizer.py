@@ -253,9 +253,10 @@ def tokenizer_section(folder: Path, max_seq_len: Optional[int] = None) -> dict[s
 
 def load_folder_tokenizer(folder: Path, max_seq_len: Optional[int] = None):
     """The tokenizer :func:`tokenizer_section` names for ``folder``, built."""
+    from omegaconf import OmegaConf
     from torchtune import config
 
-    return config.instantiate(tokenizer_section(folder, max_seq_len))
+    return config.instantiate(OmegaConf.create(tokenizer_section(folder, max_seq_len)))
 
 
 def vocab_size_of(folder: Optional[Path] = None) -> int:
