@@ -32,18 +32,62 @@ def kit_confidence_tokens(num_bins: int = 11) -> list[str]:
     return [f"<|conf_{k}|>" for k in range(num_bins)]
 
 
-def llama3_reserved_confidence_tokens() -> list[str]:
-    """Llama-3 reserved special tokens 237..247, i.e. ids 128245..128255 (the public CaC code's ids)."""
-    return [f"<|reserved_special_token_{k}|>" for k in range(237, 248)]
+# The public CaC code's confidence ids are Llama-3's last eleven reserved ids, 128245..128255. Their
+# names differ between tokenizers, so the preset is the id range, resolved by trying each naming:
+# the first reserved index at id 128245 in each (id = offset + index past the named specials).
+LLAMA3_RESERVED_IDS = tuple(range(128245, 128256))
+LLAMA3_RESERVED_NAMINGS = {
+    "torchtune": 234,  # torchtune 0.6.1's llama3_tokenizer: reserved_k = 128011 + k, k = 2..244
+    "huggingface_llama3_1": 237,  # HF tokenizer.json of Llama 3.1 / 3.2 / 3.3: reserved_k = 128008 + k
+    "huggingface_llama3": 240,  # HF tokenizer.json of Meta-Llama-3 (3.0): reserved_k = 128005 + k
+}
 
 
-def digit_confidence_tokens() -> list[str]:
+def llama3_reserved_names(naming: str) -> list[str]:
+    """The names of ids 128245..128255 under one of :data:`LLAMA3_RESERVED_NAMINGS`."""
+    first = LLAMA3_RESERVED_NAMINGS[naming]
+    return [f"<|reserved_special_token_{first + k}|>" for k in range(len(LLAMA3_RESERVED_IDS))]
+
+
+def llama3_reserved_confidence_tokens(tokenizer: Any) -> list[str]:
+    """The names under which ``tokenizer`` holds Llama-3's reserved ids 128245..128255.
+
+    Each naming of :data:`LLAMA3_RESERVED_NAMINGS` is tried; the one whose names resolve to exactly
+    those ids wins (a name of another naming may exist at a different id, so ids decide, not names).
+
+    Raises:
+        ValueError: when no naming resolves to those ids, saying what each one resolved to.
+    """
+    tried = []
+    for naming in LLAMA3_RESERVED_NAMINGS:
+        names = llama3_reserved_names(naming)
+        try:
+            ids = [encode_single_token(name, tokenizer) for name in names]
+        except ValueError as err:
+            tried.append(f"{naming} ({names[0]}..{names[-1]}): {err}")
+            continue
+        if tuple(ids) == LLAMA3_RESERVED_IDS:
+            return names
+        tried.append(f"{naming} ({names[0]}..{names[-1]}): ids {ids[0]}..{ids[-1]}")
+    raise ValueError(
+        f"confidence.tokens.preset 'llama3_reserved' is Llama-3's reserved ids {LLAMA3_RESERVED_IDS[0]}..{LLAMA3_RESERVED_IDS[-1]}, "
+        f"but this tokenizer holds them under none of the known namings: {'; '.join(tried)}. "
+        "Give confidence.token_ids or a list of confidence.tokens instead"
+    )
+
+
+def digit_confidence_tokens(tokenizer: Any = None) -> list[str]:
     """The digit strings "0".."9","10" used by the public CaC code's answer mode (ids 15..24, 605 in Llama-3)."""
     return [str(k) for k in range(11)]
 
 
+def _kit_preset_tokens(tokenizer: Any = None) -> list[str]:
+    return kit_confidence_tokens()
+
+
+# preset name -> function of the tokenizer giving the token strings
 _PRESET_TOKENS = {
-    "kit": kit_confidence_tokens,
+    "kit": _kit_preset_tokens,
     "llama3_reserved": llama3_reserved_confidence_tokens,
     "digits": digit_confidence_tokens,
 }
@@ -362,7 +406,9 @@ def _tokens_from_config(
         preset = tokens.get("preset")
         if preset not in _PRESET_TOKENS:
             raise ValueError(f"unknown confidence.tokens.preset {preset!r}; expected one of {', '.join(TOKEN_PRESETS)}")
-        strings = _PRESET_TOKENS[preset]()
+        if tokenizer is None:
+            raise ValueError("confidence tokens given as strings need a tokenizer to resolve them to ids")
+        strings = _PRESET_TOKENS[preset](tokenizer)
     else:
         strings = [str(s) for s in tokens]
     if tokenizer is None:
@@ -611,7 +657,10 @@ __all__ = [
     "find_confidence_json",
     "fit_quantile_edges",
     "kit_confidence_tokens",
+    "LLAMA3_RESERVED_IDS",
+    "LLAMA3_RESERVED_NAMINGS",
     "llama3_reserved_confidence_tokens",
+    "llama3_reserved_names",
     "metadata_for",
     "read_confidence_json",
     "resolve_token_ids",
