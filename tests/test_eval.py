@@ -334,6 +334,7 @@ def test_lm_evals_own_gsm8k_task_runs_on_the_shared_test_file(tmp_path, shared_d
     assert summary["task"] == "gsm8k_shared" and summary["num_samples"] == 2
 
 
+@pytest.mark.slow
 def test_tune_run_eval_recipe_on_the_tiny_answer_config(tmp_path, subprocess_env):
     out = tmp_path / "out"
     command = ["tune", "run", "recipes/eleuther_eval.py", "--config", "configs/tiny/eval_answer.yaml",

@@ -69,6 +69,7 @@ def rows(folder: Path, prefix: str) -> dict:
     return found
 
 
+@pytest.mark.slow
 def test_two_rank_eval_equals_the_one_rank_run(tmp_path, subprocess_env):
     """limit 3 on 2 ranks: rank 0 gets documents 0 and 2, rank 1 document 1 plus lm-eval's padding.
     batch_size 1, so that no request's numbers depend on its batch-mates (in one process as in two)."""

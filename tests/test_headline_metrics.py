@@ -180,3 +180,29 @@ def test_heldout_content_loss_equals_the_reference_mean_nll(base_model, mode, ki
         count += len(response)
     assert found == pytest.approx(nll / count, abs=1e-5, rel=0)
     assert 0.005 < found < 2.0  # a trained model: far below ln(vocab) ~ 6.2
+
+
+def test_marker_eval_on_a_model_that_writes_the_marker_interleaves_exactly_up_to_it(tmp_path, base_model):
+    """configs/tiny/eval_marker.yaml on a model that writes "####": each answer's trace has bins up to
+    and including the marker and none after it, as token-by-token teacher forcing with the marker gives."""
+    cfg = eval_config("marker", tmp_path, tasks=["kit_gsm8k"])
+    recipe = EleutherEvalRecipeDirect(cfg)
+    recipe.setup(cfg)
+    summary = recipe.evaluate()
+    lm = recipe.lm
+    samples = summary["lm_eval"]["samples"]["kit_gsm8k"]
+    contexts = {s["doc_id"]: s["arguments"][0][0] for s in samples}
+    with_marker = {s["doc_id"] for s in samples if "####" in s["resps"][0][0]}
+    assert len(with_marker) >= LIMIT // 2, "the model rarely writes the marker: the test would be weak"
+    traces = [t for t in lm.traces if t.task == "kit_gsm8k" and t.request_type == "generate_until"]
+    marker_ids = list(lm.marker_ids)
+    plain_after_marker = 0
+    for trace in traces:
+        ref = teacher_force_stepwise(base_model, lm.tok_encode(contexts[trace.doc_id]), trace.tokens, conf_ids=lm.codec.token_ids.tolist(),
+                                     edges=EDGES, stop_ids=lm.stop_ids, marker=marker_ids)
+        assert trace.bins == ref["bins"], trace.doc_id
+        if trace.doc_id in with_marker:
+            end = next(k + len(marker_ids) for k in range(len(trace.tokens)) if trace.tokens[k : k + len(marker_ids)] == marker_ids)
+            assert all(b >= 0 for b in trace.bins[:end]) and all(b == -1 for b in trace.bins[end:])
+            plain_after_marker += len(trace.tokens) - end
+    assert plain_after_marker > 0

@@ -184,6 +184,7 @@ def test_seed_002_sequence_processor_with_a_hugging_face_model_and_tokenizer(lla
 
 
 # ---------------------------------------------------------------- 003: budget forcing on the lm-eval command line
+@pytest.mark.slow
 def test_seed_003_budget_forcing_command_line(tmp_path, subprocess_env):
     out = tmp_path / "s1.1_1.5B_eval"
     command = [
