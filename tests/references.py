@@ -48,6 +48,7 @@ def teacher_force_stepwise(
     prompt_bins: bool = False,
     stop_ids: Sequence[int] = (),
     marker: Optional[Sequence[int]] = None,
+    positions: str = "sequential",
 ) -> dict:
     """Score ``continuation`` after ``context`` as a decoder would produce it, one forward per token.
 
@@ -55,13 +56,15 @@ def teacher_force_stepwise(
     so far; with the confidence ids masked, H_t is the entropy of that distribution (nats) and its
     bin is the number of ``edges`` <= H_t. After x_t comes conf_ids[bin], for continuation tokens
     (``prompt_bins``: context tokens after the first too), never after a stop token, and (``marker``)
-    not after the continuation's first occurrence of the marker has been written.
+    not after the continuation's first occurrence of the marker has been written. ``positions``:
+    ``sequential`` numbers every token; ``shared`` gives a confidence token its content token's position.
 
     Returns: ``logprob``, ``entropy``, ``bins`` of the continuation's tokens (bins -1 where none)
     and the interleaved ``sequence``.
     """
     edges_t = torch.tensor(list(edges), dtype=torch.float64)
     seq: list[int] = []
+    pos: list[int] = []
     out = {"logprob": [], "entropy": [], "bins": []}
     written: list[int] = []
     tokens = list(context) + list(continuation)
@@ -69,7 +72,7 @@ def teacher_force_stepwise(
         in_continuation = i >= len(context)
         bin_ = -1
         if i > 0:
-            logits = model(torch.tensor([seq]))[0, -1].double()
+            logits = model(torch.tensor([seq]), input_pos=torch.tensor([pos]))[0, -1].double()
             logits[list(conf_ids)] = -math.inf
             logp = torch.log_softmax(logits, dim=-1)
             p = logp.exp()
@@ -79,12 +82,14 @@ def teacher_force_stepwise(
                 out["logprob"].append(float(logp[token]))
                 out["entropy"].append(entropy)
         seq.append(token)
+        pos.append(len(seq) - 1 if positions == "sequential" else i)  # content token i of the plain text
         if in_continuation:
             written.append(token)
         marker_done = marker is not None and _contains(written[:-1], marker)
         gets_bin = i > 0 and (in_continuation or prompt_bins) and token not in stop_ids and not marker_done
         if gets_bin:
             seq.append(conf_ids[bin_])
+            pos.append(len(seq) - 1 if positions == "sequential" else i)
         if in_continuation:
             out["bins"].append(bin_ if gets_bin else -1)
     out["sequence"] = seq

@@ -329,3 +329,84 @@ def test_entry_point_and_yaml_mode_conflict_is_an_error_naming_both(monkeypatch)
     monkeypatch.setattr(sys, "argv", ["full_finetune_single_device_ans_intl", "--config", str(REPO / "configs/tiny/full_single_device.yaml")])
     with pytest.raises(ValueError, match=r"entry point trains interleaving.mode 'answer' but the config sets interleaving.mode 'full'"):
         entry.recipe_main()
+
+
+def test_documented_options_reach_confidence_json_and_the_eval_recipe(tmp_path, subprocess_env, kit_tokenizer):
+    """One finetune through ``python -m entropy_guided_generation.training`` (mode from YAML) with
+    ``confidence.edges.scheme: quantile``, ``interleaving.reference_checkpoint`` (the kit's plain trained
+    base, whose entropies differ from the mixed-format base's), ``init_confidence_embeddings: mean`` and
+    ``positions: shared``, from the mixed-format base pretrained with shared positions; one step at
+    the warmup's lr 0, so the saved weights are the base's with the initialized rows. Then
+    ``python -m entropy_guided_generation.eleuther_eval`` on that checkpoint.
+
+    Wiring properties: the quantile edges in ``confidence.json`` are the quantiles of the *reference*
+    model's plain-context entropies at the slots of the first ``fit_samples`` training examples; the
+    saved confidence rows are the mean of the base's other rows and every other weight is the base's;
+    ``confidence.json`` records shared positions, and the eval recipe decodes with them: its traces
+    equal token-by-token teacher forcing with shared positions and the saved edges."""
+    from entropy_guided_generation import kit
+    from entropy_guided_generation.data import gsm8k_dataset
+    from entropy_guided_generation.kit.train_base import mixed_format_base
+    from entropy_guided_generation.training.kit_paths import resolve_kit_reference
+
+    from references import teacher_force_stepwise
+
+    base, reference = mixed_format_base("shared"), kit.trained_base()
+    out, fit_samples = tmp_path / "train", 8
+    options = [
+        "interleaving.mode=answer", "interleaving.positions=shared", f"interleaving.reference_checkpoint={reference}",
+        "interleaving.init_confidence_embeddings=mean", "confidence.edges.scheme=quantile", f"confidence.edges.fit_samples={fit_samples}",
+        f"checkpointer.checkpoint_dir={base}", "epochs=1", "max_steps_per_epoch=1", "batch_size=4", "max_val_batches=1",
+    ]
+    run([sys.executable, "-m", "entropy_guided_generation.training"] + config_args("answer_single_device", out, *options), subprocess_env)
+    meta = read_confidence_json(out / "epoch_0")
+    assert (meta.mode, meta.positions, meta.edge_scheme) == ("answer", "shared", "quantile")
+
+    # Quantile edges: the reference model's pass-0 entropies at the answer slots of the first examples.
+    cfg = tiny_config("answer_single_device", out)
+    tokenizer = kit.load_tokenizer(max_seq_len=cfg.tokenizer.max_seq_len, folder=base)
+    dataset = gsm8k_dataset(tokenizer, data_files=resolve_kit_reference(cfg.dataset.data_files),
+                            prompt_template=cfg.dataset.prompt_template, response_template=cfg.dataset.response_template)
+    ref_model = kit.load_torchtune_model(reference)
+    conf_ids = torch.tensor(meta.token_ids)
+    signals = []
+    for k in range(fit_samples):
+        tokens, labels = torch.tensor(dataset[k]["tokens"]), torch.tensor(dataset[k]["labels"])
+        with torch.no_grad():
+            logits = ref_model(tokens.unsqueeze(0))[0].double()
+        logits[:, conf_ids] = float("-inf")
+        logp = logits.log_softmax(-1)
+        entropy = -(logp.exp() * logp.clamp(min=-1e300)).sum(-1)
+        slots = (labels != -100) & ~torch.isin(tokens, torch.tensor(tokenizer.stop_tokens))
+        signals.append(entropy[:-1][slots[1:]])  # the logits at t - 1 produced token t
+    expected = torch.quantile(torch.cat(signals), torch.arange(1, 11, dtype=torch.float64) / 11)
+    torch.testing.assert_close(torch.tensor(meta.edges, dtype=torch.float64), expected, atol=1e-5, rtol=0)
+
+    # init_confidence_embeddings: mean, at lr 0: the base's weights with mean confidence rows.
+    saved, original = weights(out / "epoch_0"), load_file(str(base / "model.safetensors"))
+    embed = "model.embed_tokens.weight"
+    others = torch.ones(original[embed].shape[0], dtype=torch.bool)
+    others[conf_ids] = False
+    torch.testing.assert_close(saved[embed][conf_ids], original[embed][others].mean(0).expand(len(conf_ids), -1), rtol=0, atol=1e-6)
+    torch.testing.assert_close(saved[embed][others], original[embed][others], rtol=0, atol=0)
+    for name in original:
+        if name != embed:
+            torch.testing.assert_close(saved[name], original[name], rtol=0, atol=0, msg=name)
+
+    # The eval recipe reads the shared positions and the quantile codec from confidence.json.
+    evaluated = tmp_path / "eval"
+    run([sys.executable, "-m", "entropy_guided_generation.eleuther_eval", "--config", "configs/tiny/eval_answer.yaml",
+         f"checkpointer.checkpoint_dir={out / 'epoch_0'}", f"checkpointer.checkpoint_files=[{next((out / 'epoch_0').glob('*.safetensors')).name}]",
+         f"output_dir={evaluated}", "~confidence", "tasks=[kit_gsm8k]", "limit=3", "max_gen_toks=12", "bootstrap_iters=0"], subprocess_env)
+    finetuned = kit.load_torchtune_model(out / "epoch_0")
+    samples = {json.loads(line)["doc_id"]: json.loads(line) for line in next(evaluated.glob("samples_kit_gsm8k_*.jsonl")).read_text().splitlines()}
+    traces = [json.loads(line) for line in next(evaluated.glob("confidence_traces_kit_gsm8k_*.jsonl")).read_text().splitlines()]
+    bins = []
+    for trace in traces:
+        context = tokenizer.encode(samples[trace["doc_id"]]["arguments"]["gen_args_0"]["arg_0"], add_bos=False, add_eos=False)
+        expected_trace = teacher_force_stepwise(finetuned, context, trace["tokens"], conf_ids=meta.token_ids, edges=meta.edges,
+                                                stop_ids=tokenizer.stop_tokens, positions="shared")
+        assert trace["bins"] == expected_trace["bins"], trace["doc_id"]
+        torch.testing.assert_close(torch.tensor(trace["logprob"]), torch.tensor(expected_trace["logprob"]), atol=2e-4, rtol=0)
+        bins += [b for b in trace["bins"] if b >= 0]
+    assert len(traces) == 3 and len(set(bins)) > 1
