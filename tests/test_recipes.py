@@ -132,33 +132,44 @@ def test_full_mode_learns_a_repeated_batch_and_logs_its_bins(tmp_path, subproces
 
 
 def test_marker_two_process_fsdp2_matches_one_device(tmp_path, subprocess_env, kit_tokenizer):
-    """2 ranks x 4 examples == 1 device x 8 examples, on a repeated batch: step 1 loss to 1e-6
-    relative (same weights, same tokens, summed in another order), later steps and validation to
-    1e-5, the same confidence statistics summed over ranks, final weights to 1e-5 absolute. The
-    loss goes down in both, and the FSDP2 checkpoint loads in transformers and the marker decoder."""
+    """2 ranks x 4 examples == 1 device x 8 examples, on a repeated batch, from the kit's mixed-format
+    base (a trained model whose bins vary: a run on a near-uniform model would compare constants):
+    step 1 loss to 1e-6 relative (same weights, same tokens, summed in another order), later steps and
+    validation to 1e-5, the same confidence statistics summed over ranks (bin histogram included, which
+    spreads over several bins), final weights to 1e-4 absolute. The loss goes down in both, and the
+    FSDP2 checkpoint loads in transformers and the marker decoder."""
+    from entropy_guided_generation.kit.train_base import mixed_format_base
+
     single, dist = tmp_path / "single", tmp_path / "dist"
+    base = f"checkpointer.checkpoint_dir={mixed_format_base('sequential')}"
     # The one-device reference runs in this process, through the Python entry the demo uses.
-    run_recipe(tiny_config("marker_single_device", single, *REPEATED_BATCH, "batch_size=8"), mode="marker")
+    run_recipe(tiny_config("marker_single_device", single, *REPEATED_BATCH, "batch_size=8", base), mode="marker")
     run(
         [TUNE, "run", "--nproc_per_node", "2", "recipes/full_finetune_distributed_ans_intl_mistake.py"]
-        + config_args("marker_distributed", dist, *REPEATED_BATCH, "batch_size=4"),
+        + config_args("marker_distributed", dist, *REPEATED_BATCH, "batch_size=4", base),
         subprocess_env,
     )
     one, two = read_disk_log(single / "logs"), read_disk_log(dist / "logs")
     assert two[1]["loss"] == pytest.approx(one[1]["loss"], rel=1e-6)
     for step in (2, 3):
         assert two[step]["loss"] == pytest.approx(one[step]["loss"], rel=1e-5)
+    histogram = [f"conf/bin_{k:02d}" for k in range(11)]
     for step in (1, 2, 3):
         check_bin_stats(two[step])
         assert two[step]["conf/slots"] == one[step]["conf/slots"]
-        assert two[step]["conf/passes_mean"] == one[step]["conf/passes_mean"]
+        # (Passes are counted per micro-batch: a rank's 4 rows may settle in fewer than the device's 8.)
+        assert two[step]["conf/signal_mean"] == pytest.approx(one[step]["conf/signal_mean"], rel=1e-5)
         assert two[step]["conf/marker_found_fraction"] == one[step]["conf/marker_found_fraction"] == 1.0
+        assert [two[step][k] for k in histogram] == pytest.approx([one[step][k] for k in histogram], abs=1e-9)
+        assert sum(one[step][k] > 0 for k in histogram) >= 2 and max(one[step][k] for k in histogram) < 0.95, one[step]
     assert two[3]["val_loss"] == pytest.approx(one[3]["val_loss"], rel=1e-5)
     assert losses(dist)[-1] < losses(dist)[0] and losses(single)[-1] < losses(single)[0]
     w1, w2 = weights(single / "epoch_2"), weights(dist / "epoch_2")
     assert w1.keys() == w2.keys()
     for name in w1:
-        torch.testing.assert_close(w2[name], w1[name], rtol=0, atol=1e-5)
+        # AdamW divides by sqrt(v): on a trained model some gradients are ~0, where summing in another
+        # order moves an update by a few 1e-5 (lr 1e-3); a wrong shard or a missing all-reduce moves ~lr.
+        torch.testing.assert_close(w2[name], w1[name], rtol=0, atol=1e-4)
     check_confidence_json(dist / "epoch_2", "marker", kit_tokenizer, marker="####")
     check_checkpoint_loads_in_transformers_and_decoders(dist / "epoch_2", kit_tokenizer)
 
