@@ -421,3 +421,26 @@ def test_documented_options_reach_confidence_json_and_the_eval_recipe(tmp_path, 
         torch.testing.assert_close(torch.tensor(trace["logprob"]), torch.tensor(expected_trace["logprob"]), atol=2e-4, rtol=0)
         bins += [b for b in trace["bins"] if b >= 0]
     assert len(traces) == 3 and len(set(bins)) > 1
+
+
+TINY_BUDGET = ["dataset.split=train[:8]", "epochs=1", "max_steps_per_epoch=1", "batch_size=2", "max_val_batches=1"]
+
+
+@pytest.mark.parametrize(
+    "launch, config, mode",
+    [
+        ([TUNE, "run", "recipes/finetune_single_device.py"], "none_single_device", "none"),
+        ([TUNE, "run", "--nproc_per_node", "1", "recipes/finetune_distributed.py"], "marker_distributed", "marker"),
+        ([TUNE, "run", "--nproc_per_node", "1", "recipes/full_finetune_distributed_full_intl.py"], "full_distributed", "full"),
+        ([sys.executable, "-m", "entropy_guided_generation.full_finetune_single_device_ans_intl_mistake"], "marker_single_device", "marker"),
+    ],
+    ids=["finetune_single_device", "finetune_distributed", "full_finetune_distributed_full_intl", "full_finetune_single_device_ans_intl_mistake"],
+)
+def test_every_entry_point_trains_its_mode_as_users_launch_it(tmp_path, subprocess_env, launch, config, mode):
+    """The entry points no other test launches, each the way the README launches it (``tune run`` from
+    the repository root with ``PYTHONPATH=.``, ``python -m``): one step, then the checkpoint's
+    ``confidence.json`` records the entry's mode (from YAML for ``finetune_*``)."""
+    out = tmp_path / "run"
+    run(launch + config_args(config, out, *TINY_BUDGET), {**subprocess_env, "PYTHONPATH": "." + ":" + subprocess_env["PYTHONPATH"]})
+    assert read_confidence_json(out / "epoch_0").mode == mode
+    assert len(losses(out)) == 1
