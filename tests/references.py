@@ -4,7 +4,7 @@ decoder feeds: each confidence token is binned from the logits that produced the
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -44,17 +44,21 @@ def teacher_force_stepwise(
     continuation: Sequence[int],
     *,
     conf_ids: Sequence[int],
-    edges: Sequence[float],
+    edges: Sequence[float] = (),
     prompt_bins: bool = False,
     stop_ids: Sequence[int] = (),
     marker: Optional[Sequence[int]] = None,
     positions: str = "sequential",
+    signal: str = "entropy",
+    temperature: float = 1.0,
+    bin_of: Optional[Callable[[float], int]] = None,
 ) -> dict:
     """Score ``continuation`` after ``context`` as a decoder would produce it, one forward per token.
 
     Each token x_t after the first is predicted by the last logits of the whole interleaved prefix
-    so far; with the confidence ids masked, H_t is the entropy of that distribution (nats) and its
-    bin is the number of ``edges`` <= H_t. After x_t comes conf_ids[bin], for continuation tokens
+    so far; with the confidence ids masked and the logits divided by ``temperature``, the signal is
+    the entropy H_t of that distribution (nats) or (``signal="max_prob"``) its largest probability,
+    and its bin is the number of ``edges`` <= the signal (or ``bin_of(signal)``). After x_t comes conf_ids[bin], for continuation tokens
     (``prompt_bins``: context tokens after the first too), never after a stop token, and (``marker``)
     not after the continuation's first occurrence of the marker has been written. ``positions``:
     ``sequential`` numbers every token; ``shared`` gives a confidence token its content token's position.
@@ -74,10 +78,11 @@ def teacher_force_stepwise(
         if i > 0:
             logits = model(torch.tensor([seq]), input_pos=torch.tensor([pos]))[0, -1].double()
             logits[list(conf_ids)] = -math.inf
-            logp = torch.log_softmax(logits, dim=-1)
+            logp = torch.log_softmax(logits / temperature, dim=-1)
             p = logp.exp()
             entropy = float(-(p[p > 0] * logp[p > 0]).sum())
-            bin_ = int((edges_t <= entropy).sum())
+            value = entropy if signal == "entropy" else float(p.max())
+            bin_ = bin_of(value) if bin_of is not None else int((edges_t <= value).sum())
             if in_continuation:
                 out["logprob"].append(float(logp[token]))
                 out["entropy"].append(entropy)

@@ -450,3 +450,51 @@ def test_every_entry_point_trains_its_mode_as_users_launch_it(tmp_path, subproce
         assert "Compiling model layers with torch.compile" in output and "Compiling loss with torch.compile" in output
         run_recipe(tiny_config(config, tmp_path / "eager", *TINY_BUDGET))
         assert losses(out)[0] == pytest.approx(losses(tmp_path / "eager")[0], rel=1e-5)
+
+
+def test_confidence_options_of_the_readme_reach_confidence_json_and_the_eval_recipe(tmp_path, subprocess_env):
+    """A YAML whose ``confidence`` section sets every codec option of the README's codec section to a
+    non-default (``signal: max_prob``, ``temperature: 0.7``, ``dtype: float64``, ``edges:
+    {scheme: maxprob_round}``, ``tokens`` as a list of strings), trained one step (lr 0) from the
+    mixed-format base with ``tune run``; ``confidence.json`` records each, and the eval recipe
+    (from Python) decodes with them: its traces equal token-by-token teacher forcing with the max
+    probability at tau 0.7 binned as the public code's round(10 p)."""
+    from entropy_guided_generation import kit
+    from entropy_guided_generation.eleuther_eval import EleutherEvalRecipeDirect
+    from entropy_guided_generation.kit.train_base import mixed_format_base
+
+    from references import teacher_force_stepwise
+
+    strings = [f"<|conf_{k}|>" for k in range(11)]
+    cfg = OmegaConf.load(REPO / "configs" / "tiny" / "answer_single_device.yaml")
+    cfg.confidence = {"signal": "max_prob", "temperature": 0.7, "dtype": "float64", "edges": {"scheme": "maxprob_round"}, "tokens": strings}
+    cfg.checkpointer.checkpoint_dir = str(mixed_format_base("sequential"))
+    OmegaConf.save(cfg, tmp_path / "max_prob.yaml")
+    out = tmp_path / "train"
+    command = [TUNE, "run", "recipes/full_finetune_single_device_ans_intl.py", "--config", str(tmp_path / "max_prob.yaml"),
+               f"output_dir={out}", f"metric_logger.log_dir={out}/logs", *TINY_BUDGET]
+    run(command, {**subprocess_env, "PYTHONPATH": "." + ":" + subprocess_env["PYTHONPATH"]})
+    meta = read_confidence_json(out / "epoch_0")
+    assert (meta.signal, meta.temperature, meta.dtype, meta.edge_scheme, meta.token_strings) == ("max_prob", 0.7, "float64", "maxprob_round", strings)
+
+    evaluated = tmp_path / "eval"
+    eval_cfg = OmegaConf.load(REPO / "configs" / "tiny" / "eval_answer.yaml")
+    eval_cfg.pop("confidence")
+    eval_cfg.merge_with({"output_dir": str(evaluated), "tasks": ["kit_gsm8k"], "limit": 3, "max_gen_toks": 16, "bootstrap_iters": 0,
+                         "checkpointer": {"checkpoint_dir": str(out / "epoch_0"), "checkpoint_files": [next((out / "epoch_0").glob("*.safetensors")).name]}})
+    recipe = EleutherEvalRecipeDirect(eval_cfg)
+    recipe.setup(eval_cfg)
+    summary = recipe.evaluate()
+    lm = recipe.lm
+    finetuned = kit.load_torchtune_model(out / "epoch_0")
+    contexts = {s["doc_id"]: s["arguments"][0][0] for s in summary["lm_eval"]["samples"]["kit_gsm8k"]}
+    bins = []
+    for trace in (t for t in lm.traces if t.request_type == "generate_until"):
+        expected = teacher_force_stepwise(
+            finetuned, lm.tok_encode(contexts[trace.doc_id]), trace.tokens, conf_ids=meta.token_ids, stop_ids=lm.stop_ids,
+            signal="max_prob", temperature=0.7, bin_of=lambda p: min(int(torch.tensor(10 * p, dtype=torch.float64).round()), 10),
+        )
+        assert trace.bins == expected["bins"], trace.doc_id
+        torch.testing.assert_close(torch.tensor(trace.logprob, dtype=torch.float64), torch.tensor(expected["logprob"], dtype=torch.float64), atol=2e-4, rtol=0)
+        bins += [b for b in trace.bins if b >= 0]
+    assert len(set(bins)) > 1, bins
