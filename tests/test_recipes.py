@@ -430,8 +430,10 @@ TINY_BUDGET = ["dataset.split=train[:8]", "epochs=1", "max_steps_per_epoch=1", "
     "launch, config, mode, extra",
     [
         ([TUNE, "run", "recipes/finetune_single_device.py"], "none_single_device", "none", ["compile=True"]),
-        ([TUNE, "run", "--nproc_per_node", "1", "recipes/finetune_distributed.py"], "marker_distributed", "marker", []),
-        ([TUNE, "run", "--nproc_per_node", "1", "recipes/full_finetune_distributed_full_intl.py"], "full_distributed", "full", []),
+        ([TUNE, "run", "--nproc_per_node", "1", "recipes/finetune_distributed.py"], "marker_distributed", "marker",
+         ["confidence.edges.scheme=uniform", "confidence.edges.max=2.2"]),
+        ([TUNE, "run", "--nproc_per_node", "1", "recipes/full_finetune_distributed_full_intl.py"], "full_distributed", "full",
+         ["interleaving.max_passes=1"]),
         ([sys.executable, "-m", "entropy_guided_generation.full_finetune_single_device_ans_intl_mistake"], "marker_single_device", "marker", []),
     ],
     ids=["finetune_single_device", "finetune_distributed", "full_finetune_distributed_full_intl", "full_finetune_single_device_ans_intl_mistake"],
@@ -440,12 +442,19 @@ def test_every_entry_point_trains_its_mode_as_users_launch_it(tmp_path, subproce
     """The entry points no other test launches, each the way the README launches it (``tune run`` from
     the repository root with ``PYTHONPATH=.``, ``python -m``; the distributed ones on one rank, their
     two-rank FSDP2 run being the marker test's): one step, then the checkpoint's ``confidence.json``
-    records the entry's mode (from YAML for ``finetune_*``). ``compile: True`` rides on the first: the
-    layers and the loss are compiled, and its step-1 loss (before any update) is the eager run's."""
+    records the entry's mode (from YAML for ``finetune_*``). Options ride along: ``compile: True`` (the
+    layers and the loss are compiled, and the step-1 loss, before any update, is the eager run's),
+    ``edges: {scheme: uniform, max}`` (the edges in ``confidence.json``), ``max_passes: 1`` (one pass
+    per micro-batch logged)."""
     out = tmp_path / "run"
     output = run(launch + config_args(config, out, *TINY_BUDGET, *extra), {**subprocess_env, "PYTHONPATH": "." + ":" + subprocess_env["PYTHONPATH"]})
     assert read_confidence_json(out / "epoch_0").mode == mode
     assert len(losses(out)) == 1
+    if "confidence.edges.scheme=uniform" in extra:
+        meta = read_confidence_json(out / "epoch_0")
+        assert meta.edge_scheme == "uniform" and meta.edges == pytest.approx([2.2 * k / 11 for k in range(1, 11)], abs=1e-12)
+    if "interleaving.max_passes=1" in extra:
+        assert read_disk_log(out / "logs")[1]["conf/passes_mean"] == 1.0
     if "compile=True" in extra:
         assert "Compiling model layers with torch.compile" in output and "Compiling loss with torch.compile" in output
         run_recipe(tiny_config(config, tmp_path / "eager", *TINY_BUDGET))
