@@ -76,20 +76,16 @@ def llama3_reserved_confidence_tokens(tokenizer: Any) -> list[str]:
     )
 
 
-def digit_confidence_tokens(tokenizer: Any = None) -> list[str]:
+def digit_confidence_tokens() -> list[str]:
     """The digit strings "0".."9","10" used by the public CaC code's answer mode (ids 15..24, 605 in Llama-3)."""
     return [str(k) for k in range(11)]
 
 
-def _kit_preset_tokens(tokenizer: Any = None) -> list[str]:
-    return kit_confidence_tokens()
-
-
-# preset name -> function of the tokenizer giving the token strings
+# preset name -> the token strings, given the tokenizer (llama3_reserved's names depend on it)
 _PRESET_TOKENS = {
-    "kit": _kit_preset_tokens,
+    "kit": lambda tokenizer: kit_confidence_tokens(),
     "llama3_reserved": llama3_reserved_confidence_tokens,
-    "digits": digit_confidence_tokens,
+    "digits": lambda tokenizer: digit_confidence_tokens(),
 }
 
 
@@ -406,13 +402,9 @@ def _tokens_from_config(
         preset = tokens.get("preset")
         if preset not in _PRESET_TOKENS:
             raise ValueError(f"unknown confidence.tokens.preset {preset!r}; expected one of {', '.join(TOKEN_PRESETS)}")
-        if tokenizer is None:
-            raise ValueError("confidence tokens given as strings need a tokenizer to resolve them to ids")
-        strings = _PRESET_TOKENS[preset](tokenizer)
-    else:
-        strings = [str(s) for s in tokens]
     if tokenizer is None:
         raise ValueError("confidence tokens given as strings need a tokenizer to resolve them to ids")
+    strings = _PRESET_TOKENS[tokens["preset"]](tokenizer) if isinstance(tokens, Mapping) else [str(s) for s in tokens]
     ids = resolve_token_ids(strings, tokenizer, vocab_size)
     return ids, tuple(strings)
 
@@ -645,6 +637,8 @@ def check_config_matches(
 __all__ = [
     "CODEC_FIELDS",
     "EDGE_SCHEMES",
+    "LLAMA3_RESERVED_IDS",
+    "LLAMA3_RESERVED_NAMINGS",
     "METADATA_FILENAME",
     "SIGNALS",
     "TOKEN_PRESETS",
@@ -657,8 +651,6 @@ __all__ = [
     "find_confidence_json",
     "fit_quantile_edges",
     "kit_confidence_tokens",
-    "LLAMA3_RESERVED_IDS",
-    "LLAMA3_RESERVED_NAMINGS",
     "llama3_reserved_confidence_tokens",
     "llama3_reserved_names",
     "metadata_for",
