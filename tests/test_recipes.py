@@ -342,7 +342,7 @@ def test_entry_point_and_yaml_mode_conflict_is_an_error_naming_both(monkeypatch)
         entry.recipe_main()
 
 
-def test_documented_options_reach_confidence_json_and_the_eval_recipe(tmp_path, subprocess_env, kit_tokenizer):
+def test_documented_options_reach_confidence_json_and_the_eval_recipe(tmp_path, subprocess_env):
     """One finetune through ``python -m entropy_guided_generation.training`` (mode from YAML) with
     ``confidence.edges.scheme: quantile``, ``interleaving.reference_checkpoint`` (the kit's plain trained
     base, whose entropies differ from the mixed-format base's), ``init_confidence_embeddings: mean`` and
