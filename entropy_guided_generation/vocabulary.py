@@ -34,7 +34,7 @@ def add_confidence_tokens(confidence_cfg: Optional[Mapping[str, Any]], tokenizer
     Raises:
         TypeError: when the tokenizer cannot add special tokens (it has no ``add_special_tokens``).
     """
-    strings = tokens_to_add(confidence_cfg)
+    strings = tokens_to_add(confidence_cfg, tokenizer)
     if not strings:
         return []
     if not callable(getattr(tokenizer, "add_special_tokens", None)):
