@@ -15,19 +15,27 @@ the kit's trained base (471-token vocabulary, ``entropy_round`` edges). Target (
 point <= 1.5 x sequential. The table gives passes, how many slots were settled by the passes and
 how many by the stepping fallback, and whether both ways found the same bins.
 
+``--model kit`` (default) measures those three; ``--model smollm2`` the kit's SmolLM2-135M-Instruct
+(dequantized from Q4_1; 49,152-token vocabulary, ``entropy_round`` edges on its unused specials 3..13,
+rows at the mean embedding) on real GSM8K prompts in lm-eval's format (``--gsm8k-shots`` train
+examples, then test question i in row i); ``--model kit smollm2`` both.
+
     OMP_NUM_THREADS=1 .venv/bin/python bench/prefill.py [--shots 16] [--repeats 3] [--batch 1 4]
+        [--model kit smollm2] [--gsm8k-shots 5]
 """
 from __future__ import annotations
 
 import argparse
 import statistics
 import time
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Tuple
 
 import torch
 
+import real_model
 from entropy_guided_generation import kit, signals
 from entropy_guided_generation.confidence import ConfidenceCodec, fit_quantile_edges
+from entropy_guided_generation.generation.padding import left_pad
 from entropy_guided_generation.layout import compute_bins, confidence_slots
 from entropy_guided_generation.modeling import kv_session, logits_of
 
@@ -40,11 +48,6 @@ def few_shot_prompts(tokenizer, shots: int, batch: int) -> List[List[int]]:
     examples = kit.gsm8k_examples(shots + batch, seed=3, split="train")
     context = "".join(kit.prompt_of(ex["question"]) + ex["answer"] + "\n\n" for ex in examples[:shots])
     return [tokenizer.encode(context + kit.prompt_of(ex["question"]), add_bos=False, add_eos=False) for ex in examples[shots:]]
-
-
-def left_pad(rows: List[List[int]], pad_id: int) -> torch.Tensor:
-    width = max(map(len, rows))
-    return torch.tensor([[pad_id] * (width - len(r)) + r for r in rows])
 
 
 def random_llama3(scale: float):
@@ -119,27 +122,51 @@ def alternate(fns: Dict[str, Callable[[], object]], repeats: int) -> Dict[str, f
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shots", type=int, default=16, help="worked problems before the question")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--batch", type=int, nargs="+", default=[1])
-    args = parser.parse_args()
-    torch.set_num_threads(1)
+# A case: (model label, model, codec, left-padded prompt [b, n], pad id).
+Case = Tuple[str, torch.nn.Module, ConfidenceCodec, torch.Tensor, int]
+
+
+def kit_cases(shots: int, batch: int) -> List[Case]:
+    """The random 128k-vocabulary Llama-3.2 models and the kit's trained base on a ``shots``-shot kit prompt."""
     tokenizer = kit.load_tokenizer()
     pad_id = tokenizer.pad_id
+    prompt = left_pad(few_shot_prompts(tokenizer, shots, batch), pad_id)
+    cases = []
+    for name, scale in (("random 128k, sharpened", 3.0), ("random 128k, default init", 0.0)):
+        model = random_llama3(scale)
+        cases.append((name, model, quantile_codec(model, prompt, pad_id, LLAMA3_CONF_IDS), prompt, pad_id))
     trained = kit.load_torchtune_model(kit.trained_base(), max_seq_len=4096).eval()
     kit_codec = ConfidenceCodec.from_config({"signal": "entropy", "edges": {"scheme": "entropy_round"}}, tokenizer=tokenizer)
+    cases.append(("trained kit base (471)", trained, kit_codec, prompt, pad_id))
+    return cases
+
+
+def smollm2_cases(shots: int, batch: int) -> List[Case]:
+    """SmolLM2-135M-Instruct on ``shots``-shot lm-eval GSM8K prompts (test question i in row i)."""
+    tokenizer = real_model.smollm2_tokenizer()
+    codec = real_model.smollm2_codec(tokenizer)
+    rows = [tokenizer.encode(text, add_bos=False, add_eos=False) for text in real_model.few_shot_prompts(shots, batch)]
+    return [("smollm2 (49,152)", real_model.load_smollm2(codec), codec, left_pad(rows, tokenizer.pad_id), tokenizer.pad_id)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shots", type=int, default=16, help="worked kit problems before the question (--model kit)")
+    parser.add_argument("--gsm8k-shots", type=int, default=5, help="real GSM8K train examples before the question (--model smollm2)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batch", type=int, nargs="+", default=[1])
+    parser.add_argument("--model", nargs="+", default=["kit"], choices=real_model.MODELS, help="models measured, one after another")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
     rows = []
     with torch.inference_mode():
         for batch in args.batch:
-            prompt = left_pad(few_shot_prompts(tokenizer, args.shots, batch), pad_id)
             cases = []
-            for name, scale in (("random 128k, sharpened", 3.0), ("random 128k, default init", 0.0)):
-                model = random_llama3(scale)
-                cases.append((name, model, quantile_codec(model, prompt, pad_id, LLAMA3_CONF_IDS)))
-            cases.append(("trained kit base (471)", trained, kit_codec))
-            for name, model, codec in cases:
+            if "kit" in args.model:
+                cases += kit_cases(args.shots, batch)
+            if real_model.SMOLLM2 in args.model:
+                cases += smollm2_cases(args.gsm8k_shots, batch)
+            for name, model, codec, prompt, pad_id in cases:
                 _, fixed_bins, result = fixed_point_prefill(model, prompt, codec, pad_id)
                 _, seq_bins = sequential_prefill(model, prompt, codec, pad_id)
                 times = alternate(
@@ -150,7 +177,13 @@ def main() -> None:
                     args.repeats,
                 )
                 rows.append((batch, int((prompt != pad_id).sum(1).max()), name, result, torch.equal(fixed_bins, seq_bins), times))
-    print(f"\nfull-mode prefill of a {args.shots}-shot prompt to the first content token; torch threads 1, fp32 CPU, CPU seconds, median of {args.repeats}")
+    shots = " and ".join(
+        f"a {n}-shot {what} prompt" for model, n, what in (("kit", args.shots, "kit GSM8K"), (real_model.SMOLLM2, args.gsm8k_shots, "real GSM8K (lm-eval format)"))
+        if model in args.model
+    )
+    print(f"\nfull-mode prefill of {shots} to the first content token; torch threads 1, fp32 CPU, CPU seconds, median of {args.repeats}")
+    if real_model.SMOLLM2 in args.model:
+        print(f"{real_model.SMOLLM2_ABOUT}; entropy_round bins on its unused specials 3..13, rows at the mean embedding")
     print(f"{'batch':>5} {'tokens':>6}  {'model':<26} {'passes':>6} {'slots/pass':<22} {'stepped':>7} {'same bins':>9} {'fixed s':>8} {'seq s':>7} {'fixed/seq':>9}")
     for batch, n, name, result, same, times in rows:
         per_pass = "/".join(str(s) for s in result.pass_slots[:4]) + ("/..." if len(result.pass_slots) > 4 else "")

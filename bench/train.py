@@ -1,6 +1,7 @@
-"""Training step time of the recipe core, side by side in one run, on a kit model and the kit's data.
+"""Training step time and memory of the recipe core, side by side in one run, on kit models and the kit's
+data and/or a real model on real GSM8K.
 
-Two tables:
+Four tables:
 
 1. Mode ``none`` vs torchtune's stock ``full_finetune_single_device`` recipe on the same config
    (model, data, batch, optimizer, loss): the median wall time between consecutive optimizer
@@ -17,32 +18,46 @@ Two tables:
    alternating, with the mean passes per micro-batch, the mean share of a full pass's positions
    that each pass after the first forwarded, and how many micro-batches the cap left unconverged.
    Target (issue 20): exact <= 1.05 x capped, geometric mean over full/answer/marker.
+4. Peak memory of one CaC training step (full/answer/marker) over torchtune's stock step at the same
+   interleaved width: the stock recipe (mode none config) takes one step on the very interleaved
+   tokens and labels the CaC step trained on; each runs in its own fresh process. CUDA:
+   ``torch.cuda.max_memory_allocated``; CPU: the process's peak resident set size during the step.
 
     .venv/bin/python bench/train.py [--steps 10] [--repeats 3] [--stock-repeats 4] [--sizes tiny small]
-        [--exact-sizes trained small]
+        [--exact-sizes trained small] [--model kit smollm2] [--real-batch 2] [--real-seq-len 128]
 
 ``tiny`` is the kit's ``tiny_qwen2`` (the tiny configs' model: hidden 64, 2 layers); ``small`` is a
 kit Qwen2 of hidden 256, 4 layers, so that compute rather than Python overhead dominates a step;
 ``trained`` is the kit's trained base (hidden 128, 3 layers), whose bins settle as a real model's do.
+``--model smollm2`` measures (instead of, or with ``--model kit smollm2`` beside, the kit models) the
+kit's SmolLM2-135M-Instruct (dequantized from Q4_1) in every table, built from configs/smollm2 (real
+GSM8K from the shared data folder, confidence rows at the mean embedding) at a CPU-sized budget.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
+import gc
 import importlib.util
 import io
 import logging
 import math
+import multiprocessing
+import re
 import statistics
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Tuple
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from torchtune import training
 from tqdm import tqdm
 
+import real_model
 from entropy_guided_generation import kit
 from entropy_guided_generation.training.kit_paths import resolve_kit_references
 from entropy_guided_generation.training.loss_step import summed_token_loss
@@ -57,25 +72,33 @@ SIZES = {
     "small": {"num_layers": 4, "hidden_size": 256, "num_heads": 8, "num_kv_heads": 4, "intermediate_size": 512},
     "trained": None,  # the kit's trained base
 }
+KIT_BATCH = 8
+# A config maker: (mode, model size, output folder) -> the resolved config of that run.
+ConfigOf = Callable[[str, str, Path], DictConfig]
 
 
 def checkpoint_of(size: str) -> Path:
     return kit.trained_base() if SIZES[size] is None else kit.build_tiny_checkpoint("qwen2", **SIZES[size])
 
 
-def bench_config(mode: str, checkpoint_dir: Path, out: Path, steps: int) -> DictConfig:
-    """The tiny single-device config of ``mode`` on ``checkpoint_dir``: ``steps`` steps of batch 8,
-    no validation, no lr warm-up, one epoch."""
-    cfg = OmegaConf.load(REPO / "configs" / "tiny" / f"{mode}_single_device.yaml")
+def bench_config(mode: str, size: str, out: Path, steps: int, real_batch: int = 2, real_seq_len: int = 128) -> DictConfig:
+    """The single-device config of ``mode`` for model ``size``: ``steps`` steps, no validation, no lr
+    warm-up, one epoch. Kit sizes: the tiny config on that checkpoint, batch 8. ``smollm2``:
+    configs/smollm2 (real GSM8K from the shared data folder), batch ``real_batch``, examples cut
+    at ``real_seq_len`` plain tokens."""
     overrides = {
         "output_dir": str(out),
         "metric_logger": {"log_dir": str(out / "logs")},
-        "checkpointer": {"checkpoint_dir": str(checkpoint_dir)},
         "epochs": 1,
         "max_steps_per_epoch": steps,
-        "batch_size": 8,
         "lr_scheduler": None,
     }
+    if size == real_model.SMOLLM2:
+        cfg = OmegaConf.load(REPO / "configs" / "smollm2" / f"{mode}_single_device.yaml")
+        overrides.update(data_dir=str(real_model.GSM8K_DIR), batch_size=real_batch, tokenizer={"max_seq_len": real_seq_len})
+    else:
+        cfg = OmegaConf.load(REPO / "configs" / "tiny" / f"{mode}_single_device.yaml")
+        overrides.update(checkpointer={"checkpoint_dir": str(checkpoint_of(size))}, batch_size=KIT_BATCH)
     cfg = OmegaConf.merge(cfg, overrides)
     cfg.pop("dataset_val", None)
     return resolve_kit_references(cfg)
@@ -97,7 +120,8 @@ def timed_optimizer_steps(optimizer: torch.optim.Optimizer) -> List[float]:
 
 def median_interval(stamps: List[float], skip: int = 2) -> float:
     """Median seconds between consecutive stamps, after ``skip`` warm-up steps."""
-    gaps = [b - a for a, b in zip(stamps, stamps[1:])][skip:]
+    gaps = [b - a for a, b in zip(stamps, stamps[1:])]
+    gaps = gaps[min(skip, len(gaps) - 1):]  # a short run keeps its last gap
     return statistics.median(gaps)
 
 
@@ -119,17 +143,17 @@ def our_recipe(cfg: DictConfig) -> CaCFinetuneRecipe:
     return recipe
 
 
-def none_vs_stock(checkpoint_dir: Path, work: Path, steps: int, repeats: int) -> Dict[str, float]:
+def none_vs_stock(config_of: ConfigOf, size: str, work: Path, repeats: int) -> Dict[str, float]:
     """Step time inside each recipe's own ``train()`` loop (mode none, same config), the two
     recipes run alternately ``repeats`` times; the fastest repeat of each counts."""
     ours_s, stock_s = [], []
     for rep in range(repeats):
-        ours = our_recipe(bench_config("none", checkpoint_dir, work / f"ours{rep}", steps))
+        ours = our_recipe(config_of("none", size, work / f"ours{rep}"))
         stamps = timed_optimizer_steps(ours._optimizer)
         ours.train()
         ours.cleanup()
         ours_s.append(median_interval(stamps))
-        cfg = bench_config("none", checkpoint_dir, work / f"stock{rep}", steps)
+        cfg = config_of("none", size, work / f"stock{rep}")
         stock = stock_recipe_class()(cfg=cfg)
         stock.setup(cfg=cfg)
         stamps = timed_optimizer_steps(stock._optimizer)
@@ -152,10 +176,10 @@ def cpu_seconds(fn: Callable[[], object]) -> float:
     return time.process_time() - start
 
 
-def step_vs_bound(mode: str, checkpoint_dir: Path, work: Path, steps: int, repeats: int) -> Dict[str, float]:
+def step_vs_bound(mode: str, config_of: ConfigOf, size: str, work: Path, repeats: int) -> Dict[str, float]:
     """``_train_step`` time and compute-bound time on the same windows, measured alternately
     (bound, step, bound, step, ...) so that a busy machine slows both alike."""
-    recipe = our_recipe(bench_config(mode, checkpoint_dir, work / f"bound_{mode}", steps))
+    recipe = our_recipe(config_of(mode, size, work / f"bound_{mode}"))
     windows = [[recipe._to_device(b) for b in w] for w in recipe._accumulation_windows(0)]
     model, loss_step = recipe._model, recipe._loss_step
     # What the fixed point needs per micro-batch (bins from the starting weights; the recipe's
@@ -199,12 +223,12 @@ def step_vs_bound(mode: str, checkpoint_dir: Path, work: Path, steps: int, repea
     }
 
 
-def exact_vs_capped(mode: str, checkpoint_dir: Path, work: Path, steps: int, repeats: int) -> Dict[str, float]:
+def exact_vs_capped(mode: str, config_of: ConfigOf, size: str, work: Path, repeats: int) -> Dict[str, float]:
     """``_train_step`` with exact bins, with the fixed point capped at 4 passes, and in mode none,
     alternating window by window; each window's cost is its fastest repeat, a ratio the median of
     the per-window ratios. Fixed-point statistics are those of the timed steps."""
-    recipe = our_recipe(bench_config(mode, checkpoint_dir, work / f"exact_{mode}", steps))
-    plain = our_recipe(bench_config("none", checkpoint_dir, work / f"plain_{mode}", steps))
+    recipe = our_recipe(config_of(mode, size, work / f"exact_{mode}"))
+    plain = our_recipe(config_of("none", size, work / f"plain_{mode}"))
     windows = [[recipe._to_device(b) for b in w] for w in recipe._accumulation_windows(0)]
     plain_windows = [[plain._to_device(b) for b in w] for w in plain._accumulation_windows(0)]
     layout = recipe._loss_step.layout
@@ -245,48 +269,187 @@ def _record(results: list, built):
     return built
 
 
+MIB = 2**20
+
+
+def _status_kib(field: str) -> int:
+    """A ``/proc/self/status`` memory field (``VmRSS``, ``VmHWM``) in KiB."""
+    return int(re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M).group(1))
+
+
+def peak_memory_during(fn: Callable[[], object], device: torch.device) -> Tuple[float, float]:
+    """``(peak, before)`` MiB of one call of ``fn``. CUDA: ``torch.cuda.max_memory_allocated`` (peak
+    reset just before) and the memory allocated before. CPU: the process's peak resident set size
+    (``VmHWM``, reset to the current RSS through ``/proc/self/clear_refs`` just before; Linux) and its
+    RSS before: everything the process holds (weights, optimizer state, allocator caches), not tensors alone."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) / MIB, before / MIB
+    before = _status_kib("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")
+    fn()
+    return _status_kib("VmHWM") / 1024, before / 1024
+
+
+def stock_step(stock, window: List[Dict[str, torch.Tensor]]) -> None:
+    """One optimizer step of torchtune's stock recipe on ``window``, as its ``train()`` loop takes it:
+    ``_loss_step`` x token count, backward, grads scaled by the token count, clip, AdamW step."""
+    num_tokens = 0
+    for batch in window:
+        current = (batch["labels"] != stock._loss_fn.ignore_index).sum()
+        num_tokens += current
+        (stock._loss_step(dict(batch)) * current).backward()
+    training.scale_grads(stock._model, 1 / num_tokens)
+    if stock._clip_grad_norm is not None:
+        torch.nn.utils.clip_grad_norm_(stock._model.parameters(), max_norm=float(stock._clip_grad_norm))
+    stock._optimizer.step()
+    stock._optimizer.zero_grad(set_to_none=True)
+
+
+def cac_step_memory(mode: str, config_of: ConfigOf, size: str, work: Path) -> Dict[str, object]:
+    """Run in a fresh process: peak memory of our recipe's ``_train_step`` on its first window (the
+    fixed point, layout, forward, backward, optimizer), and the interleaved micro-batches it trained on."""
+    torch.set_num_threads(1)
+    logging.disable(logging.INFO)
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        recipe = our_recipe(config_of(mode, size, work / f"memory_{mode}"))
+        window = [recipe._to_device(b) for b in next(iter(recipe._accumulation_windows(0)))]
+        layout, built = recipe._loss_step.layout, []
+        build = layout.build
+
+        def recording_build(*args, **kwargs):
+            built.append(build(*args, **kwargs))
+            return built[-1]
+
+        layout.build = recording_build
+        peak, before = peak_memory_during(lambda: recipe._train_step(window), recipe._device)
+    return {
+        "peak": peak, "before": before,
+        "window": [{"tokens": mb.tokens.cpu(), "labels": mb.labels.cpu()} for mb in built],
+        "passes": statistics.mean(mb.bins.passes for mb in built),
+        "device": recipe._device.type,
+    }
+
+
+def stock_step_memory(config_of: ConfigOf, size: str, work: Path, window: List[Dict[str, torch.Tensor]]) -> Dict[str, float]:
+    """Run in a fresh process: peak memory of torchtune's stock recipe (mode none config) taking one
+    step on ``window`` (the interleaved tokens and labels a CaC step trained on)."""
+    torch.set_num_threads(1)
+    logging.disable(logging.INFO)
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        cfg = config_of("none", size, work / "memory_stock")
+        stock = stock_recipe_class()(cfg=cfg)
+        stock.setup(cfg=cfg)
+        window = [{k: v.to(stock._device) for k, v in b.items()} for b in window]
+        peak, before = peak_memory_during(lambda: stock_step(stock, window), stock._device)
+    return {"peak": peak, "before": before}
+
+
+def in_fresh_process(fn: Callable, *args):
+    """``fn(*args)`` in a new spawned Python process (its peak memory is its own)."""
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(fn, *args).result()
+
+
+def cac_vs_stock_memory(mode: str, config_of: ConfigOf, size: str, work: Path) -> Dict[str, float]:
+    """Peak memory of a CaC step of ``mode`` and of torchtune's stock step on the same interleaved
+    micro-batches (so at the same width), each in its own fresh process."""
+    cac = in_fresh_process(cac_step_memory, mode, config_of, size, work)
+    stock = in_fresh_process(stock_step_memory, config_of, size, work, cac["window"])
+    tokens = cac["window"][0]["tokens"]
+    return {
+        "batch": tokens.shape[0], "width": tokens.shape[1], "passes": cac["passes"], "device": cac["device"],
+        "cac_peak": cac["peak"], "stock_peak": stock["peak"],
+        "cac_rise": cac["peak"] - cac["before"], "stock_rise": stock["peak"] - stock["before"],
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=10, help="optimizer steps per measurement")
     parser.add_argument("--repeats", type=int, default=3, help="alternating repeats of each step-vs-bound measurement")
     parser.add_argument("--stock-repeats", type=int, default=4, help="alternating runs of each recipe for table 1")
+    parser.add_argument("--model", nargs="+", default=["kit"], choices=real_model.MODELS,
+                        help="kit: the --sizes / --exact-sizes models; smollm2: SmolLM2-135M-Instruct on real GSM8K, in every table")
     parser.add_argument("--sizes", nargs="+", default=["tiny", "small"], choices=sorted(SIZES))
     parser.add_argument("--exact-sizes", nargs="*", default=["trained", "small"], choices=sorted(SIZES))
+    parser.add_argument("--real-batch", type=int, default=2, help="micro-batch size on smollm2")
+    parser.add_argument("--real-seq-len", type=int, default=128, help="plain tokens per example on smollm2 (longer ones are cut)")
     parser.add_argument("--skip-bound", action="store_true", help="only table 3")
+    parser.add_argument("--skip-memory", action="store_true", help="no table 4")
     args = parser.parse_args()
     torch.set_num_threads(1)
     logging.disable(logging.INFO)  # the recipes' own set-up logs
-    rows_stock, rows_modes, rows_exact = [], [], []
+    real = [real_model.SMOLLM2] if real_model.SMOLLM2 in args.model else []
+    kit_selected = "kit" in args.model
+    sizes = (args.sizes if kit_selected else []) + real
+    exact_sizes = (args.exact_sizes if kit_selected else []) + real
+    config_of = functools.partial(bench_config, steps=args.steps, real_batch=args.real_batch, real_seq_len=args.real_seq_len)
+    rows_stock, rows_modes, rows_exact, rows_memory = [], [], [], []
     with tempfile.TemporaryDirectory(prefix="egg-bench-train-") as tmp:
-        for size in tqdm([] if args.skip_bound else args.sizes, desc="model sizes"):
+        for size in tqdm([] if args.skip_bound else sizes, desc="model sizes"):
             work = Path(tmp) / size
-            checkpoint_dir = checkpoint_of(size)
             with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-                versus = none_vs_stock(checkpoint_dir, work, args.steps, args.stock_repeats)
-                modes = [(mode, step_vs_bound(mode, checkpoint_dir, work, args.steps, args.repeats)) for mode in MODES]
+                versus = none_vs_stock(config_of, size, work, args.stock_repeats)
+                modes = [(mode, step_vs_bound(mode, config_of, size, work, args.repeats)) for mode in MODES]
             rows_stock.append((size, versus["ours"], versus["stock"]))
             rows_modes += [(size, mode, r) for mode, r in modes]
-        for size in tqdm(args.exact_sizes, desc="exact vs capped"):
+            if not args.skip_memory:
+                rows_memory += [(size, mode, cac_vs_stock_memory(mode, config_of, size, work)) for mode in MODES[1:]]
+        for size in tqdm(exact_sizes, desc="exact vs capped"):
             work = Path(tmp) / f"exact_{size}"
-            checkpoint_dir = checkpoint_of(size)
             with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-                rows_exact += [(size, mode, exact_vs_capped(mode, checkpoint_dir, work, args.steps, args.repeats)) for mode in MODES[1:]]
-    print(f"\ntorch threads 1, fp32 CPU, batch 8, {args.steps} steps per run; medians over steps")
+                rows_exact += [(size, mode, exact_vs_capped(mode, config_of, size, work, args.repeats)) for mode in MODES[1:]]
+    batches = ([f"batch {KIT_BATCH} (kit models)"] if kit_selected else []) + (
+        [f"batch {args.real_batch} x <= {args.real_seq_len} plain tokens (smollm2)"] if real else []
+    )
+    print(f"\ntorch threads 1, fp32 CPU, {', '.join(batches)}, {args.steps} steps per run; medians over steps")
+    if real:
+        print(f"{real_model.SMOLLM2_ABOUT}: configs/smollm2 on real GSM8K ({real_model.GSM8K_DIR}), confidence rows at the mean embedding")
     if args.skip_bound:
         print_exact(rows_exact, args.repeats)
         return
     print(f"\n1) mode none: our recipe vs torchtune's full_finetune_single_device (step time inside train(), best of {args.stock_repeats} alternating runs)")
-    print(f"{'model':<6} {'ours ms':>9} {'stock ms':>9} {'ours/stock':>11}")
+    print(f"{'model':<8} {'ours ms':>9} {'stock ms':>9} {'ours/stock':>11}")
     for size, ours, stock in rows_stock:
-        print(f"{size:<6} {ours * 1e3:9.1f} {stock * 1e3:9.1f} {ours / stock:11.3f}")
+        print(f"{size:<8} {ours * 1e3:9.1f} {stock * 1e3:9.1f} {ours / stock:11.3f}")
     print(f"\n2) each mode's step vs its compute bound (no-grad fixed-point forwards + fwd/bwd + optimizer; fastest of {args.repeats} alternating repeats per window, median over windows)")
-    print(f"{'model':<6} {'mode':<7} {'plain len':>9} {'model len':>9} {'passes':>6} {'step ms':>8} {'bound ms':>8} {'step/bound':>10}")
+    print(f"{'model':<8} {'mode':<7} {'plain len':>9} {'model len':>9} {'passes':>6} {'step ms':>8} {'bound ms':>8} {'step/bound':>10}")
     for size, mode, r in rows_modes:
         print(
-            f"{size:<6} {mode:<7} {r['plain_len']:9.1f} {r['model_len']:9.1f} {r['passes']:6.2f} "
+            f"{size:<8} {mode:<7} {r['plain_len']:9.1f} {r['model_len']:9.1f} {r['passes']:6.2f} "
             f"{r['step'] * 1e3:8.1f} {r['bound'] * 1e3:8.1f} {r['ratio']:10.3f}"
         )
     print_exact(rows_exact, args.repeats)
+    print_memory(rows_memory)
+
+
+def print_memory(rows: list) -> None:
+    if not rows:
+        return
+    cuda = any(r["device"] == "cuda" for _, _, r in rows)
+    what = "torch.cuda.max_memory_allocated during the step, and its rise over the memory allocated before" if cuda else (
+        "peak RSS of the process during the step (VmHWM reset just before), and its rise over the RSS before"
+    )
+    print(
+        "\n4) peak memory of one training step, each in a fresh process: our CaC _train_step (fixed point, layout, fwd/bwd, "
+        "AdamW) vs torchtune's stock step (its _loss_step + backward + clip + AdamW, mode none config) on the same "
+        f"interleaved micro-batches (same width); first window; MiB: {what}"
+    )
+    print(
+        f"{'model':<8} {'mode':<7} {'batch':>5} {'width':>5} {'passes':>6} {'CaC peak':>9} {'stock peak':>10} {'CaC/stock':>9} "
+        f"{'CaC rise':>8} {'stock rise':>10} {'rise ratio':>10}"
+    )
+    for size, mode, r in rows:
+        print(
+            f"{size:<8} {mode:<7} {r['batch']:>5} {r['width']:>5} {r['passes']:6.2f} {r['cac_peak']:9.0f} {r['stock_peak']:10.0f} "
+            f"{r['cac_peak'] / r['stock_peak']:9.3f} {r['cac_rise']:8.0f} {r['stock_rise']:10.0f} {r['cac_rise'] / r['stock_rise']:10.3f}"
+        )
 
 
 def print_exact(rows: list, repeats: int) -> None:

@@ -20,7 +20,7 @@ from entropy_guided_generation import signals
 
 SIGNALS = ("entropy", "max_prob")
 EDGE_SCHEMES = ("explicit", "uniform", "quantile", "entropy_round", "maxprob_round")
-TOKEN_PRESETS = ("kit", "llama3_reserved", "digits")
+TOKEN_PRESETS = ("kit", "llama3_reserved", "digits", "smollm2_unused")
 FORMAT_VERSION = 1
 METADATA_FILENAME = "confidence.json"
 
@@ -32,9 +32,48 @@ def kit_confidence_tokens(num_bins: int = 11) -> list[str]:
     return [f"<|conf_{k}|>" for k in range(num_bins)]
 
 
-def llama3_reserved_confidence_tokens() -> list[str]:
-    """Llama-3 reserved special tokens 237..247, i.e. ids 128245..128255 (the public CaC code's ids)."""
-    return [f"<|reserved_special_token_{k}|>" for k in range(237, 248)]
+# The public CaC code's confidence ids are Llama-3's last eleven reserved ids, 128245..128255. Their
+# names differ between tokenizers, so the preset is the id range, resolved by trying each naming:
+# the first reserved index at id 128245 in each (id = offset + index past the named specials).
+LLAMA3_RESERVED_IDS = tuple(range(128245, 128256))
+LLAMA3_RESERVED_NAMINGS = {
+    "torchtune": 234,  # torchtune 0.6.1's llama3_tokenizer: reserved_k = 128011 + k, k = 2..244
+    "huggingface_llama3_1": 237,  # HF tokenizer.json of Llama 3.1 / 3.2 / 3.3: reserved_k = 128008 + k
+    "huggingface_llama3": 240,  # HF tokenizer.json of Meta-Llama-3 (3.0): reserved_k = 128005 + k
+}
+
+
+def llama3_reserved_names(naming: str) -> list[str]:
+    """The names of ids 128245..128255 under one of :data:`LLAMA3_RESERVED_NAMINGS`."""
+    first = LLAMA3_RESERVED_NAMINGS[naming]
+    return [f"<|reserved_special_token_{first + k}|>" for k in range(len(LLAMA3_RESERVED_IDS))]
+
+
+def llama3_reserved_confidence_tokens(tokenizer: Any) -> list[str]:
+    """The names under which ``tokenizer`` holds Llama-3's reserved ids 128245..128255.
+
+    Each naming of :data:`LLAMA3_RESERVED_NAMINGS` is tried; the one whose names resolve to exactly
+    those ids wins (a name of another naming may exist at a different id, so ids decide, not names).
+
+    Raises:
+        ValueError: when no naming resolves to those ids, saying what each one resolved to.
+    """
+    tried = []
+    for naming in LLAMA3_RESERVED_NAMINGS:
+        names = llama3_reserved_names(naming)
+        try:
+            ids = [encode_single_token(name, tokenizer) for name in names]
+        except ValueError as err:
+            tried.append(f"{naming} ({names[0]}..{names[-1]}): {err}")
+            continue
+        if tuple(ids) == LLAMA3_RESERVED_IDS:
+            return names
+        tried.append(f"{naming} ({names[0]}..{names[-1]}): ids {ids[0]}..{ids[-1]}")
+    raise ValueError(
+        f"confidence.tokens.preset 'llama3_reserved' is Llama-3's reserved ids {LLAMA3_RESERVED_IDS[0]}..{LLAMA3_RESERVED_IDS[-1]}, "
+        f"but this tokenizer holds them under none of the known namings: {'; '.join(tried)}. "
+        "Give confidence.token_ids or a list of confidence.tokens instead"
+    )
 
 
 def digit_confidence_tokens() -> list[str]:
@@ -42,10 +81,19 @@ def digit_confidence_tokens() -> list[str]:
     return [str(k) for k in range(11)]
 
 
+def smollm2_unused_confidence_tokens() -> list[str]:
+    """SmolLM2's unused special tokens ids 3..13 (``<repo_name>`` .. ``<jupyter_code>``: code-repository
+    and notebook markers that chat and math text never use); their rows carry pretrained meanings."""
+    return ["<repo_name>", "<reponame>", "<file_sep>", "<filename>", "<gh_stars>", "<issue_start>", "<issue_comment>",
+            "<issue_closed>", "<jupyter_start>", "<jupyter_text>", "<jupyter_code>"]  # fmt: skip
+
+
+# preset name -> the token strings, given the tokenizer (llama3_reserved's names depend on it)
 _PRESET_TOKENS = {
-    "kit": kit_confidence_tokens,
+    "kit": lambda tokenizer: kit_confidence_tokens(),
     "llama3_reserved": llama3_reserved_confidence_tokens,
-    "digits": digit_confidence_tokens,
+    "digits": lambda tokenizer: digit_confidence_tokens(),
+    "smollm2_unused": lambda tokenizer: smollm2_unused_confidence_tokens(),
 }
 
 
@@ -351,24 +399,62 @@ def _tokens_from_config(
             if bad:
                 raise ValueError(f"confidence.token_ids {bad} lie outside the vocabulary [0, {vocab_size})")
         return ids, None
-    tokens = cfg.get("tokens", {"preset": "kit"})
+    tokens = _plain(cfg.get("tokens", {"preset": "kit"}))
     if isinstance(tokens, Mapping):
-        unknown = sorted(set(tokens) - {"preset"})
-        if unknown:
-            raise ValueError(
-                f"unknown confidence.tokens keys {unknown}; a mapping takes only 'preset' (one of "
-                f"{', '.join(TOKEN_PRESETS)}), or give a list of token strings"
-            )
-        preset = tokens.get("preset")
-        if preset not in _PRESET_TOKENS:
-            raise ValueError(f"unknown confidence.tokens.preset {preset!r}; expected one of {', '.join(TOKEN_PRESETS)}")
-        strings = _PRESET_TOKENS[preset]()
-    else:
-        strings = [str(s) for s in tokens]
+        _mapping_key(tokens)  # a bad mapping is named before the missing tokenizer
     if tokenizer is None:
         raise ValueError("confidence tokens given as strings need a tokenizer to resolve them to ids")
+    strings = token_strings_from_config(tokens, tokenizer)
     ids = resolve_token_ids(strings, tokenizer, vocab_size)
     return ids, tuple(strings)
+
+
+def token_strings_from_config(tokens: Any, tokenizer: Any = None) -> list[str]:
+    """The confidence token strings ``confidence.tokens`` names: a list of strings, ``{preset: NAME}``
+    (tokens the vocabulary has) or ``{add: [strings] | NAME}`` (tokens to add to the vocabulary when it
+    lacks them: see :func:`tokens_to_add`). ``tokenizer``: what a preset's names depend on
+    (``llama3_reserved``).
+
+    Raises:
+        ValueError: on unknown keys, an unknown preset, or both ``preset`` and ``add``.
+    """
+    tokens = _plain(tokens)
+    if not isinstance(tokens, Mapping):
+        return [str(s) for s in tokens]
+    key = _mapping_key(tokens)
+    name = tokens[key]
+    return list(name) if not isinstance(name, str) else _PRESET_TOKENS[name](tokenizer)
+
+
+def _mapping_key(tokens: Mapping[str, Any]) -> str:
+    """``preset`` or ``add``: the one key of a ``confidence.tokens`` mapping, its value checked.
+
+    Raises:
+        ValueError: on other keys, both keys, an unknown preset or a bad ``add`` list.
+    """
+    unknown = sorted(set(tokens) - {"preset", "add"})
+    if unknown or len(tokens) != 1:
+        raise ValueError(
+            f"confidence.tokens {tokens!r}: a mapping takes exactly one of 'preset' (one of {', '.join(TOKEN_PRESETS)}) "
+            "or 'add' (a list of new token strings, or a preset name); or give a list of token strings. A command-line "
+            "mapping merges into the config's: drop the other key, e.g. confidence.tokens.add=kit ~confidence.tokens.preset"
+        )
+    key = next(iter(tokens))
+    name = tokens[key]
+    if key == "add" and not isinstance(name, str):
+        if not name or not all(isinstance(s, str) and s for s in name):
+            raise ValueError(f"confidence.tokens.add must be a preset name or a list of non-empty strings, got {name!r}")
+    elif name not in _PRESET_TOKENS:
+        raise ValueError(f"unknown confidence.tokens.{key} {name!r}; expected one of {', '.join(TOKEN_PRESETS)}")
+    return key
+
+
+def tokens_to_add(confidence_cfg: Optional[Mapping[str, Any]], tokenizer: Any = None) -> list[str]:
+    """The strings ``confidence.tokens: {add: ...}`` asks to add as special tokens (empty otherwise)."""
+    tokens = _plain((confidence_cfg or {}).get("tokens", None))
+    if isinstance(tokens, Mapping) and "add" in tokens:
+        return token_strings_from_config(tokens, tokenizer)
+    return []
 
 
 def resolve_token_ids(strings: Sequence[str], tokenizer: Any, vocab_size: Optional[int] = None) -> list[int]:
@@ -599,6 +685,8 @@ def check_config_matches(
 __all__ = [
     "CODEC_FIELDS",
     "EDGE_SCHEMES",
+    "LLAMA3_RESERVED_IDS",
+    "LLAMA3_RESERVED_NAMINGS",
     "METADATA_FILENAME",
     "SIGNALS",
     "TOKEN_PRESETS",
@@ -612,9 +700,13 @@ __all__ = [
     "fit_quantile_edges",
     "kit_confidence_tokens",
     "llama3_reserved_confidence_tokens",
+    "llama3_reserved_names",
     "metadata_for",
     "read_confidence_json",
     "resolve_token_ids",
+    "smollm2_unused_confidence_tokens",
+    "token_strings_from_config",
+    "tokens_to_add",
     "uniform_edges",
     "write_confidence_json",
 ]

@@ -44,7 +44,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from entropy_guided_generation import kit, visualize
-from entropy_guided_generation.confidence import ConfidenceCodec, find_confidence_json, read_confidence_json
+from entropy_guided_generation.confidence import (
+    ConfidenceCodec,
+    find_confidence_json,
+    kit_confidence_tokens,
+    read_confidence_json,
+    resolve_token_ids,
+)
 from entropy_guided_generation.demo_analysis import analyze_run
 from entropy_guided_generation.eleuther_eval import EleutherEvalRecipeDirect
 from entropy_guided_generation.eval.report import generation_confidence_by_doc
@@ -77,7 +83,6 @@ STAMP = "demo_stamp.json"
 ANALYSIS_VERSION = 2  # bump when the analysis changes what it measures: saved analyses are redone
 MAX_PLAIN_TOKENS = 256
 MAX_INTERLEAVED_POSITIONS = 512
-TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json")
 # Settings that do not reach mode none (it has no confidence token): a --compare of one of them
 # reuses mode none's default run (positions only on the plain base: each mixed-format base was
 # pretrained with its own position rule).
@@ -260,14 +265,17 @@ def _load_config(name: str) -> DictConfig:
 
 
 def _tokenizer_section(base: BaseModel, max_seq_len: Optional[int]) -> dict:
-    folder = base.tokenizer_dir
-    return {
-        "_component_": "torchtune.models.qwen2_5.qwen2_5_tokenizer",
-        "path": str(folder / "vocab.json"),
-        "merges_file": str(folder / "merges.txt"),
-        "special_tokens_path": str(folder / "tokenizer.json"),
-        "max_seq_len": max_seq_len,
-    }
+    return kit.tokenizer_section(base.tokenizer_dir, max_seq_len)
+
+
+def confidence_tokens(base: BaseModel) -> dict:
+    """The kit's ``<|conf_k|>`` tokens: named when the base's tokenizer has them, else added (any HF model)."""
+    tokenizer = kit.load_folder_tokenizer(base.tokenizer_dir)
+    try:
+        resolve_token_ids(kit_confidence_tokens(), tokenizer)
+    except ValueError:
+        return {"add": "kit"}
+    return {"preset": "kit"}
 
 
 def weight_files(checkpoint: Path) -> list[str]:
@@ -326,7 +334,6 @@ def train_config(mode: str, base: BaseModel, files: DataFiles, settings: DemoSet
         "output_dir": str(run_dir),
         "checkpointer": {"checkpoint_dir": str(base.checkpoint_dir), "checkpoint_files": weight_files(base.checkpoint_dir),
                          "model_type": base.model_type, "output_dir": str(run_dir)},
-        "tokenizer": _tokenizer_section(base, MAX_PLAIN_TOKENS),
         # Interleaving about doubles a response's length: positions for the interleaved sequence.
         "model": {"max_seq_len": MAX_INTERLEAVED_POSITIONS},
         "seed": settings.seed,
@@ -338,11 +345,12 @@ def train_config(mode: str, base: BaseModel, files: DataFiles, settings: DemoSet
     }
     cfg = OmegaConf.merge(cfg, overrides)
     cfg.checkpointer.checkpoint_files = OmegaConf.create(weight_files(base.checkpoint_dir))
-    # Replace (not merge) the datasets and the codec: the config's keys must not leak into another choice.
+    # Replace (not merge) the tokenizer, the datasets and the codec: the config's keys must not leak into another choice.
+    cfg.tokenizer = OmegaConf.create(_tokenizer_section(base, MAX_PLAIN_TOKENS))
     cfg.dataset = OmegaConf.create(dataset)
     cfg.dataset_val = OmegaConf.create(val) if val is not None else None
     if mode != "none":
-        cfg.confidence = OmegaConf.create({**CODECS[settings.codec], "temperature": 1.0, "tokens": {"preset": "kit"}})
+        cfg.confidence = OmegaConf.create({**CODECS[settings.codec], "temperature": 1.0, "tokens": confidence_tokens(base)})
         cfg.interleaving = OmegaConf.merge(cfg.interleaving, _interleaving_section(mode, settings))
         if settings.init_embeddings != "none":
             cfg.interleaving.init_confidence_embeddings = settings.init_embeddings
@@ -366,7 +374,6 @@ def eval_config(mode: str, checkpoint: Path, base: BaseModel, files: DataFiles, 
         "output_dir": str(eval_dir),
         "checkpointer": {"checkpoint_dir": str(checkpoint), "checkpoint_files": weight_files(checkpoint),
                          "model_type": base.model_type, "output_dir": str(eval_dir)},
-        "tokenizer": _tokenizer_section(base, None),
         "include_path": str(include),
         "tasks": tasks,
         "limit": settings.eval_limit,
@@ -376,6 +383,7 @@ def eval_config(mode: str, checkpoint: Path, base: BaseModel, files: DataFiles, 
     }
     cfg = OmegaConf.merge(cfg, overrides)
     cfg.tasks = OmegaConf.create(tasks)
+    cfg.tokenizer = OmegaConf.create(_tokenizer_section(base, None))  # replaced: another tokenizer takes other keys
     cfg.checkpointer.checkpoint_files = OmegaConf.create(weight_files(checkpoint))
     if mode != "none":
         cfg.interleaving = OmegaConf.merge(cfg.interleaving, _interleaving_section(mode, settings))
@@ -646,13 +654,14 @@ def summary_row(label: str, mode: str, run: FinishedRun, found: dict, reused_def
 
 def draw_confidence_example(mode: str, checkpoint: Path, base: BaseModel, question: str, out: Path, settings: DemoSettings) -> dict:
     """Decode one held-out question greedily in ``mode`` and write it coloured by confidence bin."""
-    tokenizer = kit.load_tokenizer(folder=base.tokenizer_dir)
+    tokenizer = kit.load_folder_tokenizer(checkpoint if (checkpoint / "tokenizer.json").is_file() else base.tokenizer_dir)
     model = kit.load_torchtune_model(checkpoint).eval()
     found = find_confidence_json(checkpoint)
     metadata = read_confidence_json(found) if found else None
-    # A mode-none finetune records its mode without a codec: show the kit's default bins then.
+    # A mode-none finetune records its mode without a codec: show entropy_round bins then (only the edges
+    # matter: mode none feeds no confidence token, so the ids are placeholders).
     codec = metadata.to_codec() if metadata is not None and metadata.has_codec else ConfidenceCodec.from_config(
-        {**CODECS["entropy_round"], "tokens": {"preset": "kit"}}, tokenizer=tokenizer
+        {**CODECS["entropy_round"], "token_ids": list(range(11))}
     )
     interleaving = Interleaving.for_tokenizer(mode, tokenizer, marker_of(mode, settings), getattr(metadata, "positions", "sequential"))
     prompt = torch.tensor([tokenizer.encode(question, add_bos=False, add_eos=False)])
@@ -754,9 +763,11 @@ def resolve_base(checkpoint: Optional[Path], tokenizer_dir: Optional[Path], mode
     """The demo's base model: ``checkpoint`` (a Hugging Face folder) or the kit's trained base."""
     folder = Path(checkpoint) if checkpoint is not None else kit.trained_base()
     tok = Path(tokenizer_dir) if tokenizer_dir is not None else folder
-    missing = [name for name in TOKENIZER_FILES if not (tok / name).is_file()]
-    if missing:
-        raise FileNotFoundError(f"tokenizer folder {tok} lacks {', '.join(missing)} (Qwen2.5-format vocab.json, merges.txt, tokenizer.json expected)")
+    if not (tok / "tokenizer.json").is_file() and not (tok / "tokenizer_config.json").is_file():
+        raise FileNotFoundError(
+            f"tokenizer folder {tok} holds no tokenizer.json or tokenizer_config.json; expected a Hugging Face tokenizer "
+            "folder (Qwen2.5-format vocab.json + merges.txt + tokenizer.json, or any HF tokenizer)"
+        )
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"checkpoint folder {folder} has no config.json; expected a Hugging Face checkpoint")
     return BaseModel(folder.resolve(), tok.resolve(), model_type)
@@ -941,7 +952,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--bigbench-mistake", type=Path, default=None, help="folder of BIG-Bench Mistake task files for mode marker (implies --marker-task bigbench_mistake)")
     parser.add_argument("--bigbench-tasks", default=BBM_TASK_FILE, help="comma-separated task files of --bigbench-mistake (the held-out task scores the number after the marker: arithmetic answers)")
     parser.add_argument("--checkpoint", type=Path, default=None, help="your Hugging Face checkpoint folder (default: the kit's trained base)")
-    parser.add_argument("--tokenizer-dir", type=Path, default=None, help="folder with Qwen2.5-format tokenizer files (default: --checkpoint)")
+    parser.add_argument("--tokenizer-dir", type=Path, default=None, help="a Hugging Face tokenizer folder (Qwen2.5-format files, or any HF tokenizer: then the confidence tokens are added; default: --checkpoint)")
     parser.add_argument("--model-type", default="QWEN2", help="torchtune checkpointer model_type of --checkpoint")
     return parser.parse_args(argv)
 

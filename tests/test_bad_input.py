@@ -282,6 +282,7 @@ def test_from_python_settings_that_are_not_none_override_the_yaml(kit_cache):
     assert lm.batch_size == 2 and lm.device == torch.device("cpu")
 
 
+@pytest.mark.slow
 def test_egg_torchtune_runs_on_cpu_through_lm_evals_cli_without_device(tmp_path, subprocess_env, kit_cache):
     out = tmp_path / "out"
     command = [

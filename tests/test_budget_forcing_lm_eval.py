@@ -78,6 +78,7 @@ def _record(sample: dict) -> dict:
     return record
 
 
+@pytest.mark.slow
 def test_cli_model_that_ends_at_once_gets_exactly_n_continuations_then_answers(models, task_dir, tmp_path, subprocess_env):
     out = tmp_path / "out"
     command = [

@@ -116,7 +116,7 @@ def test_uniform_and_quantile_edges():
         ({"signal": "entropy", "edges": {"scheme": "explicit", "values": [1.0, 2.0]}, "token_ids": CONF_IDS[:4]}, "K = len"),
         ({"signal": "entropie", "token_ids": CONF_IDS}, "unknown confidence.signal 'entropie'"),
         ({"signal": "entropy", "token_ids": [3, 4, 999]}, "outside the vocabulary"),
-        ({"tokens": {"preset": "kit", "count": 5}}, r"unknown confidence.tokens keys \['count'\]; a mapping takes only 'preset'"),
+        ({"tokens": {"preset": "kit", "count": 5}}, r"a mapping takes exactly one of 'preset' \(one of kit, llama3_reserved, digits, smollm2_unused\) or 'add'"),
     ],
 )
 def test_bad_codec_configs_name_the_bad_value(cfg, message):

@@ -12,7 +12,7 @@ from entropy_guided_generation import kit
 from entropy_guided_generation.confidence import ConfidenceCodec, fit_quantile_edges
 from entropy_guided_generation.demo import DemoSettings, parse_change
 from entropy_guided_generation.demo_analysis.agreement import train_decode_agreement
-from entropy_guided_generation.demo_analysis.heldout import GSM8K, DecodedSample, decode_heldout, heldout_content_loss
+from entropy_guided_generation.demo_analysis.heldout import GSM8K, DecodedSample, decode_heldout
 from entropy_guided_generation.demo_analysis.report import digit_view, extreme_bins, trace_calibration
 from entropy_guided_generation.demo_analysis.trace import bin_probabilities, bin_signal_bounds, digit_tokens, trace_confidence
 from entropy_guided_generation.layout import Interleaving
@@ -123,13 +123,6 @@ def test_training_rederives_exactly_the_decoded_bins(mode, positions, tiny):
     assert exact.equal_fraction == 1.0 and exact.rows_equal_fraction == 1.0 and exact.confidence_tokens > 0
     capped = train_decode_agreement(model, samples, interleaving=interleaving, codec=codec, pad_id=tokenizer.pad_id, max_passes=1)
     assert capped.max_passes == 1 and 0.0 <= capped.equal_fraction <= 1.0
-
-
-def test_heldout_content_loss_is_a_finite_mean_nll(tiny):
-    model, tokenizer, rows = tiny
-    plain = heldout_content_loss(model, tokenizer, rows, GSM8K, interleaving=Interleaving.for_tokenizer("none", tokenizer), codec=None)
-    # A random tiny model is close to uniform over the kit vocabulary.
-    assert 0.5 * math.log(471) < plain < 2 * math.log(471)
 
 
 def test_bad_demo_settings_name_the_value():

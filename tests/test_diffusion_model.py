@@ -109,6 +109,7 @@ LIMIT = 6
 MODEL_ARGS = "decoding={},tta_k=3,tta_temperature_range=0.0:0.5,mc_num=8,mc_batch_size=8,seed=0"
 
 
+@pytest.mark.slow
 def test_lm_eval_diffusion_model_through_the_evaluator_and_our_cli(tmp_path, subprocess_env):
     """Baseline through lm-eval's evaluator, TTA through ``python -m entropy_guided_generation.lm_eval``."""
     import json

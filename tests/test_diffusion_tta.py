@@ -1,5 +1,6 @@
 """TTA uncertainty remasking (``generate_with_tta_uncertainty``): forward cost, logs, invariants,
-freeze window, remask budget, dropout mode, constraint checks, constraint functions."""
+freeze window, remask budget, dropout mode, constraint checks, constraint functions, and the
+uncertainty score that ranks remasking against a reference recomputed from each step's raw inputs."""
 from __future__ import annotations
 
 import pytest
@@ -191,3 +192,73 @@ def test_views_sample_softmax_at_their_temperature_and_argmax_at_zero():
         frequencies = torch.bincount(samples[view].flatten(), minlength=4).float() / 4000
         expected = torch.softmax(logits[0, 0, 0] / temperature, dim=-1)
         assert torch.allclose(frequencies, expected, atol=0.03), (temperature, frequencies, expected)
+
+
+def test_remasking_ranks_by_the_reference_uncertainty_of_seed_004(predictor, monkeypatch):
+    """Through ``generate_with_tta_uncertainty``: the scores that choose what to remask equal, at every
+    eligible position of every step, alpha * H(mean of the views' softmax) + beta * share of views
+    disagreeing with the consensus + gamma * violation - lambda * flip rate, each term recomputed here
+    from the step's raw inputs (views' logits and samples, the constraint's output, the flip history).
+    Distinct weights and terms that all vary make a dropped weight, a swapped one or a flipped
+    penalty sign fail."""
+    from entropy_guided_generation.diffusion import tta
+
+    weights = dict(alpha_entropy=0.7, beta_disagreement=1.3, gamma_violation=0.45, lambda_change=2.1)
+    seen = {"views": [], "samples": [], "violations": [], "flip_rates": [], "scores": []}
+    real_sample, real_summarize, real_top_k = tta.sample_views, tta.summarize_views, tta.top_k_per_row
+    real_flip_rate = tta.FreezeWindow.flip_rate
+
+    def sample_spy(logits, temperatures):
+        samples = real_sample(logits, temperatures)
+        seen["samples"].append(samples)
+        return samples
+
+    def summarize_spy(logits, temperatures):
+        views = real_summarize(logits, temperatures)
+        seen["views"].append((logits.clone(), views.consensus.clone()))
+        return views
+
+    def flip_rate_spy(self):
+        rate = real_flip_rate(self)
+        seen["flip_rates"].append(rate.clone())
+        return rate
+
+    calls = []
+
+    def top_k_spy(scores, counts):
+        calls.append(scores.clone())  # per step: the commit ranking, then the remask ranking
+        return real_top_k(scores, counts)
+
+    def constraint(tokens):
+        scores = ((tokens * 7 + torch.arange(tokens.shape[1])) % 5 == 0).float()
+        seen["violations"].append(scores)
+        return scores
+
+    monkeypatch.setattr(tta, "sample_views", sample_spy)
+    monkeypatch.setattr(tta, "summarize_views", summarize_spy)
+    monkeypatch.setattr(tta, "top_k_per_row", top_k_spy)
+    monkeypatch.setattr(tta.FreezeWindow, "flip_rate", flip_rate_spy)
+    generate_with_tta_uncertainty(
+        predictor, PROMPTS, steps=16, gen_length=8, block_length=8, mask_id=MASK_ID, tta_k=4,
+        tta_temperature_range=(0.5, 2.0), remask_top_k=3, constraint_fn=constraint, seed=3, freeze_threshold=9, **weights,
+    )
+    p = PROMPTS.shape[1]
+    remask_scores = calls[1::2]
+    assert len(remask_scores) == len(seen["views"]) == 16
+    used = {"disagreement": 0, "violation": 0, "flip": 0}
+    for step, scores in enumerate(remask_scores):
+        logits, consensus = seen["views"][step]
+        mean_p = torch.softmax(logits.double(), dim=-1).mean(dim=0)  # [b, n, v]
+        entropy = -(mean_p * torch.where(mean_p > 0, mean_p.log(), torch.zeros_like(mean_p))).sum(-1)
+        disagreement = (seen["samples"][step] != consensus).double().mean(dim=0)
+        n = scores.shape[1]
+        violation = seen["violations"][step][:, p : p + n].double()
+        flips = seen["flip_rates"][step][:, :n].double()
+        reference = (weights["alpha_entropy"] * entropy + weights["beta_disagreement"] * disagreement
+                     + weights["gamma_violation"] * violation - weights["lambda_change"] * flips)
+        eligible = torch.isfinite(scores)
+        torch.testing.assert_close(scores[eligible].double(), reference[eligible], atol=1e-5, rtol=0)
+        used["disagreement"] += int((disagreement[eligible] > 0).sum())
+        used["violation"] += int((violation[eligible] > 0).sum())
+        used["flip"] += int((flips[eligible] > 0).sum())
+    assert all(count > 0 for count in used.values()), f"a term never mattered at an eligible position: {used}"

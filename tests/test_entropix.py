@@ -238,9 +238,14 @@ def test_regimes_mixed_in_one_batch_are_decided_per_row():
     out = entropix_step(logits, metrics, EntropixConfig(), torch.full((len(cases),), 3), CLARIFY_ID)
     assert [REGIMES[int(r)] for r in out.regime] == cases
     assert out.token[cases.index("clarify")].item() == CLARIFY_ID
-    params = regime_parameters(out.regime, metrics, EntropixConfig())
-    assert torch.equal(params.top_k, out.params.top_k)
     assert {int(r) for r in out.regime} == {ARGMAX, CLARIFY, EXPLORE, RESAMPLE, ADAPTIVE}
+    # Each row's regime and parameters are those of the same row decided alone (batched == one by one).
+    for i in range(len(cases)):
+        alone_metrics = entropix_metrics(logits[i : i + 1], scores[i : i + 1], torch.ones(1, 6, dtype=torch.bool))
+        alone = entropix_step(logits[i : i + 1], alone_metrics, EntropixConfig(), torch.full((1,), 3), CLARIFY_ID)
+        assert int(alone.regime) == int(out.regime[i]), cases[i]
+        for name in ("temperature", "top_k", "top_p", "min_p"):
+            torch.testing.assert_close(getattr(alone.params, name), getattr(out.params, name)[i : i + 1], msg=f"{cases[i]} {name}")
 
 
 # ------------------------------------------------------------------ entropix's own rules, at their edges

@@ -69,10 +69,17 @@ def rows(folder: Path, prefix: str) -> dict:
     return found
 
 
+@pytest.mark.slow
 def test_two_rank_eval_equals_the_one_rank_run(tmp_path, subprocess_env):
     """limit 3 on 2 ranks: rank 0 gets documents 0 and 2, rank 1 document 1 plus lm-eval's padding.
-    batch_size 1, so that no request's numbers depend on its batch-mates (in one process as in two)."""
-    overrides = ["limit=3", "batch_size=1", "max_gen_toks=8", "bootstrap_iters=10"]
+    batch_size 1, so that no request's numbers depend on its batch-mates (in one process as in two).
+    On the kit's mixed-format base with edges that spread its entropies, so that the traces' bins vary
+    (on a near-uniform model every bin is the same and equal traces would say little)."""
+    from entropy_guided_generation.kit.train_base import mixed_format_base
+
+    edges = "[0.001,0.003,0.01,0.03,0.1,0.2,0.4,0.7,1.0,1.5]"
+    overrides = ["limit=3", "batch_size=1", "max_gen_toks=8", "bootstrap_iters=10", f"checkpointer.checkpoint_dir={mixed_format_base('sequential')}",
+                 "confidence.edges.scheme=explicit", f"confidence.edges.values={edges}"]
     one, two = tmp_path / "one", tmp_path / "two"
     cfg = OmegaConf.merge(OmegaConf.load(REPO / "configs/tiny/eval_answer.yaml"), OmegaConf.from_dotlist([*overrides, f"output_dir={one}"]))
     recipe = EleutherEvalRecipeDirect(cfg)
@@ -89,6 +96,8 @@ def test_two_rank_eval_equals_the_one_rank_run(tmp_path, subprocess_env):
     assert results[1]["confidence_calibration"] == results[0]["confidence_calibration"]
     for prefix in ("samples", "confidence_traces"):
         assert rows(two, prefix) == rows(one, prefix) and len(rows(one, prefix)) == 3
+    bins = {b for trace in rows(one, "confidence_traces")["kit_gsm8k"] for b in trace["bins"] if b >= 0}
+    assert len(bins) >= 3, bins
     assert rows(one, "samples")["kit_arith_choice"][1]["doc_id"] == 1
     summaries = [json.loads((folder / SUMMARY_FILENAME).read_text()) for folder in (one, two)]
     assert summaries[1]["decode_tokens"] == summaries[0]["decode_tokens"] > 0

@@ -358,6 +358,7 @@ def _sharded_fixed_point_worker(rank: int, world: int, init_file: str, out_dir: 
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_fsdp2_ranks_needing_different_passes_and_widths_keep_in_step(tmp_path):
     import torch.multiprocessing as mp

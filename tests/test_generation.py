@@ -162,15 +162,30 @@ def test_top_k_and_top_p_never_sample_outside_the_allowed_set():
     assert torch.isinf(filter_top_k(logits[:1], 2)).sum() == 4
 
 
+def reference_nucleus(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """``[b, v]`` kept mask, one row at a time in float64: sort the probabilities descending, keep the
+    first m + 1 where m counts the inclusive cumulative sums below ``top_p``, and every token tied
+    with the last one kept."""
+    kept = torch.zeros_like(logits, dtype=torch.bool)
+    for r, row in enumerate(logits.double()):
+        probs = row.softmax(-1)
+        ordered = probs.sort(descending=True).values
+        m = int((ordered.cumsum(0) < top_p).sum())
+        kept[r] = probs >= ordered[min(m, len(ordered) - 1)]
+    return kept
+
+
 @pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
 @pytest.mark.parametrize("top_p", [0.2, 0.5, 0.8, 0.95])
-def test_top_p_keeps_exactly_the_scorers_nucleus_ties_included(temperature, top_p):
+def test_top_p_of_decoder_and_scorer_keep_the_reference_nucleus_ties_included(temperature, top_p):
     # Logits in quarter steps tie at every rank; temperatures that are powers of two scale them
-    # exactly, so the decoder's and the scorer's tempered logits are the same numbers.
+    # exactly, so the decoder's, the scorer's and the reference's tempered logits are the same numbers.
     g = torch.Generator().manual_seed(3)
     logits = torch.round(torch.randn(200, 40, generator=g) * torch.linspace(0.2, 6.0, 200).unsqueeze(1) * 4) / 4
-    kept = torch.isfinite(filter_top_p(logits / temperature, top_p))
-    assert torch.equal(kept, SamplingPolicy(temperature=temperature, top_p=top_p).kept_mask(logits))
+    expected = reference_nucleus(logits / temperature, top_p)
+    assert len({int(n) for n in expected.sum(-1)}) > 5  # nuclei of many sizes
+    assert torch.equal(torch.isfinite(filter_top_p(logits / temperature, top_p)), expected)
+    assert torch.equal(SamplingPolicy(temperature=temperature, top_p=top_p).kept_mask(logits), expected)
     tied = torch.tensor([[2.0, 1.0, 1.0, 0.0]])
     p = tied.softmax(-1)[0]
     between_ties = float(p[0] + p[1] / 2)  # a sort-order rule keeps one of the tied tokens here

@@ -33,6 +33,7 @@ def test_register_models_maps_each_name_to_its_class_beside_lm_evals_own():
     assert get_model("huggingface") is HFLM and get_model("hf-auto") is HFLM  # lm-eval's class under its other names
 
 
+@pytest.mark.slow
 def test_importing_lm_eval_or_our_package_leaves_lm_evals_hf_alone(subprocess_env):
     """Only ``register_models()`` (our entry point) takes over ``hf``; imports never do."""
     script = (

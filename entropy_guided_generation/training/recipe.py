@@ -53,6 +53,13 @@ from entropy_guided_generation.training.metrics import ConfidenceStats
 from entropy_guided_generation.training.options import InterleavingOptions, interleaving_options, loop_options
 from entropy_guided_generation.training.parallelism import Parallelism, parallelism_from_config
 from entropy_guided_generation.training.preemption import RunPreempted, StopSignals, resume_hint
+from entropy_guided_generation.vocabulary import (
+    add_confidence_tokens,
+    fit_model_vocabulary,
+    grow_state_dict,
+    rows_needed,
+    state_dict_rows,
+)
 
 log = utils.get_logger("INFO")
 
@@ -150,6 +157,7 @@ class CaCFinetuneRecipe(FTRecipeInterface):
         resume = self._load_resume_checkpoint() if self._loop.resume_from_checkpoint else None
         base_state = self._checkpointer.load_checkpoint()[training.MODEL_KEY]
         self._tokenizer = config.instantiate(cfg.tokenizer)
+        self._vocab_rows = self._add_confidence_tokens(cfg, base_state)
         if resume is None and self._interleaving.init_confidence_embeddings is not None:
             self._init_confidence_embeddings(cfg, base_state)
         self._model = self._build_model(cfg.model, resume.model_state if resume else base_state, trainable=True)
@@ -180,6 +188,23 @@ class CaCFinetuneRecipe(FTRecipeInterface):
             self._restore_progress(resume)
         self._lr_scheduler = self._setup_lr_scheduler(cfg.get("lr_scheduler", None))
 
+    def _add_confidence_tokens(self, cfg: DictConfig, base_state: Dict[str, Any]) -> int:
+        """Add ``confidence.tokens: {add: ...}`` to the tokenizer and grow ``base_state`` (in place) when
+        the added ids lie beyond its rows; return the vocabulary rows every model of this run needs."""
+        added = add_confidence_tokens(cfg.get("confidence", None), self._tokenizer)
+        base_rows = state_dict_rows(base_state)
+        if base_rows is None:
+            return 0
+        rows = rows_needed(added, base_rows)
+        if rows > base_rows:
+            grow_state_dict(base_state, rows)
+            utils.log_rank_zero(
+                log,
+                f"confidence tokens added to the vocabulary: ids {added[0]}..{added[-1]}; the model grows from {base_rows} to "
+                f"{rows} rows (new rows: the mean of the trained ones)",
+            )
+        return rows
+
     def _init_confidence_embeddings(self, cfg: DictConfig, state_dict: Dict[str, Any]) -> None:
         """Reset the confidence tokens' embedding rows of the starting weights (fresh runs only)."""
         section = cfg.get("confidence", None)
@@ -192,9 +217,15 @@ class CaCFinetuneRecipe(FTRecipeInterface):
             log.info(f"confidence token embeddings ({token_ids.numel()} rows) initialized by {self._interleaving.init_confidence_embeddings!r}")
 
     def _build_model(self, cfg_model: DictConfig, state_dict: Dict[str, Any], *, trainable: bool) -> nn.Module:
-        """Instantiate, compile, wrap activation checkpointing, then shard/load through ``parallel``."""
+        """Instantiate (vocabulary rows grown to what the run's confidence tokens need), compile, wrap
+        activation checkpointing, then shard/load through ``parallel``."""
+        rows = max(self._vocab_rows, state_dict_rows(state_dict) or 0)
+        if rows:
+            grow_state_dict(state_dict, rows)
         with training.set_default_dtype(self._dtype), self._parallel.init_context():
             model = config.instantiate(cfg_model)
+            if rows:
+                fit_model_vocabulary(model, rows)
         if self._loop.compile:
             training.compile_model(model, verbose=self._parallel.is_rank_zero)
         if trainable and self._loop.enable_activation_checkpointing:
@@ -715,6 +746,7 @@ class CaCFinetuneRecipe(FTRecipeInterface):
                 mode=self._interleaving.name,
                 marker=self._interleaving.marker,
                 positions=self._interleaving.positions,
+                tokenizer=self._tokenizer,
             )
             log.info(f"Epoch {epoch} checkpoint written to {folder}.")
         self._parallel.barrier()
