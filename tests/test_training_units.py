@@ -533,7 +533,14 @@ def test_real_model_configs_are_complete(path):
     with torch.device("meta"):
         model = tt_config.instantiate(cfg.model)
     vocab = model.tok_embeddings.num_embeddings
-    codec = ConfidenceCodec.from_config(cfg.confidence, vocab_size=vocab)
+    tokenizer = None
+    if "tokens" in cfg.confidence:  # names (the llama3_reserved preset) resolve through Llama 3's real tokenizer format
+        from torchtune.models.llama3 import llama3_tokenizer
+
+        from entropy_guided_generation.kit import llama3_standin
+
+        tokenizer = llama3_tokenizer(str(llama3_standin("llama3_2_1b") / "original" / "tokenizer.model"))
+    codec = ConfidenceCodec.from_config(cfg.confidence, tokenizer, vocab_size=vocab)
     assert codec.token_ids.tolist() == list(range(128245, 128256))
     assert cfg.checkpointer.model_type in ("LLAMA3", "LLAMA3_2")
 
