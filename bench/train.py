@@ -96,6 +96,9 @@ def bench_config(mode: str, size: str, out: Path, steps: int, real_batch: int = 
     if size == real_model.SMOLLM2:
         cfg = OmegaConf.load(REPO / "configs" / "smollm2" / f"{mode}_single_device.yaml")
         overrides.update(data_dir=str(real_model.GSM8K_DIR), batch_size=real_batch, tokenizer={"max_seq_len": real_seq_len})
+        # An example cut short loses its final "#### n" line, and with it the marker: marker mode then
+        # interleaves that response whole (as answer does) rather than refusing the data.
+        overrides["interleaving"] = {"min_marker_fraction": 0.0}
     else:
         cfg = OmegaConf.load(REPO / "configs" / "tiny" / f"{mode}_single_device.yaml")
         overrides.update(checkpointer={"checkpoint_dir": str(checkpoint_of(size))}, batch_size=KIT_BATCH)
@@ -410,7 +413,10 @@ def main() -> None:
     )
     print(f"\ntorch threads 1, fp32 CPU, {', '.join(batches)}, {args.steps} steps per run; medians over steps")
     if real:
-        print(f"{real_model.SMOLLM2_ABOUT}: configs/smollm2 on real GSM8K ({real_model.GSM8K_DIR}), confidence rows at the mean embedding")
+        print(
+            f"{real_model.SMOLLM2_ABOUT}: configs/smollm2 on real GSM8K ({real_model.GSM8K_DIR}), confidence rows at the mean "
+            "embedding; examples cut short lose their '####' marker, and marker mode interleaves those whole"
+        )
     if args.skip_bound:
         print_exact(rows_exact, args.repeats)
         return

@@ -137,6 +137,9 @@ def test_a_finished_finetune_evaluation_and_analysis_are_reused_only_under_their
         def evaluate(self):
             return {"task": None, "accuracy": 0.5, "lm_eval": {}}
 
+        def cleanup(self):
+            calls.append(("cleanup", None))
+
     def fake_analysis(*args, **kwargs):
         calls.append(("analysis", args[3]))
         return {"content_loss": 1.0}

@@ -210,3 +210,12 @@ def test_bad_decoder_inputs():
     model = tiny_decoder(VOCAB)
     with pytest.raises(ValueError, match="needs a confidence codec"):
         get_decoder("answer")(model, torch.tensor([[3, 4]]), max_generated_tokens=2, codec=None)
+
+
+def test_progress_true_shows_a_bar_of_decode_steps_and_false_shows_none(model, codec, capsys):
+    """README (Decoding): ``progress=True`` shows a progress bar."""
+    decode_mode("answer", model, codec, left_pad(PROMPTS), stop_tokens=[], progress=True)
+    shown = capsys.readouterr().err
+    assert "decode[answer]" in shown and "/12 " in shown  # a bar over the 12 decode steps
+    decode_mode("answer", model, codec, left_pad(PROMPTS), stop_tokens=[])
+    assert "decode[" not in capsys.readouterr().err

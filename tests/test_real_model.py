@@ -42,7 +42,7 @@ ADD_TOKENS = ["confidence.tokens.add=kit", "~confidence.tokens.preset"]
 EVAL_BUDGET = {"limit": 8, "num_fewshot": 1, "gen_kwargs": {"max_gen_toks": 32}, "batch_size": 8, "bootstrap_iters": 0}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def smollm2(kit_cache) -> Path:
     try:
         return kit.smollm2_135m_instruct()
@@ -180,9 +180,10 @@ def finetune(command: List[str], config: str, out: Path, data: Path, env: Dict[s
     return out / "epoch_0"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def finetunes(tmp_path_factory, smollm2, shared_data) -> Dict[str, Path]:
-    """One 2-step finetune per mode, each through another user command."""
+    """One 2-step finetune per mode, each through another user command. Session-scoped: a module-scoped
+    fixture is torn down whenever its worker runs another file's test in between, and rebuilt after."""
     import os
 
     env = dict(os.environ)
