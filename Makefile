@@ -24,7 +24,7 @@ demo: $(STAMP)
 
 # pytest exits 5 when it collects no test: that is a failure here, not a pass.
 test: $(STAMP)
-	$(VPY) -m pytest -q -p no:cacheprovider -n 2 --dist loadgroup --timeout 900 tests $(ARGS); rc=$$?; \
+	$(VPY) -m pytest -q -p no:cacheprovider -n 2 --timeout 900 tests $(ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "no tests were collected" >&2; exit 1; fi; exit $$rc
 
 bench: $(STAMP)

