@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torchtune.modules import TiedLinear
 
-from entropy_guided_generation.confidence import tokens_to_add
+from entropy_guided_generation.confidence import resolve_token_ids, tokens_to_add
 from entropy_guided_generation.modeling import vocab_size_of
 
 # torchtune state-dict keys of the input embedding and of an untied output projection.
@@ -32,11 +32,16 @@ def add_confidence_tokens(confidence_cfg: Optional[Mapping[str, Any]], tokenizer
     single tokens keep their ids) and return the ids of all of them, in order; ``[]`` without ``add``.
 
     Raises:
-        TypeError: when the tokenizer cannot add special tokens (it has no ``add_special_tokens``).
+        TypeError: when some are missing and the tokenizer cannot add special tokens (it has no
+            ``add_special_tokens``).
     """
     strings = tokens_to_add(confidence_cfg, tokenizer)
     if not strings:
         return []
+    try:
+        return resolve_token_ids(strings, tokenizer)  # every one exists already (a finetune's own tokenizer)
+    except ValueError:
+        pass
     if not callable(getattr(tokenizer, "add_special_tokens", None)):
         raise TypeError(
             f"confidence.tokens.add needs a tokenizer that can add special tokens; {type(tokenizer).__name__} cannot. "

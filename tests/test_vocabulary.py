@@ -72,6 +72,13 @@ def test_adding_tokens_needs_a_tokenizer_that_can_and_the_error_names_one():
     assert add_confidence_tokens({"tokens": {"preset": "kit"}}, FixedVocabulary()) == []
 
 
+def test_adding_tokens_a_fixed_vocabulary_already_has_takes_their_ids(kit_cache):
+    from entropy_guided_generation import kit
+
+    tokenizer = kit.load_tokenizer()  # torchtune's Qwen2.5 tokenizer: it cannot add tokens, but has <|conf_k|>
+    assert add_confidence_tokens({"tokens": {"add": "kit"}}, tokenizer) == [tokenizer.special_tokens[f"<|conf_{k}|>"] for k in range(11)]
+
+
 def test_added_tokens_resolve_in_the_codec_after_adding(kit_cache):
     from entropy_guided_generation import kit
     from entropy_guided_generation.tokenizing import hf_model_tokenizer
