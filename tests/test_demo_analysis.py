@@ -137,3 +137,52 @@ def test_bad_demo_settings_name_the_value():
     assert parse_change("lr=0.003") == {"lr": 0.003} and parse_change("codec=entropy_quantile") == {"codec": "entropy_quantile"}
     assert DemoSettings().changes() == "default" and DemoSettings(steps=960, lr=0.003).changes() == "steps=960, lr=0.003"
     assert DemoSettings(steps=960).label().startswith("s960-b16-lr0.001-")
+
+
+def test_step0_study_measures_each_mode_rows_and_position_rule_against_plain(tiny):
+    from entropy_guided_generation.demo_analysis.heldout import heldout_content_loss
+    from entropy_guided_generation.demo_analysis.step0 import RowsVariant, step0_study
+
+    model, tokenizer, rows = tiny
+    codec = quantile_codec(model, tokenizer, rows)
+    before = model.tok_embeddings.weight.detach().clone()
+    variants = [RowsVariant("kit", codec, "raw"), RowsVariant("kit", codec, "mean")]
+    found = step0_study(model, tokenizer, rows[:3], GSM8K, variants=variants, modes=[("answer", None), ("marker", "####")], batch_size=2)
+    # The mean rows are set only for the study: the base's weights are as they were.
+    assert torch.equal(model.tok_embeddings.weight, before)
+    plain = heldout_content_loss(model, tokenizer, rows[:3], GSM8K, interleaving=Interleaving.for_tokenizer("none", tokenizer), codec=None)
+    assert found["plain"] == pytest.approx(plain, abs=1e-5)  # other batches: float sums in another order
+    assert [(r["mode"], r["init"], r["positions"]) for r in found["rows"]] == [
+        (m, i, p) for m in ("answer", "marker") for i in ("raw", "mean") for p in ("sequential", "shared")
+    ]
+    raw_answer = heldout_content_loss(model, tokenizer, rows[:3], GSM8K, interleaving=Interleaving.for_tokenizer("answer", tokenizer), codec=codec)
+    assert found["rows"][0]["content_loss"] == pytest.approx(raw_answer, abs=1e-5)
+    for row in found["rows"]:
+        assert row["excess"] == pytest.approx(row["content_loss"] - found["plain"]) and math.isfinite(row["content_loss"])
+    # Mean rows change what the model reads: another loss than its raw rows.
+    assert found["rows"][2]["content_loss"] != pytest.approx(found["rows"][0]["content_loss"])
+    with pytest.raises(ValueError, match="'none'"):
+        step0_study(model, tokenizer, rows[:1], GSM8K, variants=variants, modes=[("none", None)])
+    with pytest.raises(ValueError, match="'zero'"):
+        RowsVariant("kit", codec, "zero")
+
+
+def test_single_pass_mismatch_counts_the_slot_bins_one_plain_pass_gets_wrong(tiny):
+    from entropy_guided_generation.demo_analysis.agreement import single_pass_mismatch
+    from entropy_guided_generation.demo_analysis.heldout import reference_batch
+    from entropy_guided_generation.layout import compute_bins
+
+    model, tokenizer, rows = tiny
+    codec = quantile_codec(model, tokenizer, rows)
+    interleaving = Interleaving.for_tokenizer("full", tokenizer)
+    found = single_pass_mismatch(model, tokenizer, rows, GSM8K, interleaving=interleaving, codec=codec, batch_size=2)
+    # The same count by hand over one batch of every row.
+    tokens, response, valid = reference_batch(tokenizer, rows, GSM8K)
+    slots = interleaving.slots(tokens, response_mask=response, valid_mask=valid)
+    kw = dict(codec=codec, slots=slots, valid_mask=valid, pad_id=tokenizer.pad_id)
+    exact, single = compute_bins(model, tokens, **kw), compute_bins(model, tokens, max_passes=1, **kw)
+    assert found.slots == int(slots.sum()) > 0 and found.rows == len(rows)
+    assert found.share == pytest.approx(float((exact.bins[slots] != single.bins[slots]).float().mean()))
+    assert found.exact_passes_mean >= 1
+    with pytest.raises(ValueError, match="'none'"):
+        single_pass_mismatch(model, tokenizer, rows, GSM8K, interleaving=Interleaving.for_tokenizer("none", tokenizer), codec=codec)

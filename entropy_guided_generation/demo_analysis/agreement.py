@@ -7,6 +7,9 @@ a training row (prompt = prompt, response = the generated tokens); the mode's sl
 and compared with the confidence tokens of the decoder's interleaved sequence in order (position
 rule included). With exact fixed-point bins (the default) the two are equal token for token; a
 pass cap leaves later slots of long rows approximate, which is what training then learned from.
+
+:func:`single_pass_mismatch` measures upstream's approximation: the share of a training batch's slot
+bins that one plain-context pass (``max_passes=1``) gets wrong against the exact fixed point.
 """
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from entropy_guided_generation.confidence import ConfidenceCodec
-from entropy_guided_generation.demo_analysis.heldout import DecodedSample
+from entropy_guided_generation.demo_analysis.heldout import DecodedSample, HeldOutTask, reference_batch
 from entropy_guided_generation.layout import Interleaving, compute_bins
 
 
@@ -106,4 +109,57 @@ def train_decode_agreement(
     )
 
 
-__all__ = ["Agreement", "train_decode_agreement"]
+@dataclass(frozen=True)
+class SinglePassMismatch:
+    """Attributes:
+        share: share of slot bins where one plain-context pass differs from the exact fixed point.
+        slots: slot bins compared.
+        exact_passes_mean: fixed-point passes per batch the exact bins took (pass 0 included).
+        rows: training rows compared.
+    """
+
+    share: float
+    slots: int
+    exact_passes_mean: float
+    rows: int
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@torch.no_grad()
+def single_pass_mismatch(
+    model: Any,
+    tokenizer: Any,
+    rows: Sequence[dict],
+    task: HeldOutTask,
+    *,
+    interleaving: Interleaving,
+    codec: ConfidenceCodec,
+    batch_size: int = 32,
+) -> SinglePassMismatch:
+    """How often upstream's approximation (every bin from one plain forward: ``compute_bins(...,
+    max_passes=1)``) differs from the exact bins (``max_passes=None``: what decoding produces) on the
+    training layout of ``rows`` (prompt + reference response + EOS, the mode's slot rule).
+
+    Raises:
+        ValueError: when ``rows`` is empty or ``interleaving`` is plain (mode none has no slots).
+    """
+    if interleaving.is_plain:
+        raise ValueError(f"interleaving.mode {interleaving.name!r} has no confidence slots; expected full, answer or marker")
+    if not rows:
+        raise ValueError("single_pass_mismatch needs at least one row, got none")
+    differ = total = passes = batches = 0
+    for start in range(0, len(rows), batch_size):
+        tokens, response, valid = reference_batch(tokenizer, rows[start : start + batch_size], task)
+        slots = interleaving.slots(tokens, response_mask=response, valid_mask=valid)
+        common = dict(codec=codec, slots=slots, valid_mask=valid, pad_id=tokenizer.pad_id, positions=interleaving.positions)
+        exact = compute_bins(model, tokens, max_passes=None, **common)
+        single = compute_bins(model, tokens, max_passes=1, **common)
+        differ += int((exact.bins[slots] != single.bins[slots]).sum())
+        total += int(slots.sum())
+        passes, batches = passes + exact.passes, batches + 1
+    return SinglePassMismatch(share=differ / total if total else 0.0, slots=total, exact_passes_mean=passes / batches, rows=len(rows))
+
+
+__all__ = ["Agreement", "SinglePassMismatch", "single_pass_mismatch", "train_decode_agreement"]

@@ -202,6 +202,29 @@ def reference_bins(samples: Sequence[DecodedSample], first: int, rows: int) -> t
     return out
 
 
+def reference_batch(tokenizer: Any, rows: Sequence[dict], task: HeldOutTask) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The training layout of ``rows``: prompt + reference response + EOS, right-padded.
+
+    Returns:
+        ``tokens``, ``response`` (True on the response and its EOS) and ``valid`` (True on real
+        tokens), each ``[len(rows), n]``.
+    """
+    pairs = [
+        (tokenizer.encode(task.prompt(row), add_bos=False, add_eos=False),
+         tokenizer.encode(task.response(row), add_bos=False, add_eos=False) + [tokenizer.eos_id])
+        for row in rows
+    ]
+    width = max(len(p) + len(r) for p, r in pairs)
+    tokens = torch.full((len(pairs), width), tokenizer.pad_id, dtype=torch.long)
+    response = torch.zeros_like(tokens, dtype=torch.bool)
+    valid = torch.zeros_like(response)
+    for r, (p, x) in enumerate(pairs):
+        tokens[r, : len(p) + len(x)] = torch.tensor(p + x)
+        response[r, len(p) : len(p) + len(x)] = True
+        valid[r, : len(p) + len(x)] = True
+    return tokens, response, valid
+
+
 @torch.no_grad()
 def heldout_content_loss(
     model: Any,
@@ -218,20 +241,7 @@ def heldout_content_loss(
     interleaved teacher forcing with fixed-point bins (the loss training minimizes, on held-out rows)."""
     total, count = 0.0, 0
     for start in tqdm(range(0, len(rows), batch_size), desc="held-out loss", leave=False):
-        chunk = rows[start : start + batch_size]
-        pairs = [
-            (tokenizer.encode(task.prompt(row), add_bos=False, add_eos=False),
-             tokenizer.encode(task.response(row), add_bos=False, add_eos=False) + [tokenizer.eos_id])
-            for row in chunk
-        ]
-        width = max(len(p) + len(r) for p, r in pairs)
-        tokens = torch.full((len(pairs), width), tokenizer.pad_id, dtype=torch.long)
-        response = torch.zeros_like(tokens, dtype=torch.bool)
-        valid = torch.zeros_like(response)
-        for r, (p, x) in enumerate(pairs):
-            tokens[r, : len(p) + len(x)] = torch.tensor(p + x)
-            response[r, len(p) : len(p) + len(x)] = True
-            valid[r, : len(p) + len(x)] = True
+        tokens, response, valid = reference_batch(tokenizer, rows[start : start + batch_size], task)
         scores = score_continuations(
             model, tokens, response, interleaving=interleaving, codec=codec, valid_mask=valid,
             pad_id=tokenizer.pad_id, max_passes=max_passes,
@@ -248,5 +258,6 @@ __all__ = [
     "bigbench_mistake_task",
     "decode_heldout",
     "heldout_content_loss",
+    "reference_batch",
     "reference_bins",
 ]
