@@ -34,6 +34,7 @@ import json
 import math
 import random
 import resource
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -50,13 +51,18 @@ from entropy_guided_generation.confidence import (
     kit_confidence_tokens,
     read_confidence_json,
     resolve_token_ids,
+    smollm2_unused_confidence_tokens,
 )
 from entropy_guided_generation.demo_analysis import analyze_run
+from entropy_guided_generation.demo_analysis.heldout import GSM8K
+from entropy_guided_generation.demo_analysis.step0 import RowsVariant, step0_study
 from entropy_guided_generation.eleuther_eval import EleutherEvalRecipeDirect
 from entropy_guided_generation.eval.report import generation_confidence_by_doc
 from entropy_guided_generation.generation import decode
 from entropy_guided_generation.kit.train_base import mixed_format_base
 from entropy_guided_generation.layout import Interleaving
+from entropy_guided_generation.modeling import vocab_size_of
+from entropy_guided_generation.vocabulary import grow_model, rows_needed
 from entropy_guided_generation.training import read_disk_log, run_recipe
 
 REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -73,20 +79,40 @@ CODECS = {
 }
 """``--codec``: the confidence signal and its bins (11 kit tokens ``<|conf_k|>``); quantile edges are
 fitted by the recipe on the base model's signals over the first training examples, then frozen."""
-BASES = ("plain", "mixed")
-"""``--base``: the kit's shipped base (``plain``: it has only ever seen plain text) or the kit's
+BASES = ("plain", "mixed", "smollm2")
+"""``--base``: the kit's shipped base (``plain``: it has only ever seen plain text), the kit's
 mixed-format base (pretrained with random confidence tokens in half of its rows, see
-``kit.train_base``), for every mode alike."""
+``kit.train_base``) or the kit's real pretrained model (``smollm2``: SmolLM2-135M-Instruct,
+``kit.smollm2_135m_instruct``, model type LLAMA3_2, the kit's ``<|conf_k|>`` tokens added), for every
+mode alike."""
+KIT_MODEL_TYPE = "QWEN2"
+REAL_BASES = {"smollm2": "LLAMA3_2"}
+"""The real pretrained bases and their torchtune checkpointer model types."""
+CONTEXTS = ("interleaved", "plain")
+"""``--context``: ``confidence.context`` of every interleaved finetune (``interleaved``: the signal over
+the interleaved prefix, exact by fixed point; ``plain``: over the plain prefix, one forward, upstream's
+training semantics)."""
+SMOLLM2_DEFAULTS = {
+    "steps": 48, "batch_size": 4, "lr": 1e-4, "eval_limit": 16, "max_gen_toks": 96, "train_rows": 512,
+    "init_embeddings": "mean",
+}
+"""The real model's default budget, sized so that the whole default study (four finetunes, their
+evaluations and analyses, the step-0 study, the learning-curve points and the ``context=plain`` row)
+finishes in about an hour on 2 idle CPU cores (see :func:`base_defaults`)."""
+SMOLLM2_STUDIES = {"sweep_steps": "24", "compare": "context=plain"}
+STEP0_ROWS = 12
+"""Held-out problems of the step-0 study (each is scored in 3 modes x 3 row choices x 2 position rules)."""
+"""The studies a ``--base smollm2`` run adds by default (``--sweep-steps ""`` / ``--compare ""`` drop them)."""
 EMBEDDING_INITS = ("none", "mean")
 POSITION_RULES = ("sequential", "shared")
 STAMP = "demo_stamp.json"
-ANALYSIS_VERSION = 2  # bump when the analysis changes what it measures: saved analyses are redone
+ANALYSIS_VERSION = 3  # bump when the analysis changes what it measures: saved analyses are redone
 MAX_PLAIN_TOKENS = 256
 MAX_INTERLEAVED_POSITIONS = 512
 # Settings that do not reach mode none (it has no confidence token): a --compare of one of them
 # reuses mode none's default run (positions only on the plain base: each mixed-format base was
 # pretrained with its own position rule).
-CONFIDENCE_ONLY = ("codec", "positions", "init_embeddings")
+CONFIDENCE_ONLY = ("codec", "positions", "init_embeddings", "context")
 
 
 @dataclass(frozen=True)
@@ -122,6 +148,13 @@ class DemoSettings:
     init_embeddings: str = "none"
     base: str = "mixed"
     marker_task: str = "gsm8k"
+    context: str = "interleaved"
+
+    @classmethod
+    def for_base(cls, base: str, **given: Any) -> "DemoSettings":
+        """Settings on ``base`` with its defaults (:func:`base_defaults`) under the ``given`` fields
+        (a value None takes the base's default)."""
+        return cls(**{**base_defaults(base), **{k: v for k, v in given.items() if v is not None}, "base": base})
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "eval_limit", "max_gen_toks", "train_rows"):
@@ -131,20 +164,48 @@ class DemoSettings:
         if not (isinstance(self.lr, float) and self.lr > 0):
             raise ValueError(f"lr must be a float > 0, got {self.lr!r}")
         for name, allowed in (("codec", tuple(CODECS)), ("positions", POSITION_RULES), ("init_embeddings", EMBEDDING_INITS),
-                              ("base", BASES), ("marker_task", MARKER_TASKS)):
+                              ("base", BASES), ("marker_task", MARKER_TASKS), ("context", CONTEXTS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"unknown {name} {getattr(self, name)!r}; expected one of {', '.join(allowed)}")
 
     def label(self) -> str:
         """A folder name for the finetunes of these settings, from every field that decides them (not
         from the defaults, so a run keeps its folder when a default changes)."""
+        context = "" if self.context == "interleaved" else f"-context_{self.context}"  # kit runs keep their folders
         return (f"s{self.steps}-b{self.batch_size}-lr{self.lr:g}-{self.codec}-{self.positions}-{self.base}-"
-                f"init_{self.init_embeddings}-r{self.train_rows}-g{self.max_gen_toks}-{self.marker_task}-seed{self.seed}")
+                f"init_{self.init_embeddings}-r{self.train_rows}-g{self.max_gen_toks}-{self.marker_task}-seed{self.seed}{context}")
 
     def changes(self) -> str:
-        """The fields that differ from the defaults (``default`` when none do), for titles."""
-        changed = [f"{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self) if getattr(self, f.name) != f.default]
+        """The fields that differ from the defaults of the base (``default`` when none do), for titles."""
+        defaults = {**{f.name: f.default for f in dataclasses.fields(self)}, **base_defaults(self.base)}
+        changed = [f"{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self) if getattr(self, f.name) != defaults[f.name]]
         return ", ".join(changed) or "default"
+
+    def trained_by(self) -> dict[str, Any]:
+        """The fields that decide a finetune (not ``eval_limit``; ``context`` only when it is not the
+        default, so runs made before the field existed keep their fingerprints)."""
+        fields = {k: v for k, v in asdict(self).items() if k != "eval_limit"}
+        if self.context == "interleaved":
+            del fields["context"]
+        return fields
+
+
+def base_defaults(base: str) -> dict[str, Any]:
+    """The default budget of ``base`` that differs from :class:`DemoSettings`' field defaults: none for
+    the kit's bases (their runs keep their settings), :data:`SMOLLM2_DEFAULTS` for the real model.
+
+    Sizing of ``smollm2`` (measured on this project's 2-core CPU, one thread): a SmolLM2 answer-mode step
+    at batch 4 of the kit's problems takes ~9-12 s, greedy decoding ~35 content tokens/s at batch 8,
+    the held-out content loss ~10 s per 8 problems; the default (64 steps of 8 rows, 48 held-out
+    problems, 96 tokens) is ~10 minutes per interleaved mode (finetune + eval + analysis) and the
+    studies add the rest of the hour. On a GPU raise ``--steps``, ``--batch-size`` and ``--eval-limit``.
+
+    Raises:
+        ValueError: on a base not in :data:`BASES`.
+    """
+    if base not in BASES:
+        raise ValueError(f"unknown base {base!r}; expected one of {', '.join(BASES)}")
+    return dict(SMOLLM2_DEFAULTS) if base == "smollm2" else {}
 
 
 def parse_change(spec: str) -> dict[str, Any]:
@@ -351,6 +412,8 @@ def train_config(mode: str, base: BaseModel, files: DataFiles, settings: DemoSet
     cfg.dataset_val = OmegaConf.create(val) if val is not None else None
     if mode != "none":
         cfg.confidence = OmegaConf.create({**CODECS[settings.codec], "temperature": 1.0, "tokens": confidence_tokens(base)})
+        if settings.context != "interleaved":  # only then: default configs (and their fingerprints) unchanged
+            cfg.confidence.context = settings.context
         cfg.interleaving = OmegaConf.merge(cfg.interleaving, _interleaving_section(mode, settings))
         if settings.init_embeddings != "none":
             cfg.interleaving.init_confidence_embeddings = settings.init_embeddings
@@ -414,7 +477,7 @@ def _write_stamp(folder: Path, fingerprint: str, **extra: Any) -> None:
 def run_fingerprint(cfg: DictConfig, run_dir: Path, settings: "DemoSettings", files: "DataFiles", mode: str) -> str:
     """What decides a finetune: its config (the run's own folder left out: a finetune is the same
     wherever it is written), the settings and the data files' bytes."""
-    trained_by = {k: v for k, v in asdict(settings).items() if k != "eval_limit"}
+    trained_by = settings.trained_by()
     portable = json.dumps(OmegaConf.to_container(cfg), sort_keys=True).replace(str(run_dir), "<run_dir>")
     return _fingerprint(portable, trained_by, _file_digest(files, mode, settings))
 
@@ -502,18 +565,23 @@ class Demo:
     def __init__(self, out: Path, settings: DemoSettings, base: BaseModel, files: DataFiles, custom_base: bool):
         self.out, self.settings, self.files, self.custom_base = out, settings, files, custom_base
         self.plain_base = base
-        self._bases: dict[tuple[str, str], BaseModel] = {}  # (base, positions) -> checkpoint
+        # (base, positions) -> checkpoint; the base run_demo resolved serves its own name.
+        self._bases: dict[tuple[str, str], BaseModel] = {("smollm2" if settings.base == "smollm2" else "plain", ""): base}
         self._runs: dict[tuple[str, DemoSettings], FinishedRun] = {}
 
     def base_for(self, settings: DemoSettings) -> BaseModel:
         """The base checkpoint of ``settings`` (``--checkpoint`` when given, else the kit base it names)."""
-        if self.custom_base or settings.base == "plain":
+        if self.custom_base:
             return self.plain_base
         # Each mixed-format base was pretrained with its own position rule.
-        key = (settings.base, settings.positions)
+        key = (settings.base, settings.positions if settings.base == "mixed" else "")
         if key not in self._bases:
-            folder = mixed_format_base(settings.positions, log=lambda line: print(f"[demo] {line}", flush=True))
-            self._bases[key] = BaseModel(folder, folder, self.plain_base.model_type)
+            if settings.base == "mixed":
+                folder = mixed_format_base(settings.positions, log=lambda line: print(f"[demo] {line}", flush=True))
+                self._bases[key] = BaseModel(folder, folder, KIT_MODEL_TYPE)
+            else:
+                folder, model_type = kit_base_folder(settings.base)
+                self._bases[key] = BaseModel(folder, folder, model_type)
         return self._bases[key]
 
     def run(self, mode: str, settings: DemoSettings) -> FinishedRun:
@@ -545,7 +613,7 @@ class Demo:
         print(f"[demo] {run.mode}: analysing {run.checkpoint} ({'full' if full else 'accuracy and loss'})", flush=True)
         started = time.perf_counter()
         result = analyze_run(
-            run.checkpoint, self.base_for(run.settings).checkpoint_dir, self.plain_base.tokenizer_dir, run.mode,
+            run.checkpoint, self.base_for(run.settings).checkpoint_dir, self.base_for(run.settings).tokenizer_dir, run.mode,
             heldout_rows(self.files, run.mode, run.settings), marker=marker_of(run.mode, run.settings),
             bigbench=on_bigbench(run.mode, run.settings), max_gen_toks=_gen_budget(run.mode, run.settings),
             max_passes=training_max_passes(run.mode, run.settings), full=full, reference_codec=reference,
@@ -566,6 +634,50 @@ class Demo:
         found = find_confidence_json(self._runs[("answer", settings)].checkpoint)
         return read_confidence_json(found).to_codec() if found else None
 
+    def step0(self, settings: DemoSettings, modes: Sequence[str]) -> Optional[dict]:
+        """The step-0 study (:func:`~entropy_guided_generation.demo_analysis.step0.step0_study`) of the base
+        of ``settings`` on the first :data:`STEP0_ROWS` held-out problems, for the interleaved ``modes``
+        on GSM8K data, with the codec the first of their finetunes trained with (or its saved result).
+
+        Row choices: the finetunes' own tokens (kit tokens added to a real model: appended rows, the mean
+        of the trained rows, so raw equals mean there), and, when the base's tokenizer has SmolLM2's
+        unused special tokens, those with their pretrained rows (``raw``) and set to the mean (``mean``).
+        None when no interleaved mode runs on GSM8K data.
+        """
+        modes = [m for m in MODES if m in modes and m != "none" and not on_bigbench(m, settings)]
+        if not modes:
+            return None
+        run = self.run(modes[0], settings)
+        codec = read_confidence_json(find_confidence_json(run.checkpoint)).to_codec()
+        base = self.base_for(settings)
+        rows = heldout_rows(self.files, modes[0], settings)[:STEP0_ROWS]
+        path = self.out / "analysis" / settings.label() / "step0.json"
+        fingerprint = _fingerprint(run.fingerprint, modes, len(rows), ANALYSIS_VERSION)
+        if path.is_file() and json.loads(path.read_text()).get("fingerprint") == fingerprint:
+            print(f"[demo] step 0: reusing the study in {path}")
+            return json.loads(path.read_text())["study"]
+        print(f"[demo] step 0: content loss of the base through each layout ({len(rows)} held-out problems)", flush=True)
+        started = time.perf_counter()
+        tokenizer = kit.load_folder_tokenizer(base.tokenizer_dir)
+        init = "mean" if settings.init_embeddings == "mean" or confidence_tokens(base) == {"add": "kit"} else "raw"
+        variants = [RowsVariant("finetune's", codec, init)]
+        try:
+            unused = resolve_token_ids(smollm2_unused_confidence_tokens(), tokenizer)
+        except ValueError:
+            unused = None
+        if unused is not None:
+            own = dataclasses.replace(codec, token_ids=torch.tensor(unused))
+            variants += [RowsVariant("smollm2_unused", own, "raw"), RowsVariant("smollm2_unused", own, "mean")]
+        with torch.inference_mode():
+            model = kit.load_torchtune_model(base.checkpoint_dir)
+            model = grow_model(model, rows_needed(codec.token_ids.tolist(), vocab_size_of(model))).eval()
+            study = step0_study(model, tokenizer, rows, GSM8K, variants=variants,
+                                modes=[(m, marker_of(m, settings)) for m in modes])
+        study["seconds"] = round(time.perf_counter() - started, 1)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"fingerprint": fingerprint, "study": study}, indent=1) + "\n")
+        return study
+
 
 
 def training_max_passes(mode: str, settings: DemoSettings) -> Optional[int]:
@@ -580,6 +692,24 @@ def heldout_rows(files: DataFiles, mode: str, settings: DemoSettings) -> list[di
     """The rows lm-eval scores (its ``limit`` takes the first ones)."""
     path = files.bbm_test if on_bigbench(mode, settings) else files.gsm8k_test
     return _read_jsonl(path)[: settings.eval_limit]
+
+
+def passes_per_micro_batch(log_dir: Path) -> Optional[float]:
+    """Mean no-grad fixed-point forwards per micro-batch over a finetune's logged steps (``conf/passes_mean``;
+    None in mode none, which logs none)."""
+    logged = read_disk_log(log_dir)
+    found = [m["conf/passes_mean"] for m in logged.values() if "conf/passes_mean" in m]
+    return sum(found) / len(found) if found else None
+
+
+def study_fields(run: FinishedRun, found: dict) -> dict:
+    """What the real-model study adds to every row: passes per micro-batch of the finetune, and the
+    share of training bins one plain-context pass gets wrong on the base (step 0) and the finetune."""
+    return {
+        "passes_per_micro_batch": passes_per_micro_batch(run.run_dir / "logs"),
+        "single_pass_mismatch_step0": (found.get("base_single_pass_mismatch") or {}).get("share"),
+        "single_pass_mismatch": (found.get("single_pass_mismatch") or {}).get("share"),
+    }
 
 
 def loss_history(log_dir: Path) -> list[float]:
@@ -645,6 +775,7 @@ def summary_row(label: str, mode: str, run: FinishedRun, found: dict, reused_def
         "final_train_loss": _final_loss(run.loss),
         **{f"{name}_change": ablation["accuracy_change"] for name, ablation in ablations.items()},
         "agreement": (found.get("agreement") or {}).get("equal_fraction"),
+        **study_fields(run, found),
         "train_seconds": run.train_seconds, "train_cpu_seconds": run.train_cpu_seconds, "reused_default_run": reused_default,
     }
 
@@ -743,6 +874,26 @@ def compare_table(rows: Sequence[dict]) -> str:
     ], rows)
 
 
+def fixed_point_table(rows: Sequence[dict]) -> str:
+    """Per row (mode and setting): content loss at step 0 and at the end, passes per micro-batch,
+    single-pass mismatch at step 0 and at the end, train/decode agreement."""
+    labelled = [{**r, "change": r.get("change", "default")} for r in rows if r["mode"] != "none"]
+    return _table([
+        ("change", "change", 26, "s"), ("mode", "mode", 7, "s"), ("loss@0", "base_content_loss", 7, ".3f"),
+        ("loss", "content_loss", 6, ".3f"), ("passes", "passes_per_micro_batch", 7, ".1f"),
+        ("1-pass wrong@0", "single_pass_mismatch_step0", 14, ".3f"), ("1-pass wrong", "single_pass_mismatch", 12, ".3f"),
+        ("agree", "agreement", 6, ".3f"),
+    ], labelled)
+
+
+def step0_table(rows: Sequence[dict]) -> str:
+    """The step-0 study: content loss through each layout, and its excess over plain."""
+    return _table([
+        ("mode", "mode", 7, "s"), ("tokens", "tokens", 15, "s"), ("rows", "init", 5, "s"), ("positions", "positions", 10, "s"),
+        ("loss", "content_loss", 7, ".3f"), ("excess", "excess", 7, "+.3f"),
+    ], rows)
+
+
 def sweep_table(points: dict[str, list[dict]]) -> str:
     steps = sorted({p["steps"] for rows in points.values() for p in rows})
     rows = []
@@ -759,9 +910,28 @@ def sweep_table(points: dict[str, list[dict]]) -> str:
 # ---------------------------------------------------------------- main
 
 
-def resolve_base(checkpoint: Optional[Path], tokenizer_dir: Optional[Path], model_type: str) -> BaseModel:
-    """The demo's base model: ``checkpoint`` (a Hugging Face folder) or the kit's trained base."""
-    folder = Path(checkpoint) if checkpoint is not None else kit.trained_base()
+def kit_base_folder(base: str) -> tuple[Path, str]:
+    """The Hugging Face folder and model type of a kit base that is a plain checkpoint (``plain``: the
+    kit's trained base; ``smollm2``: the kit's real model). ``mixed`` is pretrained per position rule
+    (:meth:`Demo.base_for`).
+
+    Raises:
+        ValueError: on any other base.
+    """
+    if base == "plain":
+        return kit.trained_base(), KIT_MODEL_TYPE
+    if base in REAL_BASES:
+        return kit.smollm2_135m_instruct(), REAL_BASES[base]
+    raise ValueError(f"base {base!r} is not a plain checkpoint; expected plain or {', '.join(REAL_BASES)}")
+
+
+def resolve_base(checkpoint: Optional[Path], tokenizer_dir: Optional[Path], model_type: str, base: str = "mixed") -> BaseModel:
+    """The demo's base model: ``checkpoint`` (a Hugging Face folder, of ``model_type``), else the kit's
+    real model when ``base`` is one (:data:`REAL_BASES`), else the kit's trained base."""
+    if checkpoint is not None:
+        folder = Path(checkpoint)
+    else:
+        folder, model_type = kit_base_folder(base if base in REAL_BASES else "plain")
     tok = Path(tokenizer_dir) if tokenizer_dir is not None else folder
     if not (tok / "tokenizer.json").is_file() and not (tok / "tokenizer_config.json").is_file():
         raise FileNotFoundError(
@@ -811,6 +981,7 @@ def _headline_row(mode: str, settings: DemoSettings, run: FinishedRun, summary: 
         "trace_min_ece": (found.get("trace_min") or {}).get("ece"), "trace_min_auroc": (found.get("trace_min") or {}).get("auroc"),
         **{f"{name}_change": ablation["accuracy_change"] for name, ablation in ablations.items()},
         "agreement": (found.get("agreement") or {}).get("equal_fraction"),
+        **study_fields(run, found),
         "n_right": right.get("n"), "n_wrong": wrong.get("n"),
         "entropy_right": right.get("mean_entropy"), "entropy_wrong": wrong.get("mean_entropy"),
         "bin_right": right.get("mean_own_bin"), "bin_wrong": wrong.get("mean_own_bin"),
@@ -831,14 +1002,17 @@ def run_demo(
     model_type: str = "QWEN2",
     sweep_steps: Sequence[int] = (),
     compare: Sequence[dict] = (),
+    publish: Optional[Path] = None,
 ) -> dict:
-    """The whole pipeline; returns what ``results.json`` holds."""
+    """The whole pipeline; returns what ``results.json`` holds. On the real model (``settings.base``
+    ``smollm2``, no ``checkpoint``) also the step-0 study; with ``publish``, ``results.json`` and the
+    pictures are copied there (e.g. ``docs/real_model``)."""
     unknown = [m for m in modes if m not in MODES]
     if unknown or not modes:
         raise ValueError(f"unknown demo modes {unknown or list(modes)}; expected some of {', '.join(MODES)}")
     started, cpu_started = time.perf_counter(), _cpu_seconds()
     out.mkdir(parents=True, exist_ok=True)
-    base = resolve_base(checkpoint, tokenizer_dir, model_type)
+    base = resolve_base(checkpoint, tokenizer_dir, model_type, settings.base)
     files = prepare_data(out, settings, gsm8k_dir, bbm_dir, bbm_tasks)
     demo = Demo(out, settings, base, files, custom_base=checkpoint is not None)
     rows, analyses, curves, examples = [], {}, {}, {}
@@ -886,6 +1060,8 @@ def run_demo(
         results["sweep"] = sweep_points(demo, ordered, sweep_steps)
         visualize.learning_curves(results["sweep"], out / "learning_curves.png",
                                   title=f"one finetune per budget (settings otherwise: {settings.changes()})")
+    if settings.base in REAL_BASES and checkpoint is None:
+        results["step0"] = demo.step0(settings, ordered)
     if compare:
         results["compare"] = compare_rows(demo, ordered, compare)
         by_mode: dict[str, dict[str, float]] = {}
@@ -907,9 +1083,38 @@ def run_demo(
         print("\nLearning curves (held-out accuracy / content loss per budget):\n" + sweep_table(results["sweep"]))
     if compare:
         print("\nOne setting changed for every mode:\n" + compare_table(results["compare"]))
+    print("\nFixed point (passes per micro-batch; share of training bins one plain-context pass gets wrong, at step 0 and "
+          "at the end):\n" + fixed_point_table(rows + list(results.get("compare", []))))
+    if results.get("step0"):
+        print(f"\nStep 0 (held-out content loss of the base, nats per content token; plain {results['step0']['plain']:.3f}):\n"
+              + step0_table(results["step0"]["rows"]))
+    if publish is not None:
+        publish_results(out, publish)
     print(f"\n[demo] {results['seconds']:.0f}s ({results['cpu_seconds']:.0f} CPU seconds on {results['threads']} threads); "
           f"pictures and results.json in {out}")
     return results
+
+
+PUBLISHED = ("results.json", "*.png")
+
+
+def publish_results(out: Path, dest: Path) -> list[Path]:
+    """Copy a finished run's ``results.json`` and pictures from ``out`` into ``dest`` (the way
+    ``docs/demo`` and ``docs/real_model`` are made); returns the copied files.
+
+    Raises:
+        FileNotFoundError: when ``out`` holds no ``results.json``.
+    """
+    if not (out / "results.json").is_file():
+        raise FileNotFoundError(f"{out} holds no results.json; run the demo with --out {out} first")
+    dest.mkdir(parents=True, exist_ok=True)
+    copied = []
+    for pattern in PUBLISHED:
+        for path in sorted(out.glob(pattern)):
+            shutil.copyfile(path, dest / path.name)
+            copied.append(dest / path.name)
+    print(f"[demo] published {len(copied)} files to {dest}")
+    return copied
 
 
 def _cpu_seconds() -> float:
@@ -928,26 +1133,40 @@ def _int_list(text: str, what: str) -> list[int]:
     return values
 
 
+def _per_base(name: str) -> str:
+    """Help text of a budget option: its default on the kit's bases and on the real model."""
+    kit_default = getattr(DemoSettings(), name)
+    return f"(default: {kit_default} on the kit's bases, {SMOLLM2_DEFAULTS.get(name, kit_default)} on smollm2)"
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     defaults = DemoSettings()
-    parser = argparse.ArgumentParser(prog="python -m entropy_guided_generation.demo", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m entropy_guided_generation.demo", description=__doc__.split("\n\n")[0],
+        epilog=f"--base smollm2 (the kit's real model, SmolLM2-135M-Instruct): {base_defaults.__doc__.split('Sizing of')[1].split('Raises:')[0].strip()} "
+               f"Its default studies: --sweep-steps {SMOLLM2_STUDIES['sweep_steps']} --compare {SMOLLM2_STUDIES['compare']} and the step-0 study.",
+    )
     parser.add_argument("--out", type=Path, default=Path("outputs/demo"), help="output folder (default: outputs/demo)")
     parser.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of none,full,answer,marker")
-    parser.add_argument("--steps", type=int, default=defaults.steps, help="optimizer steps per finetune (same for every mode)")
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    parser.add_argument("--lr", type=float, default=defaults.lr)
-    parser.add_argument("--eval-limit", type=int, default=defaults.eval_limit, help="held-out problems per mode")
-    parser.add_argument("--max-gen-toks", type=int, default=defaults.max_gen_toks)
-    parser.add_argument("--train-rows", type=int, default=defaults.train_rows, help="kit training rows (kit data only)")
+    parser.add_argument("--steps", type=int, default=None, help=f"optimizer steps per finetune, same for every mode {_per_base('steps')}")
+    parser.add_argument("--batch-size", type=int, default=None, help=_per_base("batch_size"))
+    parser.add_argument("--lr", type=float, default=None, help=_per_base("lr"))
+    parser.add_argument("--eval-limit", type=int, default=None, help=f"held-out problems per mode {_per_base('eval_limit')}")
+    parser.add_argument("--max-gen-toks", type=int, default=None, help=_per_base("max_gen_toks"))
+    parser.add_argument("--train-rows", type=int, default=None, help=f"kit training rows, kit data only {_per_base('train_rows')}")
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--codec", default=defaults.codec, choices=list(CODECS), help="confidence signal and bins, for every mode")
     parser.add_argument("--positions", default=defaults.positions, choices=POSITION_RULES, help="interleaving.positions, for every mode")
-    parser.add_argument("--init-embeddings", default=defaults.init_embeddings, choices=EMBEDDING_INITS,
-                        help="interleaving.init_confidence_embeddings, for every mode")
+    parser.add_argument("--init-embeddings", default=None, choices=EMBEDDING_INITS,
+                        help=f"interleaving.init_confidence_embeddings, for every mode {_per_base('init_embeddings')}")
+    parser.add_argument("--context", default=defaults.context, choices=CONTEXTS, help="confidence.context of every interleaved finetune")
     parser.add_argument("--base", default=defaults.base, choices=BASES, help="the kit base every mode starts from")
     parser.add_argument("--marker-task", default=defaults.marker_task, choices=MARKER_TASKS, help="the data of mode marker")
-    parser.add_argument("--sweep-steps", default="", help="learning curves: comma-separated budgets, one finetune per mode and budget (e.g. 240,480,960,1920)")
-    parser.add_argument("--compare", default="", help="comma-separated field=value changes of the settings, each run for every mode (e.g. codec=entropy_quantile,lr=0.003)")
+    parser.add_argument("--sweep-steps", default=None, help="learning curves: comma-separated budgets, one finetune per mode and budget "
+                        f"(e.g. 240,480,960,1920; default: none on the kit's bases, {SMOLLM2_STUDIES['sweep_steps']} on smollm2)")
+    parser.add_argument("--compare", default=None, help="comma-separated field=value changes of the settings, each run for every mode "
+                        f"(e.g. codec=entropy_quantile,lr=0.003; default: none on the kit's bases, {SMOLLM2_STUDIES['compare']} on smollm2)")
+    parser.add_argument("--publish", type=Path, default=None, help="copy results.json and the pictures there after the run (e.g. docs/real_model)")
     parser.add_argument("--gsm8k", type=Path, default=None, help="folder with GSM8K-format train.jsonl and test.jsonl (e.g. ../shared/data/gsm8k)")
     parser.add_argument("--bigbench-mistake", type=Path, default=None, help="folder of BIG-Bench Mistake task files for mode marker (implies --marker-task bigbench_mistake)")
     parser.add_argument("--bigbench-tasks", default=BBM_TASK_FILE, help="comma-separated task files of --bigbench-mistake (the held-out task scores the number after the marker: arithmetic answers)")
@@ -957,21 +1176,35 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def settings_from_args(args: argparse.Namespace) -> DemoSettings:
+    """The demo's settings: the options given, the base's defaults (:func:`base_defaults`) for the rest."""
+    marker_task = "bigbench_mistake" if args.bigbench_mistake is not None else args.marker_task
+    return DemoSettings.for_base(
+        args.base, steps=args.steps, batch_size=args.batch_size, lr=args.lr, eval_limit=args.eval_limit,
+        max_gen_toks=args.max_gen_toks, train_rows=args.train_rows, seed=args.seed, codec=args.codec,
+        positions=args.positions, init_embeddings=args.init_embeddings, marker_task=marker_task, context=args.context,
+    )
+
+
+def studies_from_args(args: argparse.Namespace) -> tuple[list[int], list[dict]]:
+    """``--sweep-steps`` and ``--compare`` as budgets and changes (not given: the base's default studies)."""
+    real = args.base in REAL_BASES and args.checkpoint is None
+    sweep = args.sweep_steps if args.sweep_steps is not None else (SMOLLM2_STUDIES["sweep_steps"] if real else "")
+    compare = args.compare if args.compare is not None else (SMOLLM2_STUDIES["compare"] if real else "")
+    return _int_list(sweep, "--sweep-steps"), [parse_change(spec.strip()) for spec in compare.split(",") if spec.strip()]
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
-    marker_task = "bigbench_mistake" if args.bigbench_mistake is not None else args.marker_task
-    settings = DemoSettings(steps=args.steps, batch_size=args.batch_size, lr=args.lr, eval_limit=args.eval_limit,
-                            max_gen_toks=args.max_gen_toks, train_rows=args.train_rows, seed=args.seed, codec=args.codec,
-                            positions=args.positions, init_embeddings=args.init_embeddings, base=args.base,
-                            marker_task=marker_task)
-    changes = [parse_change(spec.strip()) for spec in args.compare.split(",") if spec.strip()]
+    settings = settings_from_args(args)
+    sweep, changes = studies_from_args(args)
     for change in changes:
         dataclasses.replace(settings, **change)  # checks the value before any work
     run_demo(
         args.out, settings, modes=[m.strip() for m in args.modes.split(",") if m.strip()], gsm8k_dir=args.gsm8k,
         bbm_dir=args.bigbench_mistake, bbm_tasks=tuple(t.strip() for t in args.bigbench_tasks.split(",")),
         checkpoint=args.checkpoint, tokenizer_dir=args.tokenizer_dir, model_type=args.model_type,
-        sweep_steps=_int_list(args.sweep_steps, "--sweep-steps"), compare=changes,
+        sweep_steps=sweep, compare=changes, publish=args.publish,
     )
     return 0
 
