@@ -164,3 +164,73 @@ def test_a_finished_finetune_evaluation_and_analysis_are_reused_only_under_their
     out = capsys.readouterr().out
     assert out.count("reusing the finetune") == 1 and out.count("reusing the evaluation") == 1
     assert out.count("reusing the analysis") == 1
+
+
+def test_kit_bases_keep_their_settings_and_smollm2_has_its_own_budget():
+    from entropy_guided_generation.demo import SMOLLM2_DEFAULTS, DemoSettings, base_defaults
+
+    assert DemoSettings.for_base("mixed") == DemoSettings() and DemoSettings.for_base("plain") == DemoSettings(base="plain")
+    real = DemoSettings.for_base("smollm2", steps=8)
+    assert real.steps == 8 and real.init_embeddings == "mean" and real.base == "smollm2"
+    assert all(getattr(real, k) == v for k, v in SMOLLM2_DEFAULTS.items() if k != "steps")
+    # Titles name what differs from the base's own defaults.
+    assert DemoSettings.for_base("smollm2").changes() == "base=smollm2" and real.changes() == "steps=8, base=smollm2"
+    with pytest.raises(ValueError, match="'gpt2'"):
+        base_defaults("gpt2")
+
+
+def test_context_plain_reaches_only_the_confidence_section_and_default_fingerprints_stay(tmp_path):
+    from entropy_guided_generation import kit
+    from entropy_guided_generation.demo import BaseModel, DemoSettings, prepare_data, run_fingerprint, train_config
+
+    settings = DemoSettings(steps=2, batch_size=4, train_rows=16)
+    files = prepare_data(tmp_path, settings, None, None, ())
+    folder = kit.trained_base()
+    base = BaseModel(folder, folder, "QWEN2")
+    default = train_config("answer", base, files, settings, tmp_path / "run")
+    plain = train_config("answer", base, files, DemoSettings(steps=2, batch_size=4, train_rows=16, context="plain"), tmp_path / "run")
+    assert "context" not in default.confidence and plain.confidence.context == "plain"
+    assert "confidence" not in train_config("none", base, files, DemoSettings(steps=2, batch_size=4, train_rows=16, context="plain"), tmp_path / "run")
+    # The new field leaves the label and what decides a default run as they were before it existed.
+    assert "context" not in settings.label() and "context" not in settings.trained_by()
+    assert DemoSettings(context="plain").label().endswith("-context_plain")
+    fingerprint = run_fingerprint(default, tmp_path / "run", settings, files, "answer")
+    assert fingerprint != run_fingerprint(plain, tmp_path / "run", DemoSettings(steps=2, batch_size=4, train_rows=16, context="plain"), files, "answer")
+    with pytest.raises(ValueError, match="'twin'"):
+        DemoSettings(context="twin")
+
+
+def test_smollm2_runs_its_default_studies_unless_told_otherwise(monkeypatch, tmp_path):
+    from entropy_guided_generation import demo
+
+    args = demo.parse_args(["--base", "smollm2", "--eval-limit", "2"])
+    settings = demo.settings_from_args(args)
+    assert settings.eval_limit == 2 and settings.steps == demo.SMOLLM2_DEFAULTS["steps"]
+    sweep, compare = demo.studies_from_args(args)
+    assert sweep == demo._int_list(demo.SMOLLM2_STUDIES["sweep_steps"], "x") and compare == [{"context": "plain"}]
+    assert demo.studies_from_args(demo.parse_args(["--base", "smollm2", "--sweep-steps", "", "--compare", ""])) == ([], [])
+    assert demo.studies_from_args(demo.parse_args([])) == ([], [])
+    assert demo.settings_from_args(demo.parse_args([])) == demo.DemoSettings()
+    # The real base resolves to the kit's SmolLM2 folder as a LLAMA3_2 checkpoint.
+    folder = tmp_path / "smollm2"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (folder / "tokenizer.json").write_text("{}")
+    monkeypatch.setattr(demo.kit, "smollm2_135m_instruct", lambda: folder)
+    base = demo.resolve_base(None, None, "QWEN2", "smollm2")
+    assert base.checkpoint_dir == folder.resolve() and base.model_type == "LLAMA3_2"
+    studies = demo.Demo(tmp_path, settings, base, files=None, custom_base=False)
+    assert studies.base_for(settings) is base
+
+
+def test_publish_copies_results_and_pictures(tmp_path):
+    from entropy_guided_generation.demo import publish_results
+
+    out, dest = tmp_path / "out", tmp_path / "docs" / "real_model"
+    with pytest.raises(FileNotFoundError, match="no results.json"):
+        publish_results(out, dest)
+    out.mkdir()
+    for name in ("results.json", "ablation.png", "confidence_answer.html"):
+        (out / name).write_text(name)
+    assert sorted(p.name for p in publish_results(out, dest)) == ["ablation.png", "results.json"]
+    assert (dest / "results.json").read_text() == "results.json"
