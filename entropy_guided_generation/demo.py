@@ -93,13 +93,21 @@ CONTEXTS = ("interleaved", "plain")
 the interleaved prefix, exact by fixed point; ``plain``: over the plain prefix, one forward, upstream's
 training semantics)."""
 SMOLLM2_DEFAULTS = {
-    "steps": 48, "batch_size": 4, "lr": 1e-4, "eval_limit": 16, "max_gen_toks": 96, "train_rows": 512,
+    "steps": 40, "batch_size": 4, "lr": 1e-4, "eval_limit": 16, "max_gen_toks": 96, "train_rows": 512,
     "init_embeddings": "mean",
 }
 """The real model's default budget, sized so that the whole default study (four finetunes, their
 evaluations and analyses, the step-0 study, the learning-curve points and the ``context=plain`` row)
 finishes in about an hour on 2 idle CPU cores (see :func:`base_defaults`)."""
-SMOLLM2_STUDIES = {"sweep_steps": "24", "compare": "context=plain"}
+SMOLLM2_STUDIES = {"sweep_steps": "20", "compare": "context=plain"}
+SMOLLM2_SIZING = (
+    "Sized from a tiny run on this project's 2-core CPU (one thread, the other core busy): a SmolLM2 step of 4 kit "
+    "problems takes ~17 s in mode full, ~10 s in answer and marker, ~3 s in none (exact bins included), plus ~25 s "
+    "per finetune to load and save; evaluating a mode ~25-45 s, its full analysis (four decodes, content losses, "
+    "agreement, single-pass mismatch at step 0 and the end) ~90 s per 4 held-out problems. The default (40 steps "
+    "of 4 rows, 16 held-out problems, the step-0 study, the 20-step curve point, the context=plain row) comes to "
+    "about an hour on 2 idle cores. On a GPU raise --steps, --batch-size and --eval-limit."
+)
 STEP0_ROWS = 12
 """Held-out problems of the step-0 study (each is scored in 3 modes x 3 row choices x 2 position rules)."""
 """The studies a ``--base smollm2`` run adds by default (``--sweep-steps ""`` / ``--compare ""`` drop them)."""
@@ -192,13 +200,8 @@ class DemoSettings:
 
 def base_defaults(base: str) -> dict[str, Any]:
     """The default budget of ``base`` that differs from :class:`DemoSettings`' field defaults: none for
-    the kit's bases (their runs keep their settings), :data:`SMOLLM2_DEFAULTS` for the real model.
-
-    Sizing of ``smollm2`` (measured on this project's 2-core CPU, one thread): a SmolLM2 answer-mode step
-    at batch 4 of the kit's problems takes ~9-12 s, greedy decoding ~35 content tokens/s at batch 8,
-    the held-out content loss ~10 s per 8 problems; the default (64 steps of 8 rows, 48 held-out
-    problems, 96 tokens) is ~10 minutes per interleaved mode (finetune + eval + analysis) and the
-    studies add the rest of the hour. On a GPU raise ``--steps``, ``--batch-size`` and ``--eval-limit``.
+    the kit's bases (their runs keep their settings), :data:`SMOLLM2_DEFAULTS` for the real model
+    (sized as :data:`SMOLLM2_SIZING` says).
 
     Raises:
         ValueError: on a base not in :data:`BASES`.
@@ -1143,7 +1146,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     defaults = DemoSettings()
     parser = argparse.ArgumentParser(
         prog="python -m entropy_guided_generation.demo", description=__doc__.split("\n\n")[0],
-        epilog=f"--base smollm2 (the kit's real model, SmolLM2-135M-Instruct): {base_defaults.__doc__.split('Sizing of')[1].split('Raises:')[0].strip()} "
+        epilog=f"--base smollm2 (the kit's real model, SmolLM2-135M-Instruct): {SMOLLM2_SIZING} "
                f"Its default studies: --sweep-steps {SMOLLM2_STUDIES['sweep_steps']} --compare {SMOLLM2_STUDIES['compare']} and the step-0 study.",
     )
     parser.add_argument("--out", type=Path, default=Path("outputs/demo"), help="output folder (default: outputs/demo)")

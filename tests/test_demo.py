@@ -234,3 +234,39 @@ def test_publish_copies_results_and_pictures(tmp_path):
         (out / name).write_text(name)
     assert sorted(p.name for p in publish_results(out, dest)) == ["ablation.png", "results.json"]
     assert (dest / "results.json").read_text() == "results.json"
+
+
+@pytest.mark.slow
+def test_demo_on_the_real_model_writes_every_study_column(tmp_path, subprocess_env):
+    """``--base smollm2`` through the user's path with a tiny budget (modes none and answer): the rows carry
+    the real-model study's columns, the step-0 study measures every row choice and position rule, and
+    --publish copies the results."""
+    from entropy_guided_generation import kit
+
+    try:
+        kit.smollm2_135m_instruct()
+    except RuntimeError as err:  # no package registry and no cached copy: say so, do not fail the suite
+        pytest.skip(f"the kit's SmolLM2 could not be built: {err}")
+    out, docs = tmp_path / "demo", tmp_path / "docs"
+    proc = subprocess.run(
+        [sys.executable, "-m", "entropy_guided_generation.demo", "--out", str(out), "--base", "smollm2", "--modes", "none,answer",
+         "--steps", "2", "--eval-limit", "2", "--max-gen-toks", "16", "--train-rows", "16", "--sweep-steps", "", "--compare", "",
+         "--publish", str(docs)],
+        env=subprocess_env, capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads((docs / "results.json").read_text())
+    assert results["settings"]["base"] == "smollm2" and results["settings"]["init_embeddings"] == "mean"
+    rows = {row["mode"]: row for row in results["rows"]}
+    answer = rows["answer"]
+    for key in ("accuracy", "ece", "base_content_loss", "content_loss", "passes_per_micro_batch",
+                "single_pass_mismatch_step0", "single_pass_mismatch", "agreement"):
+        assert isinstance(answer[key], float) and math.isfinite(answer[key]), (key, answer[key])
+    assert 0.0 <= answer["single_pass_mismatch"] <= 1.0 and answer["agreement"] == 1.0 and answer["passes_per_micro_batch"] >= 1
+    assert rows["none"]["passes_per_micro_batch"] is None and rows["none"]["single_pass_mismatch"] is None
+    step0 = results["step0"]
+    assert math.isfinite(step0["plain"])
+    assert {(r["tokens"], r["init"], r["positions"]) for r in step0["rows"]} == {
+        (t, i, p) for t, i in (("finetune's", "mean"), ("smollm2_unused", "raw"), ("smollm2_unused", "mean")) for p in ("sequential", "shared")
+    }
+    assert (docs / "ablation.png").stat().st_size > 0
