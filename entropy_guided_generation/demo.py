@@ -24,6 +24,11 @@ reuses every finished step whose settings did not change.
     python -m entropy_guided_generation.demo --sweep-steps 240,480,960,1920 --compare codec=entropy_quantile,lr=0.003
     python -m entropy_guided_generation.demo --gsm8k ../shared/data/gsm8k   # real data (GSM8K-format JSONL)
     python -m entropy_guided_generation.demo --checkpoint MY_HF_DIR --model-type QWEN2   # your own model
+    python -m entropy_guided_generation.demo --base smollm2 --publish docs/real_model   # the real-model study
+
+``--base smollm2`` starts every mode from the kit's real model (SmolLM2-135M-Instruct) with its own default
+budget (:data:`SMOLLM2_DEFAULTS`, about an hour on 2 idle cores) and studies (:data:`SMOLLM2_STUDIES`: a
+learning-curve point, the ``context=plain`` row; and the step-0 study of the base through each layout).
 """
 from __future__ import annotations
 
