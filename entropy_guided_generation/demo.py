@@ -106,12 +106,14 @@ evaluations and analyses, the step-0 study, the learning-curve points and the ``
 finishes in about an hour on 2 idle CPU cores (see :func:`base_defaults`)."""
 SMOLLM2_STUDIES = {"sweep_steps": "20", "compare": "context=plain"}
 SMOLLM2_SIZING = (
-    "Sized from a tiny run on this project's 2-core CPU (one thread, the other core busy): a SmolLM2 step of 4 kit "
-    "problems takes ~17 s in mode full, ~10 s in answer and marker, ~3 s in none (exact bins included), plus ~25 s "
-    "per finetune to load and save; evaluating a mode ~25-45 s, its full analysis (four decodes, content losses, "
-    "agreement, single-pass mismatch at step 0 and the end) ~90 s per 4 held-out problems. The default (40 steps "
-    "of 4 rows, 16 held-out problems, the step-0 study, the 20-step curve point, the context=plain row) comes to "
-    "about an hour on 2 idle cores. On a GPU raise --steps, --batch-size and --eval-limit."
+    "Sized from a tiny run of the same study (4 steps, 4 held-out problems, a 2-step curve point, all four modes: "
+    "848 s on one thread of this project's 2-core CPU with the other core busy): a SmolLM2 step of 4 kit problems "
+    "took ~20 s in mode full, ~12 s in answer, ~13 s in marker, ~5 s in none (exact bins included), plus ~15 s per "
+    "finetune to load and save; a full analysis (four decodes, content losses, agreement, single-pass mismatch at "
+    "step 0 and the end) ~65-90 s per mode, the step-0 study 64 s for 4 problems. Extrapolated, the default (40 "
+    "steps of 4 rows, 16 held-out problems, the step-0 study on 12, the 20-step curve point, the context=plain "
+    "row) is ~5,700 s on that one shared thread: about an hour on 2 idle cores. On a GPU raise --steps, "
+    "--batch-size and --eval-limit."
 )
 STEP0_ROWS = 12
 """Held-out problems of the step-0 study (each is scored in 3 modes x 3 row choices x 2 position rules)."""
