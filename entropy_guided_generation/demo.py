@@ -105,6 +105,7 @@ SMOLLM2_DEFAULTS = {
 evaluations and analyses, the step-0 study, the learning-curve points and the ``context=plain`` row)
 finishes in about an hour on 2 idle CPU cores (see :func:`base_defaults`)."""
 SMOLLM2_STUDIES = {"sweep_steps": "20", "compare": "context=plain"}
+"""The studies a ``--base smollm2`` run adds by default (``--sweep-steps ""`` / ``--compare ""`` drop them)."""
 SMOLLM2_SIZING = (
     "Sized from a tiny run of the same study (4 steps, 4 held-out problems, a 2-step curve point, all four modes: "
     "848 s on one thread of this project's 2-core CPU with the other core busy): a SmolLM2 step of 4 kit problems "
@@ -117,7 +118,6 @@ SMOLLM2_SIZING = (
 )
 STEP0_ROWS = 12
 """Held-out problems of the step-0 study (each is scored in 3 modes x 3 row choices x 2 position rules)."""
-"""The studies a ``--base smollm2`` run adds by default (``--sweep-steps ""`` / ``--compare ""`` drop them)."""
 EMBEDDING_INITS = ("none", "mean")
 POSITION_RULES = ("sequential", "shared")
 STAMP = "demo_stamp.json"
