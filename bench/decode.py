@@ -2,21 +2,25 @@
 
 Prints content tokens/s for our plain decoder, torchtune.generation.generate (KV-cached), Hugging
 Face generate, and each interleaved mode, at batch 1 and 8; and the limit ratio: the cost of a
-KV-cached 2-token step over a 1-token step, which bounds what interleaving can cost.
+KV-cached 2-token step over a 1-token step, which bounds what interleaving can cost. ``full/plain``
+and ``answer/plain`` are the modes under ``confidence.context: plain`` (a plain twin per row on the
+same session; mode full's prompt bins from the twin's prompt forward).
 
 ``--model kit`` (default): the kit's trained base, one short word problem. ``--model smollm2``: the
 kit's SmolLM2-135M-Instruct (dequantized from Q4_1) on real GSM8K prompts in lm-eval's format
 (``--shots`` train examples, then a test question per row, left-padded), the confidence tokens its
 unused specials 3..13 with their rows at the mean embedding; ``--model kit smollm2`` prints both.
 
-Targets (issue 4): interleaved / plain <= 1.05 x limit; our none <= 0.9 x torchtune's time.
+Targets (issue 4): interleaved / plain <= 1.05 x limit; our none <= 0.9 x torchtune's time. Issue 32:
+full/plain <= 2.5 x none on SmolLM2, 5-shot GSM8K prompts, batch 4, 48 tokens.
 
     .venv/bin/python bench/decode.py [--tokens 64] [--repeats 3] [--checkpoint HF_DIR]
-        [--model kit smollm2] [--batch 1 8] [--shots 5]
+        [--model kit smollm2] [--batch 1 8] [--shots 5] [--decoders none full full/plain ...]
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import time
 from dataclasses import dataclass
@@ -101,7 +105,14 @@ def smollm2_case(shots: int) -> DecodeCase:
     )
 
 
-def measure(case: DecodeCase, batch: int, T: int, repeats: int) -> List[Tuple[str, int, int, str, float, float]]:
+DECODERS = ("none", "torchtune", "hf", "answer", "full", "marker", "answer/plain", "full/plain")
+"""Decoders measured: ours per mode (``<mode>/plain``: under ``confidence.context: plain``), torchtune's
+and Hugging Face's generate."""
+
+
+def measure(
+    case: DecodeCase, batch: int, T: int, repeats: int, decoders: Tuple[str, ...] = DECODERS
+) -> List[Tuple[str, int, int, str, float, float]]:
     """Rows ``(model, batch, prompt tokens, decoder, content tokens/s, ratio)`` of one model at one batch."""
     from torchtune.generation import generate as torchtune_generate
     from torchtune.modules.common_utils import delete_kv_caches
@@ -110,8 +121,9 @@ def measure(case: DecodeCase, batch: int, T: int, repeats: int) -> List[Tuple[st
     prompt = case.prompt(batch)
     never = [-1]  # a marker that is never generated: marker mode stays interleaved, like answer
 
-    def ours(mode: str) -> Callable[[], object]:
-        extra = {"codec": case.codec} if mode != "none" else {}
+    def ours(name: str) -> Callable[[], object]:
+        mode, _, context = name.partition("/")
+        extra = {"codec": dataclasses.replace(case.codec, context=context or "interleaved")} if mode != "none" else {}
         if mode == "marker":
             extra["marker"] = never
         return lambda: get_decoder(mode)(model, prompt, max_generated_tokens=T, pad_id=pad_id, temperature=0.0, **extra)
@@ -129,19 +141,20 @@ def measure(case: DecodeCase, batch: int, T: int, repeats: int) -> List[Tuple[st
             pad_token_id=pad_id,
         )
 
+    named = {"torchtune": ("torchtune generate", tt), "hf": ("HF generate", hf)}
+    runs = [named[name] if name in named else (f"ours {name}", ours(name)) for name in ("none", *decoders)]
     with torch.inference_mode():
-        times = {name: timed(fn, repeats) for name, fn in [
-            ("ours none", ours("none")), ("torchtune generate", tt), ("HF generate", hf),
-            ("ours answer", ours("answer")), ("ours full", ours("full")), ("ours marker", ours("marker")),
-        ]}
+        times = {label: timed(fn, repeats) for label, fn in runs}
         limit = step_cost_ratio(model, batch, prompt.shape[1], T, repeats)
     base = times["ours none"]
     n = int((prompt != pad_id).sum(1).max())
     rows = [(case.name, batch, n, name, batch * T / seconds, seconds / base) for name, seconds in times.items()]
     rows.append((case.name, batch, n, "limit: 2-token / 1-token step", float("nan"), limit))
-    for mode in ("answer", "full", "marker"):
-        rows.append((case.name, batch, n, f"{mode} / none over limit", float("nan"), times[f"ours {mode}"] / base / limit))
-    rows.append((case.name, batch, n, "ours none / torchtune", float("nan"), base / times["torchtune generate"]))
+    for mode in ("answer", "full", "marker", "answer/plain", "full/plain"):
+        if f"ours {mode}" in times:
+            rows.append((case.name, batch, n, f"{mode} / none over limit", float("nan"), times[f"ours {mode}"] / base / limit))
+    if "torchtune generate" in times:
+        rows.append((case.name, batch, n, "ours none / torchtune", float("nan"), base / times["torchtune generate"]))
     return rows
 
 
@@ -153,6 +166,8 @@ def main() -> None:
     parser.add_argument("--model", nargs="+", default=["kit"], choices=real_model.MODELS, help="models measured, one after another")
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--shots", type=int, default=5, help="GSM8K train examples before each question (--model smollm2)")
+    parser.add_argument("--decoders", nargs="+", default=list(DECODERS), choices=DECODERS,
+                        help="decoders measured beside ours none (every ratio is to it)")
     args = parser.parse_args()
     torch.manual_seed(0)
 
@@ -160,7 +175,7 @@ def main() -> None:
     for name in args.model:
         case = kit_case(args.checkpoint) if name == "kit" else smollm2_case(args.shots)
         for batch in args.batch:
-            rows += measure(case, batch, args.tokens, args.repeats)
+            rows += measure(case, batch, args.tokens, args.repeats, tuple(d for d in args.decoders if d != "none"))
 
     print(f"\n{args.tokens} content tokens per row, greedy; prompt = longest prompt row in tokens")
     if real_model.SMOLLM2 in args.model:

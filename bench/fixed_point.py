@@ -4,12 +4,13 @@ mean-initialized confidence rows, at step 0 and along a short real finetune.
 
 The ways (each must give the same bins as the first; the run fails at its end, after the tables, if not):
 
-- ``passes``: ``compute_bins`` without stepping (what training does with the model in train mode): lazy
-  passes, each forwarding the rows not final yet, until no bin changes.
-- ``step@0``: ``compute_bins`` stepping through each row with a KV cache right after the plain pass 0 (what
-  it does in eval mode on a CPU from 4 rows with a large vocabulary).
-- ``pass->step``: ``compute_bins`` with stepping allowed but not chosen up front: passes until a pass
-  settles so few slots that many would remain, then stepping (its rule on an accelerator or under 4 rows).
+- ``default``: ``compute_bins`` as the recipe calls it (the model in train mode): passes, each computing
+  every slot after each row's settled prefix (a signal costs SmolLM2 less than a token's forward), until the
+  token-forwards they took reach what stepping from the settled prefix would take; then KV-cached stepping.
+- ``passes``: the same passes, never stepping, until no bin changes.
+- ``lazy``: lazy passes (each row's signals stop at its first changed bin, a window of new slots per pass:
+  what every pass did before the signal's cost was weighed), never stepping.
+- ``step@0``: KV-cached stepping through each row right after the plain pass 0.
 - ``jacobi`` (added here): full passes over the whole batch (every slot's signal from every pass, no
   early stop per row) until one changes nothing; listed when that happens within ``--jacobi-passes``.
 - ``jacobi{k}+step`` (added here): up to k full passes (fewer when one changes nothing), which also tell
@@ -95,11 +96,26 @@ def counted_forwards(model) -> Iterator[Dict[str, int]]:
 
 
 @contextlib.contextmanager
-def stepping_from_pass_0(cheaper: bool) -> Iterator[None]:
-    """Make ``compute_bins`` take (``True``) or not take (``False``) KV-cached stepping right after pass 0,
-    whatever its CPU rule says (it still steps later when passes make little progress)."""
-    with mock.patch.object(layout_module, "_stepping_is_cheaper", lambda *args: cheaper):
+def lazy_passes(step_at_0: bool = False) -> Iterator[None]:
+    """Make ``compute_bins`` run lazy passes whatever a signal costs, and (``step_at_0``) step right after
+    pass 0 whatever its CPU rule says."""
+    with mock.patch.object(layout_module, "_signals_are_cheap", lambda model: False), \
+            mock.patch.object(layout_module, "_stepping_is_cheaper", lambda *args: step_at_0):
         yield
+
+
+def in_train_mode(model) -> contextlib.AbstractContextManager:
+    """The model in train mode for the block (as the recipe computes its bins), eval mode after."""
+
+    @contextlib.contextmanager
+    def block():
+        model.train()
+        try:
+            yield
+        finally:
+            model.eval()
+
+    return block()
 
 
 class Stopwatch:
@@ -250,12 +266,14 @@ class Measurement:
 def measure(model, batch, slots, codec, init: str, step: int, args) -> Measurement:
     """Every way on one micro-batch (model in eval mode), the full-pass profile and the stock step."""
     model.eval()
+    with in_train_mode(model):
+        default, _ = timed_bins("default", model, batch, codec, slots)
     passes, result = timed_bins("passes", model, batch, codec, slots, sequential_fallback=False)
-    with stepping_from_pass_0(True):
+    with lazy_passes():
+        lazy, _ = timed_bins("lazy", model, batch, codec, slots, sequential_fallback=False)
+    with lazy_passes(step_at_0=True):
         stepped, _ = timed_bins("step@0", model, batch, codec, slots)
-    with stepping_from_pass_0(False):
-        hybrid, _ = timed_bins("pass->step", model, batch, codec, slots)
-    ways = [passes, stepped, hybrid]
+    ways = [default, passes, lazy, stepped]
     exact = passes.bins
     profile = pass_profile(model, batch, slots, codec, exact, args.jacobi_passes)
     if profile.converged:
@@ -272,7 +290,7 @@ def measure(model, batch, slots, codec, init: str, step: int, args) -> Measureme
         final = profile.final[ran - 1] if ran < len(profile.bins) or not profile.converged else slots.sum(1)
         order = slots.long().cumsum(1)  # slot number (1-based) of each slot position
         known = torch.where(slots & (order <= final.unsqueeze(1)), profile.bins[ran - 1], torch.full_like(slots, -1, dtype=torch.long))
-        with stepping_from_pass_0(True):
+        with lazy_passes(step_at_0=True):
             way, _ = timed_bins(f"jacobi{k}+step", model, batch, codec, slots, known_bins=known)
         way.passes += ran
         way.forwards += ran
@@ -314,7 +332,7 @@ def train_step(model, optimizer, confidence: ConfidenceLayout, batch) -> float:
     """One optimizer step of mode answer: exact bins (found by stepping, the model in eval mode: the bins
     the recipe's passes would find), then the recipe's loss on the interleaved batch; the mean token loss."""
     model.eval()
-    with stepping_from_pass_0(True):
+    with lazy_passes(step_at_0=True):
         built = confidence.build(model, batch)
     model.train()
     step = summed_token_loss(model, torch.nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX), built)
@@ -332,13 +350,14 @@ def print_ways(measurements: List[Measurement], rows: int, seq_len: int, out=Non
         f"\n1) every way to the exact bins of one held-out micro-batch ({rows} rows x <= {seq_len} plain tokens, mode answer): "
         "passes, sequential forwards, token-forwards (rows x positions, padding included), output projections, "
         "wall time (one run each), x stock = wall time over the fastest stock fwd+bwd (mode none) at the same interleaved "
-        "width, cpu x = the same ratio of process CPU times (steadier on a shared machine); bins != passes: bins unlike "
+        "width, cpu x = the same ratio of process CPU times (steadier on a shared machine), step x = an exact CaC "
+        "micro-batch (these bins, then the stock fwd+bwd) over the stock one, by CPU time; bins != passes: bins unlike "
         "the passes' (must be 0)",
         file=out or sys.stdout,
     )
     print(
         f"{'model':<8} {'init':<5} {'step':>4} {'width':>5} {'way':<14} {'passes':>6} {'forwards':>8} {'tok-fwd':>8} "
-        f"{'signals':>7} {'stepped':>7} {'s':>7} {'stock s':>7} {'x stock':>7} {'cpu x':>6} {'bins != passes':>14}",
+        f"{'signals':>7} {'stepped':>7} {'s':>7} {'stock s':>7} {'x stock':>7} {'cpu x':>6} {'step x':>6} {'bins != passes':>14}",
         file=out or sys.stdout,
     )
     for m in measurements:
@@ -346,7 +365,7 @@ def print_ways(measurements: List[Measurement], rows: int, seq_len: int, out=Non
             print(
                 f"{MODEL:<8} {m.init:<5} {m.step:>4} {m.width:>5} {w.name:<14} {w.passes:>6} {w.forwards:>8} "
                 f"{w.token_forwards:>8} {w.signals:>7} {w.stepped:>7} {w.seconds:7.2f} {m.stock:7.2f} "
-                f"{w.seconds / m.stock:7.2f} {w.cpu / m.stock_cpu:6.2f} {m.mismatches[w.name]:>14}",
+                f"{w.seconds / m.stock:7.2f} {w.cpu / m.stock_cpu:6.2f} {1 + w.cpu / m.stock_cpu:6.2f} {m.mismatches[w.name]:>14}",
                 file=out or sys.stdout,
             )
 

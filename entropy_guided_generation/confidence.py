@@ -153,6 +153,20 @@ def _check_edges(edges: torch.Tensor, num_bins: int) -> None:
         raise ValueError(f"edges must be strictly ascending, got {edges.tolist()}")
 
 
+SIGNAL_CONTEXTS = ("interleaved", "plain")
+"""``confidence.context``: the prefix whose next-token distribution gives c_t. ``interleaved``: the
+sequence the model reads, confidence tokens included (the bins of a training row by fixed point,
+DESIGN.md "Exactness"); ``plain``: the same prefix without confidence tokens (every bin of a row from
+one plain forward; decoders keep a plain twin of each row)."""
+
+
+def check_signal_context(context: Any) -> str:
+    """Return ``context`` if it is one of :data:`SIGNAL_CONTEXTS`, else raise naming it."""
+    if context not in SIGNAL_CONTEXTS:
+        raise ValueError(f"unknown confidence.context {context!r}; expected one of {', '.join(SIGNAL_CONTEXTS)}")
+    return context
+
+
 @dataclass(frozen=True)
 class ConfidenceCodec:
     """Maps logits to confidence bins and bins to confidence token ids.
@@ -166,6 +180,9 @@ class ConfidenceCodec:
         scale: bins are computed on ``scale * signal`` in ``compute_dtype`` (10 for ``maxprob_round``,
             so that binning equals the public code's ``round(10 p)`` bit for bit).
         compute_dtype: float32 (default) or float64.
+        edge_scheme: the name of the edges' scheme (see :data:`EDGE_SCHEMES`).
+        context: the prefix whose next-token distribution gives the signal (see
+            :data:`SIGNAL_CONTEXTS`): ``interleaved`` (default) or ``plain``.
     """
 
     signal: str
@@ -176,10 +193,12 @@ class ConfidenceCodec:
     scale: float = 1.0
     compute_dtype: torch.dtype = torch.float32
     edge_scheme: str = "explicit"
+    context: str = "interleaved"
 
     def __post_init__(self) -> None:
         if self.signal not in SIGNALS:
             raise ValueError(f"unknown confidence signal {self.signal!r}; expected one of {', '.join(SIGNALS)}")
+        check_signal_context(self.context)
         if not self.temperature > 0:
             raise ValueError(f"confidence.temperature must be > 0, got {self.temperature}")
         if self.compute_dtype not in (torch.float32, torch.float64):
@@ -298,6 +317,7 @@ class ConfidenceCodec:
             scale=self.scale,
             compute_dtype=self.compute_dtype,
             edge_scheme=edge_scheme or self.edge_scheme,
+            context=self.context,
         )
 
     # ---------------------------------------------------------------- construction
@@ -314,17 +334,18 @@ class ConfidenceCodec:
         ``dtype`` (float32 | float64), ``edges: {scheme, ...}`` (see :data:`EDGE_SCHEMES`; ``explicit``
         takes ``values``; ``uniform`` takes ``max`` (defaults: ln(vocab_size) for entropy, 1 for max_prob);
         ``quantile`` takes fitted ``values`` (the recipe fits them on training signals and saves them)),
-        and the tokens: ``tokens`` (list of strings, or ``{preset: kit | llama3_reserved | digits}``)
+        ``context`` (interleaved | plain, see :data:`SIGNAL_CONTEXTS`), and the tokens: ``tokens`` (list of strings, or ``{preset: kit | llama3_reserved | digits}``)
         or ``token_ids`` (list of ints). Strings are resolved through ``tokenizer``.
 
         Raises:
             ValueError: naming the bad key/value and the accepted ones.
         """
         cfg = _plain(cfg)
-        unknown = set(cfg) - {"signal", "temperature", "dtype", "edges", "tokens", "token_ids"}
+        unknown = set(cfg) - {"signal", "temperature", "dtype", "edges", "tokens", "token_ids", "context"}
         if unknown:
             raise ValueError(
-                f"unknown confidence config keys {sorted(unknown)}; expected signal, temperature, dtype, edges, tokens, token_ids"
+                f"unknown confidence config keys {sorted(unknown)}; expected signal, temperature, dtype, edges, tokens, "
+                "token_ids, context"
             )
         signal = cfg.get("signal", "entropy")
         if signal not in SIGNALS:
@@ -344,6 +365,7 @@ class ConfidenceCodec:
             scale=scale,
             compute_dtype=_DTYPES[dtype_name],
             edge_scheme=scheme,
+            context=check_signal_context(cfg.get("context", "interleaved")),
         )
 
 
@@ -500,7 +522,7 @@ def encode_text(text: str, tokenizer: Any) -> list[int]:
 # -------------------------------------------------------------------- metadata
 # The fields that describe the codec: all null in a checkpoint trained without one (mode none
 # with no ``confidence`` section).
-CODEC_FIELDS = ("signal", "temperature", "scale", "edges", "edge_scheme", "token_ids", "token_strings", "dtype")
+CODEC_FIELDS = ("signal", "temperature", "scale", "edges", "edge_scheme", "token_ids", "token_strings", "dtype", "context")
 
 
 @dataclass
@@ -523,6 +545,8 @@ class ConfidenceMetadata:
     # Written since interleaving.positions exists; files without it were all trained sequential.
     positions: str = "sequential"
     dtype: Optional[str] = "float32"
+    # Written since confidence.context exists; files without it were all trained interleaved.
+    context: Optional[str] = "interleaved"
     format_version: int = FORMAT_VERSION
     extra: dict = field(default_factory=dict)
 
@@ -552,6 +576,7 @@ class ConfidenceMetadata:
             scale=self.scale,
             compute_dtype=_DTYPES[self.dtype],
             edge_scheme=self.edge_scheme,
+            context=self.context,
         )
 
 
@@ -577,6 +602,7 @@ def metadata_for(
         marker=marker,
         positions=positions,
         dtype=dtype,
+        context=codec.context,
         extra=dict(extra),
     )
 
@@ -676,6 +702,7 @@ def check_config_matches(
             ("confidence.token_ids", codec.token_ids.tolist(), ref.token_ids.tolist()),
             ("confidence.edges", codec.edges.tolist(), ref.edges.tolist()),
             ("confidence.scale", codec.scale, ref.scale),
+            ("confidence.context", codec.context, ref.context),
         ]
     for name, ours, theirs in pairs:
         if ours != theirs:
@@ -689,10 +716,12 @@ __all__ = [
     "LLAMA3_RESERVED_NAMINGS",
     "METADATA_FILENAME",
     "SIGNALS",
+    "SIGNAL_CONTEXTS",
     "TOKEN_PRESETS",
     "ConfidenceCodec",
     "ConfidenceMetadata",
     "check_config_matches",
+    "check_signal_context",
     "digit_confidence_tokens",
     "encode_single_token",
     "encode_text",

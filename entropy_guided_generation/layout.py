@@ -589,31 +589,74 @@ class FixedPointBins:
     stepped_slots: int = 0
 
 
-# Step sequentially once the slowest unconverged row, at the progress of the last pass, would
-# need more than this many further passes (each pass forwards the row's whole width).
-_STEP_AFTER_PASSES = 4
-
-# On a CPU, stepping does less work than passes once a signal (an output projection over the
+# On a CPU, stepping does less work than lazy passes once a signal (an output projection over the
 # vocabulary, then its softmax) is dear and enough rows share each step's pass over the output
-# matrix: passes compute about two signals per slot (a guess, then its check) plus a whole-row
-# forward per pass; stepping computes one per slot. Measured on a 5-shot GSM8K prompt (~480 tokens)
-# with the Llama-3.2-shaped stand-in (vocabulary 128,256 x hidden 64, so 8.2M multiply-adds per
-# signal; 1 thread), time of stepping over passes: 1.29 at 1 row, 1.07 at 2, 0.78 at 4, 0.54-0.74 at 8
-# (the passes vary more from run to run).
-# Accelerators run a pass's positions in parallel and keep passes (not measured here).
+# matrix (bench/fixed_point.py, bench/prefill.py). Accelerators run a pass's positions in parallel.
 _STEP_ON_CPU_FROM_ROWS = 4
 _STEP_ON_CPU_FROM_SIGNAL_MACS = 1 << 22
 
+# A KV-cached step of one row on a CPU costs about this many token-forwards of a whole-row pass: it
+# feeds 1-3 tokens through matrix products too thin to run at a pass's rate (bench/fixed_point.py).
+_CPU_STEP_TOKENS = 8
+
 
 def _stepping_is_cheaper(model: Any, rows: int, device: torch.device) -> bool:
-    """Whether KV-cached stepping finds ``rows`` rows' bins with less work than passes (see above):
-    on a CPU, from ``_STEP_ON_CPU_FROM_ROWS`` rows, when a signal's output projection takes at least
-    ``_STEP_ON_CPU_FROM_SIGNAL_MACS`` multiply-adds (vocabulary x hidden size)."""
+    """Whether KV-cached stepping finds ``rows`` rows' bins with less work than lazy passes (see
+    above): on a CPU, from ``_STEP_ON_CPU_FROM_ROWS`` rows, when a signal's output projection takes
+    at least ``_STEP_ON_CPU_FROM_SIGNAL_MACS`` multiply-adds (vocabulary x hidden size)."""
     if device.type != "cpu" or rows < _STEP_ON_CPU_FROM_ROWS:
         return False
-    vocab = vocab_size_of(model)
-    hidden = getattr(getattr(model, "tok_embeddings", None), "embedding_dim", None)
-    return bool(vocab and hidden) and vocab * hidden >= _STEP_ON_CPU_FROM_SIGNAL_MACS
+    macs = _signal_macs(model)
+    return macs is not None and macs >= _STEP_ON_CPU_FROM_SIGNAL_MACS
+
+
+def _hidden_size(model: Any) -> Optional[int]:
+    """The width of ``model``'s token embeddings (torchtune or Hugging Face), None when unknown."""
+    embeddings = getattr(model, "tok_embeddings", None)
+    if embeddings is None and hasattr(model, "get_input_embeddings"):
+        embeddings = model.get_input_embeddings()
+    return getattr(embeddings, "embedding_dim", None)
+
+
+def _signal_macs(model: Any) -> Optional[int]:
+    """Multiply-adds of one signal's output projection (vocabulary x hidden size), None when unknown."""
+    vocab, hidden = vocab_size_of(model), _hidden_size(model)
+    return vocab * hidden if vocab and hidden else None
+
+
+def _token_macs(model: Any) -> Optional[int]:
+    """Multiply-adds of one token's forward through the decoder layers (their parameter count;
+    attention over the context left out), None when the layers cannot be found."""
+    layers = getattr(model, "layers", None)
+    if layers is None:
+        layers = getattr(getattr(model, "model", None), "layers", None)
+    if layers is None:
+        return None
+    return sum(p.numel() for p in layers.parameters())
+
+
+def _signal_cost(model: Any) -> float:
+    """One signal's cost in token-forwards; 0 when it cannot be told (a model whose forward
+    computes every position's logits anyway, e.g. a Hugging Face one)."""
+    signal, token = _signal_macs(model), _token_macs(model)
+    return signal / token if signal and token else 0.0
+
+
+def _signals_are_cheap(model: Any) -> bool:
+    """Whether a signal costs no more than a token's forward, so a pass may compute every slot's
+    signal after the settled prefix (at most doubling its cost) instead of a lazy window: those
+    guesses all improve at once, and a real LM's bins settle in a few such passes."""
+    return _signal_cost(model) <= 1.0
+
+
+def _stepping_cost(model: Any, device: torch.device, final: torch.Tensor, counts: torch.Tensor, width: int) -> float:
+    """Token-forwards that stepping every row not final yet to its end would cost: per step and row
+    a thin KV-cached forward (``_CPU_STEP_TOKENS`` on a CPU; on an accelerator a step takes about
+    as long as a pass over the row's ``width`` columns) plus one signal."""
+    behind = final < counts
+    rows, steps = int(behind.sum()), int((counts - final).max())
+    per_step = (_CPU_STEP_TOKENS if device.type == "cpu" else width) + _signal_cost(model)
+    return rows * steps * per_step
 
 
 def _check_max_passes(max_passes: Optional[int]) -> None:
@@ -737,14 +780,10 @@ def _leading_known(known_bins: Optional[torch.Tensor], slots: torch.Tensor, orde
 
 
 def _can_step(model: Any) -> bool:
-    """Whether the fixed point may finish by KV-cached stepping: a torchtune decoder in eval mode
-    that is not FSDP-sharded and has no caches of its own (they are set up for the call only)."""
-    return (
-        is_torchtune_decoder(model)
-        and not model.training
-        and not is_fsdp_sharded(model)
-        and not model.caches_are_setup()
-    )
+    """Whether the fixed point may finish by KV-cached stepping: a torchtune decoder (in training
+    too: without grad it is the same forward) that is not FSDP-sharded (its ranks keep their passes
+    in lockstep) and has no caches of its own (they are set up for the call only)."""
+    return is_torchtune_decoder(model) and not is_fsdp_sharded(model) and not model.caches_are_setup()
 
 
 def _step_to_the_end(
@@ -836,12 +875,22 @@ def compute_bins(
     those of full passes over the whole batch bit for bit (a row's forward does not depend on
     the other rows, and the output projection runs per position).
 
+    What a pass computes depends on what a signal costs against a token's forward: when a signal
+    is cheaper (a real LM: its layers outweigh its output projection), every slot after a row's
+    settled prefix, so all guesses improve at once; when it is dearer (a large vocabulary on a
+    tiny model), a lazy window that stops at the row's first changed bin.
+
     With ``sequential_fallback``, the remaining slots are found as a decoder finds them, by
-    KV-cached stepping from each row's first non-final slot (torchtune decoders in eval mode
-    without caches set up; exact, but like any decoder not bit-identical to a full forward): right
-    after pass 0 when stepping is the cheaper way on this hardware (a CPU, at least 4 rows, an
-    output projection of at least 2**22 multiply-adds per signal: a large vocabulary), else once
-    the slowest row's last pass settled so few slots that more than a few passes would remain.
+    KV-cached stepping from each row's first non-final slot (torchtune decoders, in training too,
+    not FSDP-sharded, without caches set up; exact, but like any decoder not bit-identical to a
+    full forward). The switch follows the observed progress: passes go on until the token-forwards
+    they took since pass 0 reach what stepping from the settled prefix would take (so the bins
+    never cost much more than twice the cheaper way); with lazy passes on a CPU, from 4 rows, when
+    a signal's output projection takes at least 2**22 multiply-adds, stepping starts right after
+    pass 0.
+
+    A codec whose ``context`` is ``plain`` (``confidence.context: plain``) defines each bin as that
+    of the model's distribution over the plain prefix: pass 0 gives every bin, final at once.
 
     Args:
         model: a causal LM (see :mod:`entropy_guided_generation.modeling`); run without grad. With
@@ -893,9 +942,10 @@ def compute_bins(
 
     order, in_row = _slots_in_order(slots)
     counts = in_row.sum(1)
-    lazy = max_passes is None
+    plain_context = codec.context == "plain"
+    lazy = max_passes is None and not plain_context and not _signals_are_cheap(model)
     known = _leading_known(known_bins, slots, order, in_row)
-    if bool(known.any()):
+    if bool(known.any()) and not plain_context:
         # Pass 0 starts after each row's known slots, on the batch interleaved with them (bin 0 after).
         if forwards_in_lockstep(model):
             raise ValueError("known_bins cannot be used with an FSDP2-sharded model (its passes must match across ranks)")
@@ -923,7 +973,7 @@ def compute_bins(
             model, plain, torch.arange(b, device=tokens.device), torch.zeros_like(counts), order, counts, bins, signal,
             codec, guessed, left_pad=left_pad, lazy=lazy, positions=positions,
         )
-        final = counts.clamp(max=1)
+        final = counts.clone() if plain_context else counts.clamp(max=1)
         passes, pass_rows = 1, [b]
     pass_slots = [computed]
     changed = math.nan
@@ -937,32 +987,31 @@ def compute_bins(
         final[behind] = counts[behind]
         return n
 
-    steps_now = max_passes is None and sequential_fallback and _can_step(model)
+    may_step = max_passes is None and sequential_fallback and _can_step(model)
     rows_behind = int((final < counts).sum())
-    if steps_now and rows_behind and _stepping_is_cheaper(model, rows_behind, tokens.device):
+    if may_step and rows_behind and lazy and _stepping_is_cheaper(model, rows_behind, tokens.device):
         # After pass 0 (each row's first slot without a bin is final), step through the rest.
         stepped = step_the_rest()
     # Each pass settles >= 1 slot of every row it runs, so m passes always reach the fixed point.
     limit = order.shape[1] if max_passes is None else min(max_passes, order.shape[1])
-    min_progress = _chunk_slots(model, b, order.shape[1])
+    spent = 0.0  # token-forwards of the passes after pass 0, signals included
     while forward_anywhere(model, (mine := passes < limit and bool((final < counts).any())), tokens):
         if not mine:
             continue  # another rank's pass: this one ran an idle forward with it
         active = (final < counts).nonzero().squeeze(1)
+        laid = build(bins)
         settled, computed, n_changed = _run_pass(
-            model, build(bins), active, final[active], order, counts, bins, signal, codec, guessed,
+            model, laid, active, final[active], order, counts, bins, signal, codec, guessed,
             left_pad=left_pad, lazy=lazy, positions=positions,
         )
-        progress = settled - final[active]
         final[active] = settled
         passes += 1
         pass_rows.append(int(active.numel()))
         pass_slots.append(computed)
         changed = n_changed / int(counts.sum())
-        # Slow: at this progress more than a few passes would remain, and the pass settled fewer
-        # slots than a chunk (lazy passes of a large vocabulary settle at most their window).
-        slow = bool(((counts[active] - settled > _STEP_AFTER_PASSES * progress) & (progress < min_progress)).any())
-        if steps_now and slow:
+        width = int(laid.tokens.shape[1])
+        spent += active.numel() * width + computed * _signal_cost(model)
+        if may_step and bool((final < counts).any()) and spent >= _stepping_cost(model, tokens.device, final, counts, width):
             stepped = step_the_rest()
     unconverged = int((final < counts).sum())
     if max_passes is None and unconverged:

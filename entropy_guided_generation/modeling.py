@@ -14,10 +14,11 @@ point's sequential stepping).
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 
 def is_torchtune_decoder(model: Any) -> bool:
@@ -307,6 +308,7 @@ class KVSession:
         self.key_valid = torch.zeros(batch_size, cache_len, dtype=torch.bool, device=device)
         self.next_pos = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.filled = 0
+        self._block_width = 0  # widest row block fed since the last end_row_blocks
         self._cols = torch.arange(cache_len, device=device)
 
     def _mask(self, k: int) -> torch.Tensor:
@@ -341,6 +343,57 @@ class KVSession:
         self.filled += k
         return logits
 
+    def feed_rows(
+        self, rows: slice, tokens: torch.Tensor, valid: torch.Tensor, advances: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """Feed ``tokens`` ``[r, k]`` to the row block ``rows`` alone (a forward of those rows only)
+        into columns ``filled .. filled + k``; :meth:`end_row_blocks` then closes those columns for
+        every row (the columns past a block's width stay masked in its rows). A plain twin of each
+        row and its interleaved row fill their prompts this way at the cost of their own widths.
+
+        Returns:
+            the last layer's output ``[r, k, d]`` (before the final norm; see :func:`project_hidden`).
+        """
+        if self.filled + tokens.shape[1] > self.cache_len:
+            raise RuntimeError(
+                f"KV cache of {self.cache_len} columns is full ({self.filled} used, {tokens.shape[1]} more asked)"
+            )
+        attention = _cached_attention(self.model)
+        caches = [m.kv_cache for m in attention]
+        try:
+            for m, cache in zip(attention, caches):
+                m.kv_cache = _RowBlockCache(cache, rows)
+            hidden = self._forward_rows(rows, tokens, valid, advances)
+        finally:
+            for m, cache in zip(attention, caches):
+                m.kv_cache = cache
+        self._block_width = max(self._block_width, tokens.shape[1])
+        return hidden
+
+    def end_row_blocks(self) -> None:
+        """Close the columns the row blocks fed since the last call: later feeds go on after the widest."""
+        width = self._block_width
+        for m in _cached_attention(self.model):
+            m.kv_cache.cache_pos.add_(width)
+        self.filled += width
+        self._block_width = 0
+
+    def _forward_rows(
+        self, rows: slice, tokens: torch.Tensor, valid: torch.Tensor, advances: Optional[torch.Tensor]
+    ) -> torch.Tensor:
+        """One forward of ``rows``' ``tokens`` ``[r, k]`` from column ``filled`` on (their caches set
+        to row blocks); the last layer's output ``[r, k, d]``."""
+        k = tokens.shape[1]
+        self.key_valid[rows, self.filled : self.filled + k] = valid
+        advances = valid if advances is None else advances
+        pos = (self.next_pos[rows].unsqueeze(1) + advances.long().cumsum(1) - 1).clamp(min=0)
+        h = self.model.tok_embeddings(tokens)
+        mask = self._mask(k)[rows]
+        for layer in self.model.layers:
+            h = layer(h, mask=mask, input_pos=pos)
+        self.next_pos[rows] += advances.long().sum(1)
+        return h
+
     def prefill(self, prompt: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """Feed the left-padded ``prompt`` ``[b, p]``; the logits ``[b, v]`` after its last column."""
         last = torch.full((prompt.shape[0],), prompt.shape[1] - 1, dtype=torch.long, device=prompt.device)
@@ -358,6 +411,46 @@ class KVSession:
         self.next_pos -= dropped.long().sum(1)
 
 
+class _RowBlockCache(nn.Module):
+    """A torchtune ``KVCache`` over rows ``rows`` of another's: its key and value buffers are views
+    of those rows, written from the other's next column on, so a forward of those rows alone fills
+    their part of the shared cache (the other's position counter is not moved)."""
+
+    def __init__(self, cache: nn.Module, rows: slice):
+        super().__init__()
+        self.k_cache, self.v_cache = cache.k_cache[rows], cache.v_cache[rows]
+        self.cache_pos = cache.cache_pos.clone()
+        self.batch_size = self.k_cache.shape[0]
+
+    @property
+    def size(self) -> int:
+        return int(self.cache_pos[0])
+
+    def update(self, k_val: torch.Tensor, v_val: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        seq_len = k_val.shape[2]
+        self.k_cache[:, :, self.cache_pos[:seq_len]] = k_val
+        self.v_cache[:, :, self.cache_pos[:seq_len]] = v_val
+        self.cache_pos.add_(seq_len)
+        return self.k_cache, self.v_cache
+
+
+def _cached_attention(model: Any) -> list[nn.Module]:
+    """The attention modules of a torchtune decoder that hold a KV cache."""
+    return [m for m in model.modules() if isinstance(getattr(m, "kv_cache", None), nn.Module)]
+
+
+def project_hidden(model: Any, hidden: torch.Tensor) -> torch.Tensor:
+    """Float32 logits of a torchtune decoder from its last layer's output ``[..., d]`` (the final
+    norm, then the output projection), as :class:`PositionLogits` computes them: at least
+    ``MIN_PROJECTED_POSITIONS`` rows at once."""
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    k = flat.shape[0]
+    if 0 < k < MIN_PROJECTED_POSITIONS:
+        flat = flat[torch.arange(MIN_PROJECTED_POSITIONS, device=flat.device).clamp(max=k - 1)]
+    logits = model.output(model.norm(flat.unsqueeze(0))).float()[0, :k]
+    return logits.reshape(*hidden.shape[:-1], logits.shape[-1])
+
+
 @contextlib.contextmanager
 def caches_set_aside(model: Any) -> Iterator[Any]:
     """Yield ``model`` as if its KV caches had never been set up, and put them back untouched after.
@@ -369,7 +462,7 @@ def caches_set_aside(model: Any) -> Iterator[Any]:
     if not (is_torchtune_decoder(model) and model.caches_are_setup()):
         yield model
         return
-    attention = [m for m in model.modules() if hasattr(m, "kv_cache") and callable(m.kv_cache)]
+    attention = _cached_attention(model)
     saved = [(m, m.kv_cache, m.cache_enabled) for m in attention]
     max_cache_len = getattr(model, "decoder_max_cache_seq_len", None)
     for m in attention:

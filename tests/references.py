@@ -52,6 +52,7 @@ def teacher_force_stepwise(
     signal: str = "entropy",
     temperature: float = 1.0,
     bin_of: Optional[Callable[[float], int]] = None,
+    context_of_signal: str = "interleaved",
 ) -> dict:
     """Score ``continuation`` after ``context`` as a decoder would produce it, one forward per token.
 
@@ -62,6 +63,9 @@ def teacher_force_stepwise(
     (``prompt_bins``: context tokens after the first too), never after a stop token, and (``marker``)
     not after the continuation's first occurrence of the marker has been written. ``positions``:
     ``sequential`` numbers every token; ``shared`` gives a confidence token its content token's position.
+    ``context_of_signal="plain"``: the signal is read off the last logits of the *plain* prefix (the
+    content tokens so far, no confidence tokens) instead; log-probs and entropies stay the interleaved
+    prefix's (the distribution x_t is drawn from).
 
     Returns: ``logprob``, ``entropy``, ``bins`` of the continuation's tokens (bins -1 where none)
     and the interleaved ``sequence``.
@@ -81,7 +85,14 @@ def teacher_force_stepwise(
             logp = torch.log_softmax(logits / temperature, dim=-1)
             p = logp.exp()
             entropy = float(-(p[p > 0] * logp[p > 0]).sum())
-            value = entropy if signal == "entropy" else float(p.max())
+            if context_of_signal == "plain":
+                plain = model(torch.tensor([tokens[:i]]))[0, -1].double()
+                plain[list(conf_ids)] = -math.inf
+                plain_logp = torch.log_softmax(plain / temperature, dim=-1)
+                q = plain_logp.exp()
+                value = float(-(q[q > 0] * plain_logp[q > 0]).sum()) if signal == "entropy" else float(q.max())
+            else:
+                value = entropy if signal == "entropy" else float(p.max())
             bin_ = bin_of(value) if bin_of is not None else int((edges_t <= value).sum())
             if in_continuation:
                 out["logprob"].append(float(logp[token]))

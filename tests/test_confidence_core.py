@@ -1,6 +1,8 @@
 """The confidence core: signal, codec, layouts, fixed-point bins, metadata."""
 from __future__ import annotations
 
+import json
+
 import math
 
 import pytest
@@ -309,6 +311,29 @@ def test_confidence_json_round_trip_and_mismatch_error(tmp_path):
     check_config_matches(meta, mode="marker", codec=codec, marker="####")
     with pytest.raises(ValueError, match=r"interleaving.mode is 'full' but confidence.json says 'marker'"):
         check_config_matches(meta, mode="full")
+
+
+def test_signal_context_round_trips_and_a_mismatch_is_refused_naming_both(tmp_path):
+    """``confidence.context`` is part of the codec: confidence.json records it, a checkpoint's codec
+    carries it back, and a config that contradicts it is refused naming both values. Files written
+    before it existed read as ``interleaved``."""
+    plain = ConfidenceCodec.from_config(
+        {"signal": "entropy", "edges": {"scheme": "entropy_round"}, "token_ids": CONF_IDS, "context": "plain"}
+    )
+    assert plain.context == "plain" and plain.with_edges(plain.edges).context == "plain"
+    write_confidence_json(tmp_path, plain, mode="answer")
+    meta = read_confidence_json(tmp_path)
+    assert meta.context == "plain" and meta.to_codec().context == "plain"
+    interleaved = ConfidenceCodec.from_config({"signal": "entropy", "edges": {"scheme": "entropy_round"}, "token_ids": CONF_IDS})
+    assert interleaved.context == "interleaved"
+    with pytest.raises(ValueError, match=r"config confidence.context is 'interleaved' but confidence.json says 'plain'"):
+        check_config_matches(meta, codec=interleaved)
+    old = json.loads((tmp_path / "confidence.json").read_text())
+    del old["context"]
+    (tmp_path / "confidence.json").write_text(json.dumps(old))
+    assert read_confidence_json(tmp_path).to_codec().context == "interleaved"
+    with pytest.raises(ValueError, match=r"unknown confidence.context 'prefix'; expected one of interleaved, plain"):
+        ConfidenceCodec.from_config({"signal": "entropy", "token_ids": CONF_IDS, "context": "prefix"})
 
 
 def test_metadata_without_a_codec_records_the_mode_and_refuses_to_build_one(tmp_path):

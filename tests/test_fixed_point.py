@@ -187,7 +187,8 @@ def test_passes_alone_equal_sequential_stepping(mode, left_pad, model, batch):
 def test_a_large_vocabulary_on_cpu_steps_right_after_pass_0(batch):
     """On a CPU, with 4+ rows and an output projection of 2**22 multiply-adds per signal (a 65,536-token
     vocabulary x hidden 64), stepping does less work than passes: it starts right after pass 0, and
-    its bins are the passes' and the sequential decode's. With 3 rows, or in training, passes run."""
+    its bins are the passes' and the sequential decode's. With 3 rows passes run; in training (no grad:
+    the same forward) it steps as in eval mode."""
     tokens, labels, valid, response = batch
     model = tiny_decoder(1 << 16, seed=3, weight_scale=3.0, embed_dim=64)
     codec = codec_for(model, tokens, valid)
@@ -210,7 +211,7 @@ def test_a_large_vocabulary_on_cpu_steps_right_after_pass_0(batch):
         training = compute_bins(model, tokens, **kwargs)
     finally:
         model.eval()
-    assert training.stepped_slots == 0 and torch.equal(training.bins, passes.bins)
+    assert training.stepped_slots == stepped.stepped_slots and torch.equal(training.bins, passes.bins)
 
 
 # ------------------------------------------------------------------ (b) narrowed == full, bit for bit
@@ -249,6 +250,8 @@ def test_passes_in_small_chunks_give_the_same_bits(max_passes, model, batch, mon
     slots = slots_of("answer", tokens, valid, response)
     codec = codec_for(model, tokens, valid)
     kwargs = dict(codec=codec, slots=slots, valid_mask=valid, pad_id=PAD, max_passes=max_passes, sequential_fallback=False)
+    # Signals dear against a token's forward (a large vocabulary on a small model): lazy passes.
+    monkeypatch.setattr(layout, "_signals_are_cheap", lambda model: False)
     whole = compute_bins(model, tokens, **kwargs)
     monkeypatch.setattr(layout, "_CHUNK_LOGITS", 3 * VOCAB)
     chunked = compute_bins(model, tokens, **kwargs)
@@ -381,3 +384,25 @@ def test_fsdp2_ranks_needing_different_passes_and_widths_keep_in_step(tmp_path):
             expected = summed_token_loss(model, CEWithChunkedOutputLoss(num_output_chunks=8), ModelBatch(layout.tokens, layout.labels, layout.is_confidence))
             assert torch.allclose(loss, expected.loss.detach(), rtol=1e-5), (mode, rank)
     assert ranks[0]["full"][1] > 1 and ranks[1]["answer"][1] == 0  # passes differ across ranks
+
+
+def test_cheap_signals_make_every_pass_compute_every_unsettled_slot(model, batch, monkeypatch):
+    """When a signal costs no more than a token's forward (a real LM), each pass computes every slot
+    after a row's settled prefix (all guesses improve at once) instead of a lazy window: the same
+    bins, fewer passes."""
+    from entropy_guided_generation import layout
+
+    tokens, _, valid, response = batch
+    slots = slots_of("answer", tokens, valid, response)
+    codec = codec_for(model, tokens, valid)
+    kwargs = dict(codec=codec, slots=slots, valid_mask=valid, pad_id=PAD, sequential_fallback=False)
+    assert layout._signals_are_cheap(model)
+    whole = compute_bins(model, tokens, **kwargs)
+    monkeypatch.setattr(layout, "_signals_are_cheap", lambda model: False)
+    monkeypatch.setattr(layout, "_CHUNK_LOGITS", 3 * VOCAB)
+    lazy = compute_bins(model, tokens, **kwargs)
+    assert whole.converged and torch.equal(whole.bins, lazy.bins)
+    assert whole.passes <= lazy.passes
+    counts = slots.sum(1)
+    # Pass 1 computes each row's every slot after its first (final after pass 0).
+    assert whole.pass_slots[1] == int((counts - 1).clamp(min=0)[counts > 1].sum())

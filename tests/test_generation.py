@@ -219,3 +219,42 @@ def test_progress_true_shows_a_bar_of_decode_steps_and_false_shows_none(model, c
     assert "decode[answer]" in shown and "/12 " in shown  # a bar over the 12 decode steps
     decode_mode("answer", model, codec, left_pad(PROMPTS), stop_tokens=[])
     assert "decode[" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("mode", ["full", "answer", "marker"])
+def test_plain_context_decode_equals_its_training_layout(mode, model, codec):
+    """Under ``confidence.context: plain`` the decoder reads each bin off a plain twin of the row (same
+    session, no confidence tokens): what it decodes is, row by row, the training layout whose bins come
+    from one plain forward; the content token still comes from the interleaved row."""
+    import dataclasses
+
+    plain = dataclasses.replace(codec, context="plain")
+    prompt = left_pad(PROMPTS)
+    marker = [7, 9] if mode == "marker" else None
+    stop_ids = [EOS]
+    result = decode_mode(mode, model, plain, prompt, marker=marker, stop_tokens=stop_ids)
+    interleaved = decode_mode(mode, model, codec, prompt, marker=marker, stop_tokens=stop_ids)
+    differs = False
+    for row, prompt_row in enumerate(PROMPTS):
+        n = int(result.generated_lengths[row])
+        content = result.content[row, :n].tolist()
+        expected_seq, expected_bins = training_layout(model, plain, mode, prompt_row, content, marker, stop_ids)
+        assert result.interleaved[row][result.interleaved_valid[row]].tolist() == expected_seq.tolist(), f"row {row}"
+        assert result.bins[row, :n].tolist() == expected_bins.tolist()
+        m = min(n, int(interleaved.generated_lengths[row]))
+        differs |= result.bins[row, :m].tolist() != interleaved.bins[row, :m].tolist()
+    assert differs, "plain-context bins equal the interleaved-context ones on every row: the twin is not read"
+
+
+def test_plain_context_training_bins_are_one_plain_pass(model, codec):
+    """``confidence.context: plain``: compute_bins gives every bin from pass 0 (the plain forward), final
+    at once, equal to a single capped pass of the interleaved-context codec."""
+    import dataclasses
+
+    plain = dataclasses.replace(codec, context="plain")
+    tokens = torch.tensor([PROMPTS[2] + PROMPTS[0]])
+    slots = confidence_slots(tokens, mode="full", response_mask=torch.ones_like(tokens, dtype=torch.bool), stop_ids=[EOS])
+    fixed = compute_bins(model, tokens, codec=plain, slots=slots)
+    single = compute_bins(model, tokens, codec=codec, slots=slots, max_passes=1)
+    assert fixed.converged and fixed.passes == 1
+    assert torch.equal(fixed.bins, single.bins)

@@ -128,6 +128,37 @@ def test_decoding_equals_training_layout_row_by_row_on_the_real_model(mode, smol
         assert seen.tolist() == expected.tolist(), f"mode {mode} row {row}"
 
 
+@pytest.mark.parametrize("context", ["interleaved", "plain"])
+def test_training_batch_in_train_mode_equals_decoding_on_the_real_model(context, smollm2, tokenizer, codec, shared_data):
+    """The recipe's way to a micro-batch's bins (the whole right-padded batch at once, the model in train
+    mode: passes over every unsettled slot, stepping once that is cheaper; under ``confidence.context:
+    plain`` one plain forward) gives, row by row, the sequence the decoder produced from the same prompts
+    (with its plain twin, under plain context). Raw confidence rows (the pretrained specials): their bins
+    are chaotic, the case that ends in stepping."""
+    import dataclasses
+
+    codec = dataclasses.replace(codec, context=context)
+    model = kit.load_torchtune_model(smollm2, max_seq_len=1024)
+    rows = gsm8k_prompts(shared_data, tokenizer, 3)
+    result = get_decoder("answer")(
+        model, left_pad(rows, tokenizer.pad_id), codec=codec, max_generated_tokens=16, pad_id=tokenizer.pad_id,
+        temperature=0.0, stop_tokens=tokenizer.stop_tokens,
+    )
+    texts = [prompt + result.content[i, : int(result.generated_lengths[i])].tolist() for i, prompt in enumerate(rows)]
+    width = max(map(len, texts))
+    tokens = torch.tensor([t + [tokenizer.pad_id] * (width - len(t)) for t in texts])
+    valid = torch.arange(width).unsqueeze(0) < torch.tensor([len(t) for t in texts]).unsqueeze(1)
+    response = valid & (torch.arange(width).unsqueeze(0) >= torch.tensor([len(p) for p in rows]).unsqueeze(1))
+    slots = confidence_slots(tokens, mode="answer", response_mask=response, stop_ids=tokenizer.stop_tokens, valid_mask=valid)
+    model.train()
+    fixed = compute_bins(model, tokens, codec=codec, slots=slots, valid_mask=valid, pad_id=tokenizer.pad_id)
+    assert fixed.converged and (fixed.passes == 1) == (context == "plain")
+    for i in range(len(rows)):
+        trained = fixed.interleaved.tokens[i][fixed.interleaved.valid_mask[i]]
+        decoded = result.interleaved[i][result.interleaved_valid[i]]
+        assert trained.tolist() == decoded.tolist(), f"context {context} row {i}"
+
+
 def test_bf16_bins_and_decodes_agree_with_fp32_on_the_real_model(smollm2, tokenizer, codec, shared_data):
     """bf16 weights with float32 signals: the decoded content, the decoded bins and the training bins of
     one fixed sequence, each as the share of positions equal to fp32's (printed); at least 90% here."""

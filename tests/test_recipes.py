@@ -426,6 +426,47 @@ def test_documented_options_reach_confidence_json_and_the_eval_recipe(tmp_path, 
 TINY_BUDGET = ["dataset.split=train[:8]", "epochs=1", "max_steps_per_epoch=1", "batch_size=2", "max_val_batches=1"]
 
 
+def test_plain_context_trains_from_one_plain_pass_and_the_eval_recipe_decodes_it(tmp_path):
+    """``confidence.context: plain`` in mode full (prompts interleaved too), from Python's ``run_recipe``:
+    every micro-batch's bins come from one forward, ``confidence.json`` records the context, and the eval
+    recipe (reading it from there) decodes with a plain twin per row: its traces equal token-by-token
+    teacher forcing whose signal reads the plain prefix, prompt bins included."""
+    from entropy_guided_generation import kit
+    from entropy_guided_generation.eleuther_eval import EleutherEvalRecipeDirect
+
+    from references import teacher_force_stepwise
+
+    out = tmp_path / "train"
+    run_recipe(tiny_config("full_single_device", out, *TINY_BUDGET, "confidence.context=plain", "optimizer.lr=0.0"))
+    meta = read_confidence_json(out / "epoch_0")
+    assert (meta.mode, meta.context) == ("full", "plain")
+    log = read_disk_log(out / "logs")
+    passes = [row["conf/passes_mean"] for row in log.values() if "conf/passes_mean" in row]
+    assert passes and set(passes) == {1.0}, passes
+
+    eval_cfg = OmegaConf.load(REPO / "configs" / "tiny" / "eval_full.yaml")
+    eval_cfg.pop("confidence", None)
+    eval_cfg.merge_with({"output_dir": str(tmp_path / "eval"), "tasks": ["kit_gsm8k"], "limit": 3, "max_gen_toks": 12,
+                         "bootstrap_iters": 0,
+                         "checkpointer": {"checkpoint_dir": str(out / "epoch_0"), "checkpoint_files": [next((out / "epoch_0").glob("*.safetensors")).name]}})
+    recipe = EleutherEvalRecipeDirect(eval_cfg)
+    recipe.setup(eval_cfg)
+    summary = recipe.evaluate()
+    lm = recipe.lm
+    assert lm.codec.context == "plain"
+    finetuned = kit.load_torchtune_model(out / "epoch_0")
+    contexts = {s["doc_id"]: s["arguments"][0][0] for s in summary["lm_eval"]["samples"]["kit_gsm8k"]}
+    traces = [t for t in lm.traces if t.request_type == "generate_until"]
+    for trace in traces:
+        expected = teacher_force_stepwise(
+            finetuned, lm.tok_encode(contexts[trace.doc_id]), trace.tokens, conf_ids=meta.token_ids, edges=meta.edges,
+            prompt_bins=True, stop_ids=lm.stop_ids, context_of_signal="plain",
+        )
+        assert trace.bins == expected["bins"], trace.doc_id
+        torch.testing.assert_close(torch.tensor(trace.logprob, dtype=torch.float64), torch.tensor(expected["logprob"], dtype=torch.float64), atol=2e-4, rtol=0)
+    assert len(traces) == 3
+
+
 @pytest.mark.parametrize(
     "launch, config, mode, extra",
     [

@@ -377,6 +377,38 @@ def test_bins_come_from_the_frozen_reference_when_one_is_given(tokenizer, codec,
     assert torch.equal(step.loss, summed_token_loss(trained, loss_fn, from_reference).loss)
 
 
+def test_a_plain_context_reference_forwards_each_row_once(tokenizer, codec, sharp_model, plain_batch):
+    """``confidence.context: plain`` with a frozen reference: a row's bins depend on its plain tokens
+    alone, so the reference forwards each distinct row once; a row seen again (the next epoch, or in
+    another micro-batch) takes its remembered bins, the same as a fresh forward's."""
+    import dataclasses
+
+    from entropy_guided_generation.kit.tokenizer import vocab_size_of
+
+    plain = dataclasses.replace(codec, context="plain")
+    layout = layout_for("answer", plain, tokenizer, max_passes=None)
+    step = LossStep(layout, torch.nn.CrossEntropyLoss(ignore_index=IGNORE), SingleDevice(torch.device("cpu")), reference=sharp_model)
+    trained = tiny_decoder(vocab_size_of(), seed=7, weight_scale=4.0)
+    fresh = layout.build(sharp_model, plain_batch)
+    assert fresh.bins.passes == 1 and fresh.bins.converged
+    first_two = {k: v[:2] for k, v in plain_batch.items()}
+    part = step.model_batch(trained, first_two)
+    assert part.bins.passes == 1 and len(step.seen) == 2
+    calls = []
+    handle = sharp_model.tok_embeddings.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))
+    try:
+        whole = step.model_batch(trained, plain_batch)  # rows 0-1 seen, rows 2-3 new: one forward of 2 rows
+        again = step.model_batch(trained, plain_batch)  # every row seen: no forward
+    finally:
+        handle.remove()
+    assert calls == [2] and len(step.seen) == 4
+    assert again.bins.passes == 0
+    for built in (whole, again):
+        assert torch.equal(built.tokens, fresh.tokens) and torch.equal(built.labels, fresh.labels)
+        assert torch.equal(built.bins.bins, fresh.bins.bins)
+        assert torch.equal(built.bins.signal.nan_to_num(-1.0), fresh.bins.signal.nan_to_num(-1.0))
+
+
 def test_plain_text_holding_a_confidence_token_is_refused(codec):
     tokens = torch.tensor([[5, 6, int(codec.token_ids[3]), 7]])
     with pytest.raises(ValueError, match=r"row 0 holds confidence token id \d+ at position 2"):

@@ -46,7 +46,7 @@ from entropy_guided_generation.eval.generation import (
 from entropy_guided_generation.eval.request_cache import RequestCache, split_answered
 from entropy_guided_generation.eval.teacher_forcing import ContinuationScores, score_continuations
 from entropy_guided_generation.eval.traces import ConfidenceTrace
-from entropy_guided_generation.generation import DecodeResult, PromptBinsCache, get_decoder, left_pad
+from entropy_guided_generation.generation import DecodeResult, PromptBinsCache, get_decoder, has_plain_twin, left_pad
 from entropy_guided_generation.layout import Interleaving
 from entropy_guided_generation.sampling.budget_forcing import (
     BudgetForcedOutput,
@@ -226,7 +226,8 @@ class TorchtuneLM(DataParallelLM, TemplateLM):
         self.static_cache = enable_kv_cache
         if enable_kv_cache:
             param = next(model.parameters())
-            model.setup_caches(batch_size=batch_size, dtype=param.dtype, decoder_max_seq_len=max_seq_length)
+            rows = 2 * batch_size if has_plain_twin(codec, self.interleaving) else batch_size  # each row's plain twin
+            model.setup_caches(batch_size=rows, dtype=param.dtype, decoder_max_seq_len=max_seq_length)
         self.join_ranks()
 
     # ------------------------------------------------------------------ interleaving

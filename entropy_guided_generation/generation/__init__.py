@@ -13,7 +13,7 @@ import functools
 from typing import Callable, Dict
 
 from entropy_guided_generation.generation.answer_intl import generate_answer_interleaved
-from entropy_guided_generation.generation.common import DecodeResult, decode
+from entropy_guided_generation.generation.common import DecodeResult, decode, has_plain_twin
 from entropy_guided_generation.generation.full_intl import generate_full_interleaved
 from entropy_guided_generation.generation.marker_intl import generate_answer_interleaved_marker
 from entropy_guided_generation.generation.nucleus import nucleus_mask
@@ -73,6 +73,7 @@ __all__ = [
     "generate_full_interleaved",
     "generate_plain",
     "get_decoder",
+    "has_plain_twin",
     "kv_session",
     "left_pad",
     "left_padded_mask",

@@ -5,6 +5,10 @@ Each content step is one forward. A row that gets a confidence token this step f
 ``[x_t, c_t]``; a row that does not (mode none, marker after its marker, a stop token) feeds
 ``[x_t, pad]`` where the pad key is masked out and never advances positions, so every row of the
 batch shares the same forward. Logits are computed only at the column each row uses.
+
+Under ``confidence.context: plain`` (the codec's ``context``) each row has a plain twin on the same
+session, rows ``b .. 2b``: it is fed the same content tokens and no confidence token, and c_t is the
+bin of the twin's distribution. The twin's prompt forward also gives mode full's prompt bins.
 """
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ from entropy_guided_generation.generation.overrides import ConfidenceOverride
 from entropy_guided_generation.generation.prompt_bins import PromptBinsCache
 from entropy_guided_generation.generation.sampling import sample_next_token
 from entropy_guided_generation.layout import Interleaving, compute_bins, interleave
-from entropy_guided_generation.modeling import KVSession, caches_set_aside, kv_session
+from entropy_guided_generation.modeling import KVSession, caches_set_aside, kv_session, project_hidden
 
 
 @dataclass
@@ -113,34 +117,50 @@ def decode(
     stops = torch.tensor(list(stop_tokens or []), dtype=torch.long, device=device)
     prompt_valid = check_prompt(prompt, pad_id)
     check_fits(model, prompt, prompt_valid, interleaving, max_generated_tokens)
-
-    prefill_tokens, prefill_valid, prefill_conf = _prefill_sequence(
-        model, prompt, prompt_valid, interleaving, codec=codec, pad_id=pad_id, max_passes=max_prompt_passes,
-        override=confidence_override, prompt_bins=prompt_bins,
-    )
-    cache_len = prefill_tokens.shape[1] + interleaving.columns_per_content_token * max_generated_tokens
+    twin = has_plain_twin(codec, interleaving)
     gets_confidence = interleaving.step_policy(b, device)
 
     records: list[ContentStep] = []
     active = torch.ones(b, dtype=torch.bool, device=device)
-    with kv_session(model, b, cache_len) as session:
-        last_col = torch.full((b,), prefill_tokens.shape[1] - 1, dtype=torch.long, device=device)
-        logits = session.feed(
-            prefill_tokens, prefill_valid, last_col, advances=interleaving.advances_position(prefill_valid, prefill_conf)
-        )
+    # The widest prefill is the interleaved prompt: at most twice the prompt's columns.
+    cache_len = prompt.shape[1] * interleaving.columns_per_prompt_token + interleaving.columns_per_content_token * max_generated_tokens
+    with kv_session(model, 2 * b if twin else b, cache_len) as session:
+        if twin:
+            prefill_tokens, prefill_valid, logits, signal_logits = _prefill_with_twin(
+                session, prompt, prompt_valid, interleaving, codec=codec, pad_id=pad_id, override=confidence_override
+            )
+        else:
+            prefill_tokens, prefill_valid, prefill_conf = _prefill_sequence(
+                model, prompt, prompt_valid, interleaving, codec=codec, pad_id=pad_id, max_passes=max_prompt_passes,
+                override=confidence_override, prompt_bins=prompt_bins,
+            )
+            last_col = torch.full((b,), prefill_tokens.shape[1] - 1, dtype=torch.long, device=device)
+            logits = session.feed(
+                prefill_tokens, prefill_valid, last_col, advances=interleaving.advances_position(prefill_valid, prefill_conf)
+            )
+            signal_logits = None
         steps = tqdm(range(max_generated_tokens), desc=f"decode[{interleaving.name}]", disable=not progress, leave=False)
         for step in steps:
             out = _content_step(
                 logits, codec, gets_confidence, active, pad_id,
                 temperature=temperature, top_k=top_k, top_p=top_p, rng=rng, step_hook=step_hook, step=step,
-                override=confidence_override,
+                override=confidence_override, signal_logits=signal_logits,
             )
             records.append(out)
             active = active & ~torch.isin(out.token, stops)
             if not bool(active.any()) or step == max_generated_tokens - 1:
                 break
-            logits = _feed_step(session, out, active, interleaving)
+            if twin:
+                logits, signal_logits = _feed_step(session, _with_twin(out, pad_id), active.repeat(2), interleaving).split(b)
+            else:
+                logits = _feed_step(session, out, active, interleaving)
     return _assemble(prompt, prefill_tokens, prefill_valid, records, pad_id)
+
+
+def has_plain_twin(codec: Optional[ConfidenceCodec], interleaving: Interleaving) -> bool:
+    """Whether a decode keeps a plain twin of each row: an interleaving mode whose codec reads the
+    signal over the plain prefix (``confidence.context: plain``)."""
+    return codec is not None and codec.context == "plain" and not interleaving.is_plain
 
 
 def check_prompt(prompt: torch.Tensor, pad_id: int) -> torch.Tensor:
@@ -191,6 +211,84 @@ def check_fits(
     )
 
 
+def _prefill_with_twin(
+    session: KVSession,
+    prompt: torch.Tensor,
+    prompt_valid: torch.Tensor,
+    interleaving: Interleaving,
+    *,
+    codec: ConfidenceCodec,
+    pad_id: int,
+    override: Optional[ConfidenceOverride] = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Prefill a session of ``2b`` rows: the plain twins (rows ``b..2b``) read the prompt, whose
+    hidden states give the prompt's bins in a prompt-interleaving mode (each slot's from the plain
+    prefix, as training's under ``confidence.context: plain``); then rows ``0..b`` read the prompt as
+    the mode lays it out. One forward per block, each at its own width.
+
+    Returns:
+        ``(tokens, valid, logits, twin_logits)``: the rows' prefill sequence ``[b, P]`` and its
+        real-token mask, and the logits ``[b, v]`` after the last column of each block.
+    """
+    b = prompt.shape[0]
+    model = session.model
+    twin_hidden = session.feed_rows(slice(b, 2 * b), prompt, prompt_valid)
+    if interleaving.interleaves_prompt:
+        slots = interleaving.slots(prompt, valid_mask=prompt_valid)
+        bins = plain_prefix_bins(model, twin_hidden, slots, codec)
+        layout = _prompt_layout(prompt, prompt_valid, slots, bins, codec, pad_id, override)
+        tokens, valid, is_conf = layout.tokens, layout.valid_mask, layout.is_confidence
+    else:
+        tokens, valid, is_conf = prompt, prompt_valid, torch.zeros_like(prompt_valid)
+    hidden = session.feed_rows(slice(0, b), tokens, valid, interleaving.advances_position(valid, is_conf))
+    session.end_row_blocks()
+    return tokens, valid, project_hidden(model, hidden[:, -1]), project_hidden(model, twin_hidden[:, -1])
+
+
+# Slot signals projected at once from a plain prompt's hidden states ([positions, vocabulary] floats each).
+_PLAIN_BINS_POSITIONS = 256
+
+
+def plain_prefix_bins(model: Any, hidden: torch.Tensor, slots: torch.Tensor, codec: ConfidenceCodec) -> torch.Tensor:
+    """``[b, n]`` the bin of each slot (-1 elsewhere) from the plain sequence's last-layer output
+    ``hidden`` ``[b, n, d]``: slot t's bin is that of the distribution at column t - 1, the one that
+    produced x_t over the plain prefix."""
+    rows, cols = slots.nonzero(as_tuple=True)
+    bins = torch.full(slots.shape, -1, dtype=torch.long, device=slots.device)
+    for start in range(0, rows.numel(), _PLAIN_BINS_POSITIONS):
+        r, t = rows[start : start + _PLAIN_BINS_POSITIONS], cols[start : start + _PLAIN_BINS_POSITIONS]
+        logits = project_hidden(model, hidden[r, t - 1])
+        signals.assert_finite(logits, "plain-prefix logits", rows=r, positions=t)
+        bins[r, t] = codec.bins_from_signal(codec.signal_from_logits(logits))
+    return bins
+
+
+def _prompt_layout(
+    prompt: torch.Tensor,
+    prompt_valid: torch.Tensor,
+    slots: torch.Tensor,
+    bins: torch.Tensor,
+    codec: ConfidenceCodec,
+    pad_id: int,
+    override: Optional[ConfidenceOverride],
+) -> Any:
+    """The left-padded prompt interleaved with ``bins`` (or with the bins an ``override`` makes of them)."""
+    if override is not None:
+        bins = override.prompt_bins(bins, slots)
+    conf = codec.token_ids_for_bins(bins.clamp(min=0))
+    return interleave(prompt, slots, conf, pad_id=pad_id, valid_mask=prompt_valid, left_pad=True)
+
+
+def _with_twin(step: "ContentStep", pad_id: int) -> "ContentStep":
+    """``step`` for ``2b`` rows: the rows as they are, then their plain twins (the same content
+    token, no confidence token)."""
+    none = torch.zeros_like(step.has_conf)
+    return ContentStep(
+        step.token.repeat(2), torch.cat([step.has_conf, none]), torch.cat([step.conf, torch.full_like(step.conf, pad_id)]),
+        step.bin.repeat(2), step.signal.repeat(2), step.entropy.repeat(2), step.logprob.repeat(2), step.active.repeat(2),
+    )
+
+
 def _prefill_sequence(
     model: Any,
     prompt: torch.Tensor,
@@ -219,10 +317,7 @@ def _prefill_sequence(
         )
     if prompt_bins is not None and fixed.converged:
         prompt_bins.add(prompt, prompt_valid, fixed.bins, fixed.signal)
-    layout = fixed.interleaved
-    if override is not None:
-        conf = codec.token_ids_for_bins(override.prompt_bins(fixed.bins, slots).clamp(min=0))
-        layout = interleave(prompt, slots, conf, pad_id=pad_id, valid_mask=prompt_valid, left_pad=True)
+    layout = fixed.interleaved if override is None else _prompt_layout(prompt, prompt_valid, slots, fixed.bins, codec, pad_id, override)
     return layout.tokens, layout.valid_mask, layout.is_confidence
 
 
@@ -257,9 +352,11 @@ def _content_step(
     step_hook: Optional[Callable[..., Any]],
     step: int,
     override: Optional[ConfidenceOverride] = None,
+    signal_logits: Optional[torch.Tensor] = None,
 ) -> ContentStep:
     """Pick x_t from the logits that produce it and, where the interleaving's step policy
-    (``gets_confidence``) says so, its c_t.
+    (``gets_confidence``) says so, its c_t: the bin of those logits' distribution, or of
+    ``signal_logits`` ``[b, v]`` when given (the plain twin's, under ``confidence.context: plain``).
 
     Rows that already stopped emit ``pad_id`` and no confidence token.
 
@@ -286,7 +383,10 @@ def _content_step(
     no_bin = torch.full_like(token, -1)
     if codec is None or not bool(has_conf.any()):
         return ContentStep(token, has_conf, torch.full_like(token, pad_id), no_bin, nan, entropy, logp, active)
-    signal = step_entropy if codec.signal == "entropy" else codec.signal_from_log_probs(logp_all)
+    if signal_logits is not None:
+        signal = codec.signal_from_log_probs(codec.log_probs(signal_logits, what=f"decode step {step} plain-twin logits"))
+    else:
+        signal = step_entropy if codec.signal == "entropy" else codec.signal_from_log_probs(logp_all)
     every_bin = codec.bins_from_signal(signal)  # in [0, K) for every row
     if override is not None:
         every_bin = override.step_bins(every_bin, step)

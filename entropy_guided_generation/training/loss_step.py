@@ -22,7 +22,14 @@ import torch
 from torch import nn
 
 from entropy_guided_generation.confidence import ConfidenceCodec
-from entropy_guided_generation.layout import IGNORE_INDEX, FixedPointBins, Interleaving, compute_bins, marker_end_positions
+from entropy_guided_generation.layout import (
+    IGNORE_INDEX,
+    FixedPointBins,
+    Interleaving,
+    compute_bins,
+    interleave,
+    marker_end_positions,
+)
 from entropy_guided_generation.modeling import lockstep_width, pad_columns
 from entropy_guided_generation.training.metrics import ConfidenceStats
 
@@ -113,32 +120,109 @@ class ConfidenceLayout:
         return marker_end_positions(batch["tokens"], self.interleaving.marker_ids, allowed) >= 0
 
     @torch.no_grad()
-    def build(self, bin_model: nn.Module, batch: Dict[str, torch.Tensor]) -> ModelBatch:
+    def build(
+        self, bin_model: nn.Module, batch: Dict[str, torch.Tensor], seen: Optional["SeenRowBins"] = None
+    ) -> ModelBatch:
         """The interleaved batch, with bins from ``bin_model`` (no grad).
 
         Args:
             bin_model: the model whose entropies give the bins (being trained, or a reference).
             batch: collated plain batch (see ``padded_collate_with_response_mask``).
+            seen: bins of rows seen before (a frozen reference under ``confidence.context: plain``):
+                only the other rows are forwarded, and their bins are remembered.
         """
         tokens, valid = batch["tokens"], batch["valid_mask"]
         check_no_confidence_ids(tokens, valid, self.codec)
         slots = self.slots(batch)
-        result = compute_bins(
-            bin_model,
-            tokens,
-            codec=self.codec,
-            slots=slots,
-            labels=batch["labels"],
-            valid_mask=valid,
-            pad_id=self.pad_id,
-            max_passes=self.max_passes,
-            positions=self.interleaving.positions,
-        )
+        if seen is not None:
+            result = self._bins_with_seen(bin_model, batch, slots, seen)
+        else:
+            result = self._bins(bin_model, batch, slots)
         layout = result.interleaved
         positions = None
         if self.interleaving.positions != "sequential":
             positions = self.interleaving.position_ids(layout.valid_mask, layout.is_confidence)
         return ModelBatch(layout.tokens, layout.labels, layout.is_confidence, result, slots, positions)
+
+    def _bins(self, bin_model: nn.Module, batch: Dict[str, torch.Tensor], slots: torch.Tensor) -> FixedPointBins:
+        return compute_bins(
+            bin_model,
+            batch["tokens"],
+            codec=self.codec,
+            slots=slots,
+            labels=batch["labels"],
+            valid_mask=batch["valid_mask"],
+            pad_id=self.pad_id,
+            max_passes=self.max_passes,
+            positions=self.interleaving.positions,
+        )
+
+    def _bins_with_seen(
+        self, bin_model: nn.Module, batch: Dict[str, torch.Tensor], slots: torch.Tensor, seen: "SeenRowBins"
+    ) -> FixedPointBins:
+        """Bins of rows seen before from ``seen``; the others' by one plain forward of those rows
+        (a rank with none joins its FSDP2 peers' forward rounds with an empty one), then remembered."""
+        tokens, valid = batch["tokens"], batch["valid_mask"]
+        keys = seen.keys(tokens, valid, slots)
+        known, bins, signal = seen.lookup(keys, slots, self.codec.compute_dtype)
+        new = (~known).nonzero().squeeze(1)
+        part = {k: v[new] for k, v in batch.items() if isinstance(v, torch.Tensor) and v.shape[:1] == tokens.shape[:1]}
+        result = self._bins(bin_model, part if new.numel() else batch, slots[new] if new.numel() else torch.zeros_like(slots))
+        if new.numel():
+            bins[new], signal[new] = result.bins, result.signal.to(signal.dtype)
+            seen.add([keys[i] for i in new.tolist()], result.bins, result.signal)
+        conf = self.codec.token_ids_for_bins(bins.clamp(min=0))
+        laid = interleave(tokens, slots, conf, labels=batch["labels"], pad_id=self.pad_id, valid_mask=valid)
+        rows = int(new.numel())
+        return FixedPointBins(
+            bins, signal, result.passes if rows else 0, 0.0, True, laid,
+            pass_rows=result.pass_rows if rows else (), pass_slots=result.pass_slots if rows else (),
+        )
+
+
+class SeenRowBins:
+    """Bins of the rows a frozen reference has already read, under ``confidence.context: plain``: a
+    row's bins then depend on its plain tokens and slots alone, so each distinct row is forwarded
+    once per run (from its second epoch on, the reference runs no forward). Held on the CPU; a row
+    costs its slot count in bytes."""
+
+    def __init__(self) -> None:
+        self._rows: dict[bytes, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    @staticmethod
+    def keys(tokens: torch.Tensor, valid: torch.Tensor, slots: torch.Tensor) -> list[bytes]:
+        """One key per row: its real tokens and which of them are slots."""
+        marked = torch.where(slots, -tokens - 1, tokens)  # a slot's id negated: one tensor says both
+        return [row[ok].numpy().tobytes() for row, ok in zip(marked.cpu(), valid.cpu())]
+
+    def lookup(
+        self, keys: list[bytes], slots: torch.Tensor, dtype: torch.dtype = torch.float32
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(known [b], bins [b, n], signal [b, n])``: rows seen before hold their bins and signals
+        (``dtype``; -1 and NaN elsewhere)."""
+        b, n = slots.shape
+        bins = torch.full((b, n), -1, dtype=torch.long, device=slots.device)
+        signal = torch.full((b, n), float("nan"), dtype=dtype, device=slots.device)
+        known = torch.tensor([key in self._rows for key in keys], dtype=torch.bool, device=slots.device)
+        if bool(known.any()) and bool(slots[known].any()):
+            hits = [self._rows[key] for key, hit in zip(keys, known.tolist()) if hit]
+            stored_bins = torch.nn.utils.rnn.pad_sequence([h[0] for h in hits], batch_first=True, padding_value=-1)
+            stored_signal = torch.nn.utils.rnn.pad_sequence([h[1] for h in hits], batch_first=True)
+            where = slots[known]
+            rank = (where.long().cumsum(1) - 1).clamp(min=0)  # a slot's index among its row's slots
+            picked = torch.arange(where.shape[0], device=slots.device).unsqueeze(1).expand_as(rank)
+            bins[known] = torch.where(where, stored_bins.to(slots.device).long()[picked, rank.clamp(max=stored_bins.shape[1] - 1)], -1)
+            signal[known] = torch.where(where, stored_signal.to(slots.device, dtype)[picked, rank.clamp(max=stored_signal.shape[1] - 1)], signal[known])
+        return known, bins, signal
+
+    def add(self, keys: list[bytes], bins: torch.Tensor, signal: torch.Tensor) -> None:
+        """Remember each row's slot bins ``bins[i][bins[i] >= 0]`` and their signals under ``keys[i]``."""
+        has = bins >= 0
+        for key, row_bins, row_signal, row_has in zip(keys, bins.cpu(), signal.cpu(), has.cpu()):
+            self._rows[key] = (row_bins[row_has].to(torch.int16), row_signal[row_has].to(signal.dtype))
 
 
 def plain_model_batch(batch: Dict[str, torch.Tensor]) -> ModelBatch:
@@ -219,12 +303,15 @@ class LossStep:
         self.stats = stats
         self.ignore_index = getattr(loss_fn, "ignore_index", IGNORE_INDEX)
         self.unconverged_batches = 0
+        # A frozen reference reading plain prefixes gives each row the same bins every epoch.
+        plain_reference = reference is not None and layout is not None and layout.codec.context == "plain"
+        self.seen = SeenRowBins() if plain_reference else None
 
     def model_batch(self, model: nn.Module, batch: Dict[str, torch.Tensor]) -> ModelBatch:
         """The batch the model trains on (interleaved unless mode none); records statistics."""
         if self.layout is None:
             return plain_model_batch(batch)
-        built = self.layout.build(self.reference if self.reference is not None else model, batch)
+        built = self.layout.build(self.reference if self.reference is not None else model, batch, self.seen)
         if not built.bins.converged:
             self._warn_unconverged(built.bins)
         if self.stats is not None:
@@ -255,6 +342,7 @@ __all__ = [
     "ConfidenceLayout",
     "LossStep",
     "ModelBatch",
+    "SeenRowBins",
     "StepLoss",
     "check_no_confidence_ids",
     "plain_model_batch",

@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 from entropy_guided_generation.layout import MODES, Mode, check_mode, check_position_rule, mode_named
 
 INTERLEAVING_KEYS = ("mode", "marker", "positions", "max_passes", "reference_checkpoint", "init_confidence_embeddings", "min_marker_fraction")
-EMBEDDING_INITS = (None, "mean")
+EMBEDDING_INITS = (None, "mean", "keep")
 DEFAULT_MAX_PASSES = None  # iterate until no bin changes: the bins decoding produces
 # Mode marker: setup fails when fewer of the first training examples hold the marker in their response.
 DEFAULT_MIN_MARKER_FRACTION = 0.5
@@ -33,11 +33,14 @@ class InterleavingOptions:
             and a capped batch that has not converged is warned about and counted in the metrics.
         reference_checkpoint: where bins come from: None = the model being trained (no grad);
             a checkpoint folder (str) or a checkpointer config = a frozen reference model.
-        init_confidence_embeddings: None keeps the checkpoint's embedding rows of the confidence
-            tokens; ``"mean"`` resets them, before training starts (never on resume), to the mean
-            embedding of the other tokens (see ``training.embeddings``). Tokens a base model never
-            saw (Llama-3 reserved tokens, the kit's ``<|conf_k|>``) otherwise enter with arbitrary
-            vectors that the pre-norm layers blow up to full scale.
+        init_confidence_embeddings: ``"mean"`` resets the embedding rows of the confidence tokens,
+            before training starts (never on resume), to the mean embedding of the other tokens (see
+            ``training.embeddings``); ``"keep"`` keeps the checkpoint's rows; None (default) is
+            ``mean`` in an interleaving mode unless the starting checkpoint was finetuned with these
+            tokens (its ``confidence.json`` records the same ids), else ``keep``. Tokens a base model
+            never trained (Llama-3 reserved tokens, repurposed unused specials, added tokens) otherwise
+            enter with arbitrary vectors that the pre-norm layers blow up to full scale, and the
+            exact bins take many more fixed-point passes.
         min_marker_fraction: modes that read a marker: the least share of the first training
             examples whose response holds the marker (as the tokenizer encodes it in context);
             below it setup fails, since a row without its marker is interleaved whole. 0 disables.
@@ -98,7 +101,8 @@ def interleaving_options(cfg: DictConfig, entry_mode: Optional[str] = None) -> I
     init_embeddings = section.get("init_confidence_embeddings", None)
     if init_embeddings not in EMBEDDING_INITS:
         raise ValueError(
-            f"unknown interleaving.init_confidence_embeddings {init_embeddings!r}; expected null or one of "
+            f"unknown interleaving.init_confidence_embeddings {init_embeddings!r}; expected null (mean unless the "
+            "checkpoint was finetuned with these tokens) or one of "
             f"{', '.join(repr(k) for k in EMBEDDING_INITS if k is not None)}"
         )
     min_marker_fraction = section.get("min_marker_fraction", DEFAULT_MIN_MARKER_FRACTION)

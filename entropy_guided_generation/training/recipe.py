@@ -33,7 +33,13 @@ from torchtune.recipe_interfaces import FTRecipeInterface
 from torchtune.training.lr_schedulers import get_lr
 from tqdm import tqdm
 
-from entropy_guided_generation.confidence import ConfidenceCodec, ConfidenceMetadata, metadata_for
+from entropy_guided_generation.confidence import (
+    ConfidenceCodec,
+    ConfidenceMetadata,
+    find_confidence_json,
+    metadata_for,
+    read_confidence_json,
+)
 from entropy_guided_generation.layout import Interleaving
 from entropy_guided_generation.modeling import vocab_size_of
 from entropy_guided_generation.run_lock import OutputDirInUseError, RunLock, lock_output_dir
@@ -158,7 +164,7 @@ class CaCFinetuneRecipe(FTRecipeInterface):
         base_state = self._checkpointer.load_checkpoint()[training.MODEL_KEY]
         self._tokenizer = config.instantiate(cfg.tokenizer)
         self._vocab_rows = self._add_confidence_tokens(cfg, base_state)
-        if resume is None and self._interleaving.init_confidence_embeddings is not None:
+        if resume is None:
             self._init_confidence_embeddings(cfg, base_state)
         self._model = self._build_model(cfg.model, resume.model_state if resume else base_state, trainable=True)
         del base_state
@@ -206,15 +212,35 @@ class CaCFinetuneRecipe(FTRecipeInterface):
         return rows
 
     def _init_confidence_embeddings(self, cfg: DictConfig, state_dict: Dict[str, Any]) -> None:
-        """Reset the confidence tokens' embedding rows of the starting weights (fresh runs only)."""
+        """Set the confidence tokens' embedding rows of the starting weights as
+        ``interleaving.init_confidence_embeddings`` says (fresh runs only; see ``InterleavingOptions``)."""
+        scheme = self._interleaving.init_confidence_embeddings
         section = cfg.get("confidence", None)
+        if scheme == "keep" or (scheme is None and (section is None or not self._interleaving.interleaved)):
+            return
         if section is None:
             raise ValueError("interleaving.init_confidence_embeddings needs a confidence section naming the tokens")
         vocab_size = int(state_dict[EMBEDDING_KEY].shape[0]) if EMBEDDING_KEY in state_dict else None
         token_ids = codec_from_config(section, self._tokenizer, vocab_size).token_ids
-        init_confidence_embeddings(state_dict, token_ids, self._interleaving.init_confidence_embeddings)
-        if self._parallel.is_rank_zero:
-            log.info(f"confidence token embeddings ({token_ids.numel()} rows) initialized by {self._interleaving.init_confidence_embeddings!r}")
+        if scheme is None:
+            finetuned_with = self._checkpoint_confidence_ids(cfg)
+            if finetuned_with == token_ids.tolist():
+                utils.log_rank_zero(log, "confidence token embeddings kept: the checkpoint was finetuned with these tokens")
+                return
+            scheme = "mean"
+        init_confidence_embeddings(state_dict, token_ids, scheme)
+        utils.log_rank_zero(
+            log, f"confidence token embeddings ({token_ids.numel()} rows) initialized by {scheme!r}"
+            + ("" if self._interleaving.init_confidence_embeddings else " (the default for tokens new to the checkpoint; "
+               "interleaving.init_confidence_embeddings: keep keeps its rows)"),
+        )
+
+    @staticmethod
+    def _checkpoint_confidence_ids(cfg: DictConfig) -> Optional[List[int]]:
+        """The confidence token ids the starting checkpoint was finetuned with (its ``confidence.json``), if any."""
+        folder = cfg.checkpointer.get("checkpoint_dir", None)
+        found = find_confidence_json(folder) if folder else None
+        return read_confidence_json(found).token_ids if found is not None else None
 
     def _build_model(self, cfg_model: DictConfig, state_dict: Dict[str, Any], *, trainable: bool) -> nn.Module:
         """Instantiate (vocabulary rows grown to what the run's confidence tokens need), compile, wrap
