@@ -186,3 +186,19 @@ def test_single_pass_mismatch_counts_the_slot_bins_one_plain_pass_gets_wrong(tin
     assert found.exact_passes_mean >= 1
     with pytest.raises(ValueError, match="'none'"):
         single_pass_mismatch(model, tokenizer, rows, GSM8K, interleaving=Interleaving.for_tokenizer("none", tokenizer), codec=codec)
+
+
+def test_single_pass_mismatch_measures_a_plain_context_codec_against_the_interleaved_fixed_point(tiny):
+    import dataclasses
+
+    from entropy_guided_generation.demo_analysis.agreement import single_pass_mismatch
+
+    model, tokenizer, rows = tiny
+    codec = quantile_codec(model, tokenizer, rows)
+    interleaving = Interleaving.for_tokenizer("full", tokenizer)
+    plain = dataclasses.replace(codec, context="plain")
+    found = single_pass_mismatch(model, tokenizer, rows, GSM8K, interleaving=interleaving, codec=codec)
+    assert found.share > 0  # one plain pass misses some bins here, so a plain codec's own bins (share 0) would show
+    assert single_pass_mismatch(model, tokenizer, rows, GSM8K, interleaving=interleaving, codec=plain) == single_pass_mismatch(
+        model, tokenizer, rows, GSM8K, interleaving=interleaving, codec=codec
+    )

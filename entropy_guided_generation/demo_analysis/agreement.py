@@ -13,6 +13,7 @@ bins that one plain-context pass (``max_passes=1``) gets wrong against the exact
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
@@ -139,8 +140,11 @@ def single_pass_mismatch(
     batch_size: int = 32,
 ) -> SinglePassMismatch:
     """How often upstream's approximation (every bin from one plain forward: ``compute_bins(...,
-    max_passes=1)``) differs from the exact bins (``max_passes=None``: what decoding produces) on the
-    training layout of ``rows`` (prompt + reference response + EOS, the mode's slot rule).
+    max_passes=1)``) differs from the exact interleaved-context bins (``max_passes=None``: what decoding
+    with ``confidence.context: interleaved`` produces) on the training layout of ``rows`` (prompt +
+    reference response + EOS, the mode's slot rule). Both sides use ``codec`` with its context set to
+    ``interleaved``, so a checkpoint trained with ``context: plain`` is measured the same way (there the
+    share says how far its bins are from what its own interleaved prefix would have given).
 
     Raises:
         ValueError: when ``rows`` is empty or ``interleaving`` is plain (mode none has no slots).
@@ -149,6 +153,7 @@ def single_pass_mismatch(
         raise ValueError(f"interleaving.mode {interleaving.name!r} has no confidence slots; expected full, answer or marker")
     if not rows:
         raise ValueError("single_pass_mismatch needs at least one row, got none")
+    codec = dataclasses.replace(codec, context="interleaved")
     differ = total = passes = batches = 0
     for start in range(0, len(rows), batch_size):
         tokens, response, valid = reference_batch(tokenizer, rows[start : start + batch_size], task)
