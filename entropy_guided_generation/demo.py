@@ -1094,7 +1094,7 @@ def run_demo(
     if compare:
         print("\nOne setting changed for every mode:\n" + compare_table(results["compare"]))
     print("\nFixed point (passes per micro-batch; share of training bins one plain-context pass gets wrong, at step 0 and "
-          "at the end):\n" + fixed_point_table(rows + list(results.get("compare", []))))
+          "at the end):\n" + fixed_point_table(results.get("compare") or rows))  # compare rows hold the default's too
     if results.get("step0"):
         print(f"\nStep 0 (held-out content loss of the base, nats per content token; plain {results['step0']['plain']:.3f}):\n"
               + step0_table(results["step0"]["rows"]))
