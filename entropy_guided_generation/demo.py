@@ -145,7 +145,8 @@ class DemoSettings:
         seed: data split and training seed.
         codec: a key of :data:`CODECS`.
         positions: ``interleaving.positions`` (``sequential`` | ``shared``).
-        init_embeddings: ``interleaving.init_confidence_embeddings`` (``none`` | ``mean``).
+        init_embeddings: ``interleaving.init_confidence_embeddings``: ``none`` keeps the base's rows
+            (``keep``), ``mean`` sets them to the mean embedding.
         base: a key of :data:`BASES` (ignored with ``--checkpoint``).
         marker_task: the data of mode marker: ``gsm8k`` (marker ``####``, like every other mode) or
             ``bigbench_mistake`` (arithmetic traces, marker ``So the answer is:``).
@@ -425,8 +426,8 @@ def train_config(mode: str, base: BaseModel, files: DataFiles, settings: DemoSet
         if settings.context != "interleaved":  # only then: default configs (and their fingerprints) unchanged
             cfg.confidence.context = settings.context
         cfg.interleaving = OmegaConf.merge(cfg.interleaving, _interleaving_section(mode, settings))
-        if settings.init_embeddings != "none":
-            cfg.interleaving.init_confidence_embeddings = settings.init_embeddings
+        # Explicit either way: unset, the recipe would reset rows the kit's mixed-format base was pretrained with.
+        cfg.interleaving.init_confidence_embeddings = "keep" if settings.init_embeddings == "none" else settings.init_embeddings
     return cfg
 
 
