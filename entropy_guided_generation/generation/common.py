@@ -122,19 +122,22 @@ def decode(
 
     records: list[ContentStep] = []
     active = torch.ones(b, dtype=torch.bool, device=device)
-    # The widest prefill is the interleaved prompt: at most twice the prompt's columns.
-    cache_len = prompt.shape[1] * interleaving.columns_per_prompt_token + interleaving.columns_per_content_token * max_generated_tokens
+    if twin:  # the twin's prompt forward gives the prompt's bins: the prefill is built in the session
+        prefill_width = _prefill_width(prompt, prompt_valid, interleaving)
+    else:
+        prefill_tokens, prefill_valid, prefill_conf = _prefill_sequence(
+            model, prompt, prompt_valid, interleaving, codec=codec, pad_id=pad_id, max_passes=max_prompt_passes,
+            override=confidence_override, prompt_bins=prompt_bins,
+        )
+        prefill_width = prefill_tokens.shape[1]
+    cache_len = prefill_width + interleaving.columns_per_content_token * max_generated_tokens
     with kv_session(model, 2 * b if twin else b, cache_len) as session:
         if twin:
             prefill_tokens, prefill_valid, logits, signal_logits = _prefill_with_twin(
                 session, prompt, prompt_valid, interleaving, codec=codec, pad_id=pad_id, override=confidence_override
             )
         else:
-            prefill_tokens, prefill_valid, prefill_conf = _prefill_sequence(
-                model, prompt, prompt_valid, interleaving, codec=codec, pad_id=pad_id, max_passes=max_prompt_passes,
-                override=confidence_override, prompt_bins=prompt_bins,
-            )
-            last_col = torch.full((b,), prefill_tokens.shape[1] - 1, dtype=torch.long, device=device)
+            last_col = torch.full((b,), prefill_width - 1, dtype=torch.long, device=device)
             logits = session.feed(
                 prefill_tokens, prefill_valid, last_col, advances=interleaving.advances_position(prefill_valid, prefill_conf)
             )
@@ -209,6 +212,15 @@ def check_fits(
         f"prompt row {row} needs {int(needed[row])} positions in mode {interleaving.name!r}: {prompt_part} + "
         f"max_generated_tokens {max_generated_tokens}{per}, more than the model's max_seq_len {max_seq_len}; {fix}"
     )
+
+
+def _prefill_width(prompt: torch.Tensor, prompt_valid: torch.Tensor, interleaving: Interleaving) -> int:
+    """Columns of the left-padded prefill: the prompt's, or its interleaved layout's (each row's
+    tokens and slots) when the mode interleaves prompts."""
+    if not interleaving.interleaves_prompt:
+        return prompt.shape[1]
+    slots = interleaving.slots(prompt, valid_mask=prompt_valid)
+    return int((prompt_valid.sum(1) + slots.sum(1)).max())
 
 
 def _prefill_with_twin(
