@@ -65,7 +65,7 @@ from entropy_guided_generation.eleuther_eval import EleutherEvalRecipeDirect
 from entropy_guided_generation.eval.report import generation_confidence_by_doc
 from entropy_guided_generation.generation import decode
 from entropy_guided_generation.kit.train_base import mixed_format_base
-from entropy_guided_generation.layout import Interleaving
+from entropy_guided_generation.modes import Interleaving
 from entropy_guided_generation.modeling import vocab_size_of
 from entropy_guided_generation.vocabulary import grow_model, rows_needed
 from entropy_guided_generation.training import read_disk_log, run_recipe

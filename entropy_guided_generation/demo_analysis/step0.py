@@ -16,7 +16,7 @@ import torch
 
 from entropy_guided_generation.confidence import ConfidenceCodec
 from entropy_guided_generation.demo_analysis.heldout import HeldOutTask, heldout_content_loss
-from entropy_guided_generation.layout import Interleaving
+from entropy_guided_generation.modes import Interleaving
 from entropy_guided_generation.training.embeddings import mean_embedding_rows
 
 ROW_INITS = ("raw", "mean")

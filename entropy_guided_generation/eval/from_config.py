@@ -29,7 +29,8 @@ from entropy_guided_generation.confidence import (
 )
 from entropy_guided_generation.eval.distributed import join_process_group
 from entropy_guided_generation.eval.lm import MODEL_NAME, TorchtuneLM
-from entropy_guided_generation.layout import NONE, Mode, check_position_rule, mode_named
+from entropy_guided_generation.modes import NONE, Mode, mode_named
+from entropy_guided_generation.positions import check_position_rule
 from entropy_guided_generation.modeling import vocab_size_of
 from entropy_guided_generation.training.kit_paths import resolve_kit_references
 from entropy_guided_generation.vocabulary import fit_model_vocabulary, state_dict_rows

@@ -47,7 +47,7 @@ from entropy_guided_generation.eval.request_cache import RequestCache, split_ans
 from entropy_guided_generation.eval.teacher_forcing import ContinuationScores, score_continuations
 from entropy_guided_generation.eval.traces import ConfidenceTrace
 from entropy_guided_generation.generation import DecodeResult, PromptBinsCache, get_decoder, has_plain_twin, left_pad
-from entropy_guided_generation.layout import Interleaving
+from entropy_guided_generation.modes import Interleaving
 from entropy_guided_generation.sampling.budget_forcing import (
     BudgetForcedOutput,
     budget_force_torchtune,

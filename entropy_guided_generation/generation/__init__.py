@@ -1,7 +1,7 @@
 """Decoders for every interleaving mode, and the registry that maps ``interleaving.mode`` to one.
 
 Beneath them, what every decode loop of the library shares: the decode session a loop steps a
-model through (``session.py``), left-padded prompt batches (``padding.py``) and the nucleus
+model through (:mod:`~entropy_guided_generation.sessions`), left-padded prompt batches (``padding.py``) and the nucleus
 (top-p) rule the decoders sample under and the scorer computes log q under (``nucleus.py``).
 
 >>> from entropy_guided_generation.generation import get_decoder
@@ -22,8 +22,8 @@ from entropy_guided_generation.generation.padding import left_pad, left_padded_m
 from entropy_guided_generation.generation.plain import generate_plain
 from entropy_guided_generation.generation.prompt_bins import PromptBinsCache
 from entropy_guided_generation.generation.sampling import filter_top_k, filter_top_p, sample_next_token
-from entropy_guided_generation.generation.session import DecodeSession, HFSession, KVSession, PrefixSession, kv_session, open_session
-from entropy_guided_generation.layout import MODES
+from entropy_guided_generation.sessions import DecodeSession, HFSession, KVSession, PrefixSession, kv_session, open_session
+from entropy_guided_generation.modes import MODES
 
 DECODERS: Dict[str, Callable[..., DecodeResult]] = {
     "none": generate_plain,

@@ -23,8 +23,11 @@ from entropy_guided_generation.confidence import ConfidenceCodec
 from entropy_guided_generation.generation.overrides import ConfidenceOverride
 from entropy_guided_generation.generation.prompt_bins import PromptBinsCache
 from entropy_guided_generation.generation.sampling import sample_next_token
-from entropy_guided_generation.layout import Interleaving, compute_bins, interleave
-from entropy_guided_generation.modeling import KVSession, caches_set_aside, kv_session, project_hidden
+from entropy_guided_generation.fixed_point import compute_bins
+from entropy_guided_generation.interleaved import interleave
+from entropy_guided_generation.modes import Interleaving
+from entropy_guided_generation.modeling import project_hidden
+from entropy_guided_generation.sessions import KVSession, caches_set_aside, kv_session
 
 
 @dataclass

@@ -10,7 +10,8 @@ from typing import Any, Optional
 
 from omegaconf import DictConfig
 
-from entropy_guided_generation.layout import MODES, Mode, check_mode, check_position_rule, mode_named
+from entropy_guided_generation.modes import MODES, Mode, check_mode, mode_named
+from entropy_guided_generation.positions import check_position_rule
 
 INTERLEAVING_KEYS = ("mode", "marker", "positions", "max_passes", "reference_checkpoint", "init_confidence_embeddings", "min_marker_fraction")
 EMBEDDING_INITS = (None, "mean", "keep")

@@ -40,7 +40,7 @@ from entropy_guided_generation.confidence import (
     metadata_for,
     read_confidence_json,
 )
-from entropy_guided_generation.layout import Interleaving
+from entropy_guided_generation.modes import Interleaving
 from entropy_guided_generation.modeling import vocab_size_of
 from entropy_guided_generation.run_lock import OutputDirInUseError, RunLock, lock_output_dir
 from entropy_guided_generation.training import checkpointing, run_dir
@@ -186,8 +186,8 @@ class CaCFinetuneRecipe(FTRecipeInterface):
         if layout is not None and layout.interleaving.marker_ids is not None:
             self._check_marker_fraction(layout)
         ctx = training.get_act_offloading_ctx_manager(self._model, self._loop.enable_activation_offloading)
-        self._loss_step = LossStep(layout, self._loss_fn, self._parallel, reference=self._reference, activations_ctx=ctx, stats=self._stats)
-        self._val_loss_step = LossStep(layout, self._loss_fn, self._parallel, reference=self._reference)
+        self._loss_step = LossStep(layout, self._loss_fn, reference=self._reference, activations_ctx=ctx, stats=self._stats)
+        self._val_loss_step = LossStep(layout, self._loss_fn, reference=self._reference)
 
         self._steps_per_epoch = self._count_steps_per_epoch()
         if resume is not None:
