@@ -35,7 +35,7 @@ from tqdm import tqdm
 from entropy_guided_generation import sampling  # noqa: F401
 from entropy_guided_generation.confidence import ConfidenceCodec
 from entropy_guided_generation.eval.distributed import DataParallelLM
-from entropy_guided_generation.eval.generation import (
+from entropy_guided_generation.generation.gen_kwargs import (
     DecodeSettings,
     cut_at_stop,
     decode_settings,
