@@ -477,7 +477,7 @@ def generate_entropix(
     return result
 
 
-register_decoder("entropix", generate_entropix)
+register_decoder("entropix", generate_entropix, extras=("sampler_config", "tokenizer"))
 
 __all__ = [
     "ADAPTIVE",
