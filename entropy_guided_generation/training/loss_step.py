@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass
-from typing import Any, ContextManager, Dict, Optional
+from typing import ContextManager, Dict, Optional
 
 import torch
 from torch import nn
