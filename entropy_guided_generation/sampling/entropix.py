@@ -270,7 +270,7 @@ def sample_candidates(
         positions among the row's ``k_cap`` largest logits (0 = the argmax).
     """
     weights, ids = filtered_probs(logits, params, k_cap)
-    # q = -log U ~ Exp(1); several times faster on CPU than Tensor.exponential_
+    # q = -log U ~ Exp(1), drawn from rng's uniforms (cheaper on CPU than Tensor.exponential_)
     q = torch.rand(weights.shape[0], num_samples, weights.shape[1], device=weights.device, generator=rng).log_().neg_()
     columns = (weights.unsqueeze(1) / q).argmax(-1)
     return ids.gather(-1, columns), columns
