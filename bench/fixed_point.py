@@ -11,6 +11,8 @@ The ways (each must give the same bins as the first; the run fails at its end, a
 - ``lazy``: lazy passes (each row's signals stop at its first changed bin, a window of new slots per pass:
   what every pass did before the signal's cost was weighed), never stepping.
 - ``step@0``: KV-cached stepping through each row right after the plain pass 0.
+- ``plain ctx``: the bins under ``confidence.context: plain`` (one plain forward; another signal by
+  definition, so its bins are not compared with the others').
 - ``jacobi`` (added here): full passes over the whole batch (every slot's signal from every pass, no
   early stop per row) until one changes nothing; listed when that happens within ``--jacobi-passes``.
 - ``jacobi{k}+step`` (added here): up to k full passes (fewer when one changes nothing), which also tell
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import sys
 import time
 from dataclasses import dataclass
@@ -275,6 +278,7 @@ def measure(model, batch, slots, codec, init: str, step: int, args) -> Measureme
         lazy, _ = timed_bins("lazy", model, batch, codec, slots, sequential_fallback=False)
     with lazy_passes(step_at_0=True):
         stepped, _ = timed_bins("step@0", model, batch, codec, slots)
+    plain_ctx, _ = timed_bins("plain ctx", model, batch, dataclasses.replace(codec, context="plain"), slots)
     ways = [default, passes, lazy, stepped]
     exact = passes.bins
     profile = pass_profile(model, batch, slots, codec, exact, args.jacobi_passes)
@@ -302,6 +306,7 @@ def measure(model, batch, slots, codec, init: str, step: int, args) -> Measureme
         way.cpu += sum(profile.cpu[:ran])
         ways.append(way)
     mismatches = {w.name: int(((w.bins != exact) & slots).sum()) for w in ways}
+    ways.append(plain_ctx)
     laid = result.interleaved
     stock, stock_cpu = stock_seconds(model, laid.tokens, laid.labels, args.repeats)
     model.eval()
@@ -367,7 +372,7 @@ def print_ways(measurements: List[Measurement], rows: int, seq_len: int, out=Non
             print(
                 f"{MODEL:<8} {m.init:<5} {m.step:>4} {m.width:>5} {w.name:<14} {w.passes:>6} {w.forwards:>8} "
                 f"{w.token_forwards:>8} {w.signals:>7} {w.stepped:>7} {w.seconds:7.2f} {m.stock:7.2f} "
-                f"{w.seconds / m.stock:7.2f} {w.cpu / m.stock_cpu:6.2f} {1 + w.cpu / m.stock_cpu:6.2f} {m.mismatches[w.name]:>14}",
+                f"{w.seconds / m.stock:7.2f} {w.cpu / m.stock_cpu:6.2f} {1 + w.cpu / m.stock_cpu:6.2f} {m.mismatches.get(w.name, '-'):>14}",
                 file=out or sys.stdout,
             )
 
