@@ -136,11 +136,19 @@ def _stepping_cost(model: Any, device: torch.device, final: torch.Tensor, counts
     return rows * steps * per_step
 
 
-def _check_max_passes(max_passes: Optional[int]) -> None:
-    if max_passes is None:
-        return
-    if isinstance(max_passes, bool) or not isinstance(max_passes, int) or max_passes < 1:
-        raise ValueError(f"max_passes must be None (iterate until no bin changes) or an int >= 1, got {max_passes!r}")
+def check_max_passes(max_passes: Any, key: str = "max_passes", none: str = "None") -> Optional[int]:
+    """``max_passes`` after checking it: None (iterate until no bin changes) or an int >= 1 (a cap).
+
+    Args:
+        key: the name in the error (``interleaving.max_passes`` for a config).
+        none: how the error spells "no cap" (``null`` for YAML).
+
+    Raises:
+        ValueError: ``interleaving.max_passes must be null (iterate until no bin changes) or an int >= 1, got 0``.
+    """
+    if max_passes is not None and (isinstance(max_passes, bool) or not isinstance(max_passes, int) or max_passes < 1):
+        raise ValueError(f"{key} must be {none} (iterate until no bin changes) or an int >= 1, got {max_passes!r}")
+    return max_passes
 
 
 def _slots_in_order(slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -447,7 +455,7 @@ def compute_bins(
     Raises:
         ValueError: when ``max_passes`` is neither None nor an int >= 1.
     """
-    _check_max_passes(max_passes)
+    check_max_passes(max_passes)
     rule = position_rule(positions)
     if known_bins is not None and known_bins.shape != tokens.shape:
         raise ValueError(f"known_bins must have the shape of tokens {tuple(tokens.shape)}, got {tuple(known_bins.shape)}")
@@ -554,4 +562,4 @@ def _iterate(
     )
 
 
-__all__ = ["FixedPointBins", "compute_bins"]
+__all__ = ["FixedPointBins", "check_max_passes", "compute_bins"]

@@ -40,7 +40,6 @@ from entropy_guided_generation.confidence import (
     metadata_for,
     read_confidence_json,
 )
-from entropy_guided_generation.modes import Interleaving
 from entropy_guided_generation.modeling import vocab_size_of
 from entropy_guided_generation.run_lock import OutputDirInUseError, RunLock, lock_output_dir
 from entropy_guided_generation.training import checkpointing, run_dir
@@ -372,9 +371,7 @@ class CaCFinetuneRecipe(FTRecipeInterface):
     def _build_layout(self, codec: Optional[ConfidenceCodec] = None) -> ConfidenceLayout:
         codec = codec or self._codec
         return ConfidenceLayout(
-            Interleaving.for_tokenizer(
-                self._interleaving.mode, self._tokenizer, self._interleaving.marker, self._interleaving.positions
-            ),
+            self._interleaving.for_tokenizer(self._tokenizer),
             codec,
             pad_id=self._tokenizer.pad_id,
             max_passes=self._interleaving.max_passes,
