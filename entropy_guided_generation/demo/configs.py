@@ -13,6 +13,7 @@ from entropy_guided_generation import kit
 from entropy_guided_generation.confidence import kit_confidence_tokens, resolve_token_ids
 from entropy_guided_generation.demo.data import marker_of, on_bigbench, read_jsonl
 from entropy_guided_generation.demo.settings import BBM_MARKER, BaseModel, CODECS, DataFiles, DemoSettings, MAX_INTERLEAVED_POSITIONS, MAX_PLAIN_TOKENS, REPO_CONFIGS
+from entropy_guided_generation.modes import mode_named
 
 
 def load_config(name: str) -> DictConfig:
@@ -66,7 +67,7 @@ def training_rows(files: DataFiles, mode: str, settings: DemoSettings) -> int:
 
 def interleaving_section(mode: str, settings: DemoSettings) -> dict:
     section: dict[str, Any] = {"positions": settings.positions}
-    if mode == "marker":
+    if mode_named(mode).needs_marker:
         section["marker"] = marker_of(mode, settings)
     return section
 
@@ -107,7 +108,7 @@ def train_config(mode: str, base: BaseModel, files: DataFiles, settings: DemoSet
     cfg.tokenizer = OmegaConf.create(tokenizer_section(base, MAX_PLAIN_TOKENS))
     cfg.dataset = OmegaConf.create(dataset)
     cfg.dataset_val = OmegaConf.create(val) if val is not None else None
-    if mode != "none":
+    if not mode_named(mode).is_plain:
         cfg.confidence = OmegaConf.create({**CODECS[settings.codec], "temperature": 1.0, "tokens": confidence_tokens(base)})
         if settings.context != "interleaved":  # only then: default configs (and their fingerprints) unchanged
             cfg.confidence.context = settings.context
@@ -145,7 +146,7 @@ def eval_config(mode: str, checkpoint: Path, base: BaseModel, files: DataFiles, 
     cfg.tasks = OmegaConf.create(tasks)
     cfg.tokenizer = OmegaConf.create(tokenizer_section(base, None))  # replaced: another tokenizer takes other keys
     cfg.checkpointer.checkpoint_files = OmegaConf.create(weight_files(checkpoint))
-    if mode != "none":
+    if not mode_named(mode).is_plain:
         cfg.interleaving = OmegaConf.merge(cfg.interleaving, interleaving_section(mode, settings))
         cfg.confidence = None  # confidence.json beside the checkpoint holds the (possibly fitted) codec
     return cfg

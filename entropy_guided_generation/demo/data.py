@@ -12,6 +12,7 @@ from typing import Optional, Sequence
 
 from entropy_guided_generation import kit
 from entropy_guided_generation.demo.settings import BBM_MARKER, BBM_TASK_FILE, DataFiles, DemoSettings, GSM8K_MARKER
+from entropy_guided_generation.modes import mode_named
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -71,11 +72,11 @@ def prepare_data(out: Path, settings: DemoSettings, gsm8k_dir: Optional[Path], b
 
 
 def on_bigbench(mode: str, settings: DemoSettings) -> bool:
-    return mode == "marker" and settings.marker_task == "bigbench_mistake"
+    return mode_named(mode).needs_marker and settings.marker_task == "bigbench_mistake"
 
 
 def marker_of(mode: str, settings: DemoSettings) -> Optional[str]:
-    if mode != "marker":
+    if not mode_named(mode).needs_marker:
         return None
     return BBM_MARKER if on_bigbench(mode, settings) else GSM8K_MARKER
 

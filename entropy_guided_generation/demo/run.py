@@ -52,6 +52,7 @@ from entropy_guided_generation.demo.runs import FinishedRun, cpu_seconds, evalua
 from entropy_guided_generation.demo.settings import BASES, BBM_TASK_FILE, BaseModel, CODECS, CONTEXTS, DataFiles, DemoSettings, EMBEDDING_INITS, MARKER_TASKS, MODES, POSITION_RULES, REAL_BASES, SMOLLM2_DEFAULTS, SMOLLM2_SIZING, SMOLLM2_STUDIES, kit_base_folder, parse_change
 from entropy_guided_generation.demo.studies import Demo, compare_rows, final_loss, study_fields, sweep_points
 from entropy_guided_generation.demo.tables import analysis_table, compare_table, digits_table, draw_confidence_example, fixed_point_table, fmt, results_table, step0_table, sweep_table
+from entropy_guided_generation.modes import mode_named
 
 
 def resolve_base(checkpoint: Optional[Path], tokenizer_dir: Optional[Path], model_type: str, base: str = "mixed") -> BaseModel:
@@ -135,7 +136,7 @@ def run_demo(
     demo = Demo(out, settings, base, files, custom_base=checkpoint is not None)
     rows, analyses, curves, examples = [], {}, {}, {}
     # Mode none last: its analysis reads would-be bins with mode answer's codec.
-    ordered = sorted(dict.fromkeys(modes), key=lambda m: (m == "none", MODES.index(m)))
+    ordered = sorted(dict.fromkeys(modes), key=lambda m: (mode_named(m).is_plain, MODES.index(m)))
     for mode in ordered:
         run = demo.run(mode, settings)
         eval_dir = out / "eval" / settings.label() / mode
@@ -151,7 +152,7 @@ def run_demo(
         rows.append(headline_row(mode, settings, run, summary, analyses[mode]))
         if abs(rows[-1]["analysis_accuracy"] - rows[-1]["accuracy"]) > 1e-9 and not on_bigbench(mode, settings):
             print(f"[demo] warning: {mode}: the analysis decode scores {rows[-1]['analysis_accuracy']:.3f}, lm-eval {rows[-1]['accuracy']:.3f}")
-    none_accuracy = next((r["accuracy"] for r in rows if r["mode"] == "none"), None)
+    none_accuracy = next((r["accuracy"] for r in rows if mode_named(r["mode"]).is_plain), None)
     for r in rows:
         r["relative_accuracy"] = r["accuracy"] / none_accuracy if none_accuracy else None
     rows.sort(key=lambda r: MODES.index(r["mode"]))

@@ -10,12 +10,14 @@ from pathlib import Path
 from typing import Any, Optional
 
 from entropy_guided_generation import kit
+from entropy_guided_generation.modes import ANSWER, FULL, MARKER, NONE
+from entropy_guided_generation.positions import POSITION_RULES
 
 
 REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
-MODES = ("none", "full", "answer", "marker")
+MODES = tuple(mode.name for mode in (NONE, FULL, ANSWER, MARKER))  # the built-in modes, in table order
 
 
 GSM8K_MARKER = "####"
@@ -93,7 +95,6 @@ STEP0_ROWS = 12
 EMBEDDING_INITS = ("none", "mean")
 
 
-POSITION_RULES = ("sequential", "shared")
 
 
 STAMP = "demo_stamp.json"

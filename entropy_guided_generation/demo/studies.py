@@ -23,6 +23,7 @@ from entropy_guided_generation.demo_analysis.heldout import GSM8K
 from entropy_guided_generation.demo_analysis.step0 import RowsVariant, step0_study
 from entropy_guided_generation.kit.train_base import mixed_format_base
 from entropy_guided_generation.modeling import vocab_size_of
+from entropy_guided_generation.modes import ANSWER, mode_named
 from entropy_guided_generation.training import read_disk_log
 from entropy_guided_generation.vocabulary import grow_model, rows_needed
 
@@ -69,7 +70,7 @@ class Demo:
         """:func:`~entropy_guided_generation.demo_analysis.analyze_run` of ``run`` (or its saved result;
         a saved full analysis also serves a short one)."""
         folder = self.out / "analysis" / run.settings.label()
-        reference = self.reference_codec(run.settings) if run.mode == "none" and full else None
+        reference = self.reference_codec(run.settings) if mode_named(run.mode).is_plain and full else None
         fingerprint = fingerprint_of(run.fingerprint, run.settings.eval_limit, ANALYSIS_VERSION, reference is not None)
         for kind in ("full",) if full else ("full", "short"):
             path = folder / f"{run.mode}.{kind}.json"
@@ -98,9 +99,9 @@ class Demo:
     def reference_codec(self, settings: DemoSettings) -> Any:
         """Mode answer's codec under ``settings``, mode none's stand-in for would-be bins (None when
         mode answer is not part of this demo)."""
-        if ("answer", settings) not in self._runs:
+        if (ANSWER.name, settings) not in self._runs:
             return None
-        found = find_confidence_json(self._runs[("answer", settings)].checkpoint)
+        found = find_confidence_json(self._runs[(ANSWER.name, settings)].checkpoint)
         return read_confidence_json(found).to_codec() if found else None
 
     def step0(self, settings: DemoSettings, modes: Sequence[str]) -> Optional[dict]:
@@ -113,7 +114,7 @@ class Demo:
         unused special tokens, those with their pretrained rows (``raw``) and set to the mean (``mean``).
         None when no interleaved mode runs on GSM8K data.
         """
-        modes = [m for m in MODES if m in modes and m != "none" and not on_bigbench(m, settings)]
+        modes = [m for m in MODES if m in modes and not mode_named(m).is_plain and not on_bigbench(m, settings)]
         if not modes:
             return None
         run = self.run(modes[0], settings)
@@ -150,7 +151,7 @@ class Demo:
 
 def training_max_passes(mode: str, settings: DemoSettings) -> Optional[int]:
     """The fixed-point pass cap the mode's tiny config trains with (None: until no bin changes)."""
-    if mode == "none":
+    if mode_named(mode).is_plain:
         return None
     name = "marker_bigbench_single_device.yaml" if on_bigbench(mode, settings) else f"{mode}_single_device.yaml"
     return load_config(name).interleaving.get("max_passes", None)
@@ -222,7 +223,7 @@ def compare_rows(demo: Demo, modes: Sequence[str], changes: Sequence[dict]) -> l
         settings = dataclasses.replace(demo.settings, **change)
         label = ", ".join(f"{k}={v}" for k, v in change.items()) or "default"
         for mode in modes:
-            unaffected = mode == "none" and change and set(change) <= set(CONFIDENCE_ONLY) and not (
+            unaffected = mode_named(mode).is_plain and change and set(change) <= set(CONFIDENCE_ONLY) and not (
                 "positions" in change and settings.base == "mixed"
             )
             run = demo.run(mode, demo.settings if unaffected else settings)

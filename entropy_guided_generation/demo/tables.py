@@ -15,7 +15,7 @@ from entropy_guided_generation.demo.configs import gen_budget
 from entropy_guided_generation.demo.data import marker_of
 from entropy_guided_generation.demo.settings import BaseModel, CODECS, DemoSettings
 from entropy_guided_generation.generation import decode
-from entropy_guided_generation.modes import Interleaving
+from entropy_guided_generation.modes import Interleaving, mode_named
 
 
 def draw_confidence_example(mode: str, checkpoint: Path, base: BaseModel, question: str, out: Path, settings: DemoSettings) -> dict:
@@ -34,12 +34,12 @@ def draw_confidence_example(mode: str, checkpoint: Path, base: BaseModel, questi
     with torch.inference_mode():
         result = decode(model, prompt, interleaving=interleaving, max_generated_tokens=gen_budget(mode, settings),
                         pad_id=tokenizer.pad_id, temperature=0.0, stop_tokens=list(tokenizer.stop_tokens),
-                        codec=None if mode == "none" else codec, marker=interleaving.marker_ids)
+                        codec=None if mode_named(mode).is_plain else codec, marker=interleaving.marker_ids)
     n = int(result.generated_lengths[0])
     ids = result.content[0, :n].tolist()
     bins = result.bins[0, :n].tolist()
     # In mode none no confidence token is fed; show the bin an entropy codec would give, for comparison.
-    if mode == "none" and codec.signal == "entropy":
+    if mode_named(mode).is_plain and codec.signal == "entropy":
         bins = codec.bins_from_signal(result.entropies[0, :n]).tolist()
     pieces = [tokenizer.decode([i], skip_special_tokens=False) for i in ids]
     title = f"mode {mode}: {question.strip()}"
@@ -109,7 +109,7 @@ def compare_table(rows: Sequence[dict]) -> str:
 def fixed_point_table(rows: Sequence[dict]) -> str:
     """Per row (mode and setting): content loss at step 0 and at the end, passes per micro-batch,
     single-pass mismatch at step 0 and at the end, train/decode agreement."""
-    labelled = [{**r, "change": r.get("change", "default")} for r in rows if r["mode"] != "none"]
+    labelled = [{**r, "change": r.get("change", "default")} for r in rows if not mode_named(r["mode"]).is_plain]
     return table([
         ("change", "change", 26, "s"), ("mode", "mode", 7, "s"), ("loss@0", "base_content_loss", 7, ".3f"),
         ("loss", "content_loss", 6, ".3f"), ("passes", "passes_per_micro_batch", 7, ".1f"),
