@@ -4,7 +4,7 @@ The result is a Hugging Face ``Qwen2ForCausalLM`` checkpoint (fp32 safetensors +
 files) that solves a measurable share of held-out problems with greedy decoding. A copy ships in
 ``entropy_guided_generation/kit/assets/``; this module rebuilds it::
 
-    python -m entropy_guided_generation.kit.train_base            # writes kit/assets/, 5-9 min on one CPU core
+    python -m entropy_guided_generation.kit.train_base            # writes kit/assets/
     python -m entropy_guided_generation.kit.train_base --out DIR  # anywhere else
 
 Training sequence: ``prompt_of(question)`` tokens (no loss) then ``answer`` tokens + eos
@@ -280,8 +280,8 @@ def mixed_format_base(positions: str = "sequential", log=print) -> Path:
     """The kit's mixed-format base for inserted tokens at ``positions``: a base trained like the
     shipped one (same steps, data and seed) whose rows carry random confidence tokens with probability
     ``MIXED_CONFIDENCE_ROWS`` (see the module docstring). Read from ``kit/assets/mixed_base_<positions>/``
-    when shipped there, else trained once on one thread (about as long as the shipped base: 5-9
-    minutes on an idle core) and cached in ``$EGG_KIT_CACHE``.
+    when shipped there, else trained once on one thread (as long as the shipped base; README's "The
+    offline kit" says how long) and cached in ``$EGG_KIT_CACHE``.
 
     Raises:
         ValueError: on an unknown position rule.
