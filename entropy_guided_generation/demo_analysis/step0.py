@@ -17,6 +17,7 @@ import torch
 from entropy_guided_generation.confidence import ConfidenceCodec
 from entropy_guided_generation.demo_analysis.heldout import HeldOutTask, heldout_content_loss
 from entropy_guided_generation.modes import Interleaving, mode_named
+from entropy_guided_generation.positions import POSITION_RULES
 from entropy_guided_generation.training.embeddings import mean_embedding_rows
 
 ROW_INITS = ("raw", "mean")
@@ -74,7 +75,7 @@ def step0_study(
     *,
     variants: Sequence[RowsVariant],
     modes: Sequence[tuple[str, Optional[str]]],
-    positions: Sequence[str] = ("sequential", "shared"),
+    positions: Sequence[str] = POSITION_RULES,
     batch_size: int = 32,
 ) -> dict:
     """Held-out content loss of the base ``model`` (its vocabulary already covering every variant's
