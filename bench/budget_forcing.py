@@ -22,7 +22,7 @@ import torch
 from entropy_guided_generation import kit
 from entropy_guided_generation.generation import generate_plain
 from entropy_guided_generation.sampling.budget_forcing import budget_force_torchtune
-from entropy_guided_generation.sampling.hf_guided import budget_force_hf
+from entropy_guided_generation.sampling.budget_forcing_hf import budget_force_hf
 
 PROMPT = "Ann has 3 bags with 4 shells each. How many?\n"
 

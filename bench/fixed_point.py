@@ -46,9 +46,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import real_model  # noqa: E402
 
-from entropy_guided_generation import kit, layout as layout_module  # noqa: E402
+from entropy_guided_generation import fixed_point as solver_module, kit  # noqa: E402
 from entropy_guided_generation.confidence import ConfidenceCodec  # noqa: E402
-from entropy_guided_generation.layout import IGNORE_INDEX, FixedPointBins, Interleaving, compute_bins, interleave  # noqa: E402
+from entropy_guided_generation.fixed_point import FixedPointBins, compute_bins
+from entropy_guided_generation.interleaved import IGNORE_INDEX, interleave
+from entropy_guided_generation.modes import Interleaving
 from entropy_guided_generation.modeling import PositionLogits  # noqa: E402
 from entropy_guided_generation.training.loss_step import ConfidenceLayout, ModelBatch, summed_token_loss  # noqa: E402
 
@@ -102,8 +104,8 @@ def counted_forwards(model) -> Iterator[Dict[str, int]]:
 def lazy_passes(step_at_0: bool = False) -> Iterator[None]:
     """Make ``compute_bins`` run lazy passes whatever a signal costs, and (``step_at_0``) step right after
     pass 0 whatever its CPU rule says."""
-    with mock.patch.object(layout_module, "_signals_are_cheap", lambda model: False), \
-            mock.patch.object(layout_module, "_stepping_is_cheaper", lambda *args: step_at_0):
+    with mock.patch.object(solver_module, "_signals_are_cheap", lambda model: False), \
+            mock.patch.object(solver_module, "_stepping_is_cheaper", lambda *args: step_at_0):
         yield
 
 

@@ -36,8 +36,10 @@ import real_model
 from entropy_guided_generation import kit, signals
 from entropy_guided_generation.confidence import ConfidenceCodec, fit_quantile_edges
 from entropy_guided_generation.generation.padding import left_pad
-from entropy_guided_generation.layout import compute_bins, confidence_slots
-from entropy_guided_generation.modeling import kv_session, logits_of
+from entropy_guided_generation.fixed_point import compute_bins
+from entropy_guided_generation.interleaved import confidence_slots
+from entropy_guided_generation.modeling import logits_of
+from entropy_guided_generation.sessions import kv_session
 
 LLAMA3_VOCAB = 128_256
 LLAMA3_CONF_IDS = list(range(128_245, 128_256))  # <|reserved_special_token_234..244|>

@@ -57,7 +57,6 @@ from torchtune import config, training, utils
 
 from entropy_guided_generation.eval.from_config import (
     DEFAULT_SEED,
-    EvalInterleaving,
     build_lm,
     check_limit,
     check_recipe_keys,
@@ -71,6 +70,7 @@ from entropy_guided_generation.eval.distributed import (
     rank_and_world_size,
 )
 from entropy_guided_generation.eval.lm import MODEL_NAME, DecodeStats
+from entropy_guided_generation.interleaving_config import InterleavingConfig
 from entropy_guided_generation.eval.report import calibration_rows, calibration_table
 from entropy_guided_generation.eval.request_cache import RequestCache, cache_identity, cache_path, checkpoint_fingerprint
 from entropy_guided_generation.eval.tasks import expand_task_spec, task_manager_for
@@ -87,7 +87,7 @@ def _json_number(value: Optional[float]) -> Optional[float]:
 
 
 def run_summary(
-    results: dict, rows: list, interleaving: EvalInterleaving, lm: Any, stats: DecodeStats, eval_seconds: float
+    results: dict, rows: list, interleaving: InterleavingConfig, lm: Any, stats: DecodeStats, eval_seconds: float
 ) -> dict:
     """The numbers of one eval run, JSON-friendly (NaN -> None).
 

@@ -34,8 +34,8 @@ from entropy_guided_generation.diffusion.lm_eval_model import DiffusionLM
 from entropy_guided_generation.eval.distributed import leave_process_group, padding_aware_use_cache
 from entropy_guided_generation.eval.from_config import TorchtuneLMFromConfig, lm_eval_cli_settings
 from entropy_guided_generation.eval.lm import MODEL_NAME as EGG_TORCHTUNE
-from entropy_guided_generation.sampling.hf_guided import MODEL_NAME as HF_GUIDED
-from entropy_guided_generation.sampling.hf_guided import HFGuidedLM
+from entropy_guided_generation.eval.hf_guided import MODEL_NAME as HF_GUIDED
+from entropy_guided_generation.eval.hf_guided import HFGuidedLM
 
 MODELS: dict[str, type[LM]] = {
     # a torchtune checkpoint in its interleaving mode: --model_args config=<eval recipe YAML>[,key=value...]

@@ -11,7 +11,8 @@ from typing import Any, Mapping, Sequence, Union
 PathLike = Union[str, Path]
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib's ``pyplot`` on the non-interactive Agg backend (raises ImportError naming the ``plots`` extra)."""
     try:
         import matplotlib
     except ImportError as err:  # pragma: no cover - exercised only without the plots extra
@@ -67,7 +68,7 @@ def confidence_html(pieces: Sequence[str], bins: Sequence[int], num_bins: int, t
 
 def confidence_png(pieces: Sequence[str], bins: Sequence[int], num_bins: int, path: PathLike, title: str = "") -> Path:
     """The same picture as :func:`confidence_html`, drawn with matplotlib as a PNG."""
-    plt = _pyplot()
+    plt = pyplot()
     per_line = 48
     lines: list[list[tuple[str, int]]] = [[]]
     width = 0
@@ -102,7 +103,7 @@ def reliability_diagram(
     confidences: Sequence[float], correct: Sequence[bool], path: PathLike, title: str = "", num_bins: int = 10
 ) -> Path:
     """Accuracy per equal-width confidence bin against the diagonal, with per-bin counts."""
-    plt = _pyplot()
+    plt = pyplot()
     edges = [k / num_bins for k in range(num_bins + 1)]
     acc, mid, counts = [], [], []
     for lo, hi in zip(edges[:-1], edges[1:]):
@@ -127,7 +128,7 @@ def reliability_diagram(
 
 def loss_curves(curves: Mapping[str, Sequence[float]], path: PathLike, title: str = "training loss", log_y: bool = False) -> Path:
     """One line per run (e.g. per mode): loss against optimizer step (``log_y``: a log loss axis)."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.8))
     for name, values in curves.items():
         ax.plot(range(1, len(values) + 1), list(values), label=name, lw=1.4)
@@ -147,7 +148,7 @@ def learning_curves(points: Mapping[str, Sequence[Mapping[str, float]]], path: P
     Args:
         points: mode -> ``[{"steps", "accuracy", "content_loss"}, ...]`` (one finetune per budget).
     """
-    plt = _pyplot()
+    plt = pyplot()
     fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(10, 3.8))
     for mode, rows in points.items():
         rows = sorted(rows, key=lambda r: r["steps"])
@@ -172,7 +173,7 @@ def ablation_bars(accuracy: Mapping[str, Mapping[str, float]], path: PathLike, t
     Args:
         accuracy: mode -> {variant name -> accuracy}, e.g. ``{"answer": {"real": 0.5, "shuffled": 0.4}}``.
     """
-    plt = _pyplot()
+    plt = pyplot()
     modes = list(accuracy)
     names = list(dict.fromkeys(name for m in modes for name in accuracy[m]))
     width = 0.8 / max(len(names), 1)
@@ -196,7 +197,7 @@ def digit_bins(histograms: Mapping[str, Mapping[str, Sequence[int]]], path: Path
     Args:
         histograms: mode -> {"right": counts per bin, "wrong": counts per bin}.
     """
-    plt = _pyplot()
+    plt = pyplot()
     modes = [m for m in histograms if any(histograms[m].get(k) for k in ("right", "wrong"))]
     fig, axes = plt.subplots(1, max(len(modes), 1), figsize=(3.6 * max(len(modes), 1), 3.2), squeeze=False)
     for ax, mode in zip(axes[0], modes):

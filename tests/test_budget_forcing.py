@@ -24,7 +24,7 @@ from entropy_guided_generation.sampling.budget_forcing import (
     budget_forcing_config,
     budget_forcing_requested,
 )
-from entropy_guided_generation.sampling.hf_guided import budget_force_hf
+from entropy_guided_generation.sampling.budget_forcing_hf import budget_force_hf
 
 HIGH_MARGIN = 30.0  # logit lead of the favoured token: entropy ~ 0
 LOW_MARGIN = 1.0  # a slight lead: greedy still picks it, entropy ~ ln(vocab)

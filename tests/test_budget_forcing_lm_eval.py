@@ -16,7 +16,7 @@ from lm_eval.models.huggingface import HFLM
 
 from entropy_guided_generation import kit
 from entropy_guided_generation.lm_eval import register_models
-from entropy_guided_generation.sampling.hf_guided import HFGuidedLM
+from entropy_guided_generation.eval.hf_guided import HFGuidedLM
 from test_budget_forcing import ends_at_once_checkpoint, entropy_checkpoint, never_ends_checkpoint
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

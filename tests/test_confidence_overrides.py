@@ -9,7 +9,7 @@ import torch
 from entropy_guided_generation import signals
 from entropy_guided_generation.confidence import ConfidenceCodec, fit_quantile_edges
 from entropy_guided_generation.generation import FixedBin, ShuffledBins, decode
-from entropy_guided_generation.generation.overrides import compact_left, permute_within_rows
+from entropy_guided_generation.generation.bin_ablations import compact_left, permute_within_rows
 from entropy_guided_generation.layout import Interleaving
 from entropy_guided_generation.modeling import logits_of
 

@@ -144,10 +144,10 @@ def test_a_finished_finetune_evaluation_and_analysis_are_reused_only_under_their
         calls.append(("analysis", args[3]))
         return {"content_loss": 1.0}
 
-    monkeypatch.setattr(demo, "run_recipe", fake_recipe)
-    monkeypatch.setattr(demo, "EleutherEvalRecipeDirect", FakeEvalRecipe)
-    monkeypatch.setattr(demo, "analyze_run", fake_analysis)
-    monkeypatch.setattr(demo, "heldout_rows", lambda files, mode, settings: [])
+    monkeypatch.setattr(demo.runs, "run_recipe", fake_recipe)
+    monkeypatch.setattr(demo.runs, "EleutherEvalRecipeDirect", FakeEvalRecipe)
+    monkeypatch.setattr(demo.studies, "analyze_run", fake_analysis)
+    monkeypatch.setattr(demo.studies, "heldout_rows", lambda files, mode, settings: [])
     run_dir, eval_dir = tmp_path / "run", tmp_path / "eval"
     eval_dir.mkdir()
     cfg = OmegaConf.create({"output_dir": str(run_dir), "epochs": 1, "max_steps_per_epoch": 2, "limit": 4})
@@ -207,7 +207,7 @@ def test_smollm2_runs_its_default_studies_unless_told_otherwise(monkeypatch, tmp
     settings = demo.settings_from_args(args)
     assert settings.eval_limit == 2 and settings.steps == demo.SMOLLM2_DEFAULTS["steps"]
     sweep, compare = demo.studies_from_args(args)
-    assert sweep == demo._int_list(demo.SMOLLM2_STUDIES["sweep_steps"], "x") and compare == [{"context": "plain"}]
+    assert sweep == demo.int_list(demo.SMOLLM2_STUDIES["sweep_steps"], "x") and compare == [{"context": "plain"}]
     assert demo.studies_from_args(demo.parse_args(["--base", "smollm2", "--sweep-steps", "", "--compare", ""])) == ([], [])
     assert demo.studies_from_args(demo.parse_args([])) == ([], [])
     assert demo.settings_from_args(demo.parse_args([])) == demo.DemoSettings()
@@ -216,7 +216,7 @@ def test_smollm2_runs_its_default_studies_unless_told_otherwise(monkeypatch, tmp
     folder.mkdir()
     (folder / "config.json").write_text("{}")
     (folder / "tokenizer.json").write_text("{}")
-    monkeypatch.setattr(demo.kit, "smollm2_135m_instruct", lambda: folder)
+    monkeypatch.setattr(demo.settings.kit, "smollm2_135m_instruct", lambda: folder)
     base = demo.resolve_base(None, None, "QWEN2", "smollm2")
     assert base.checkpoint_dir == folder.resolve() and base.model_type == "LLAMA3_2"
     studies = demo.Demo(tmp_path, settings, base, files=None, custom_base=False)

@@ -14,7 +14,7 @@ from lm_eval.api.instance import Instance
 from omegaconf import OmegaConf
 
 from entropy_guided_generation.eleuther_eval import SUMMARY_FILENAME, EleutherEvalRecipeDirect
-from entropy_guided_generation.eval.distributed import DataParallelLM, in_document_order, interleave, split_padding
+from entropy_guided_generation.eval.distributed import DataParallelLM, in_document_order, rank_results_in_document_order, split_padding
 
 REPO = Path(__file__).resolve().parents[1]
 TUNE = str(Path(sys.executable).parent / "tune")
@@ -56,7 +56,7 @@ def test_ranks_documents_merge_back_in_one_process_order():
         metrics = [{"t": {k: [v for d, v in zip(docs, vs) if d % world == r] for k, vs in one_process_metrics.items()}} for r in range(world)]
         assert in_document_order(samples) == {"t": one_process_samples}
         assert in_document_order(metrics) == {"t": one_process_metrics}
-    assert interleave([[0, 2, 4], [1, 3]]) == [0, 1, 2, 3, 4]
+    assert rank_results_in_document_order([[0, 2, 4], [1, 3]]) == [0, 1, 2, 3, 4]
     assert in_document_order([1, 2]) is None  # any other shape: left to the caller
 
 

@@ -10,7 +10,8 @@ import torch
 from entropy_guided_generation import signals
 from entropy_guided_generation.confidence import ConfidenceCodec, fit_quantile_edges
 from entropy_guided_generation.layout import IGNORE_INDEX, compute_bins, confidence_slots
-from entropy_guided_generation.modeling import kv_session, logits_of
+from entropy_guided_generation.modeling import logits_of
+from entropy_guided_generation.sessions import kv_session
 
 from helpers import tiny_decoder
 
@@ -244,16 +245,16 @@ def test_narrowed_passes_equal_full_passes_bit_for_bit(mode, dtype, left_pad, ba
 def test_passes_in_small_chunks_give_the_same_bits(max_passes, model, batch, monkeypatch):
     """A large vocabulary makes a pass compute its signals a few slots at a time (and, uncapped,
     stop each row at its first changed slot); a tiny chunk budget does the same here."""
-    from entropy_guided_generation import layout
+    from entropy_guided_generation import fixed_point
 
     tokens, _, valid, response = batch
     slots = slots_of("answer", tokens, valid, response)
     codec = codec_for(model, tokens, valid)
     kwargs = dict(codec=codec, slots=slots, valid_mask=valid, pad_id=PAD, max_passes=max_passes, sequential_fallback=False)
     # Signals dear against a token's forward (a large vocabulary on a small model): lazy passes.
-    monkeypatch.setattr(layout, "_signals_are_cheap", lambda model: False)
+    monkeypatch.setattr(fixed_point, "_signals_are_cheap", lambda model: False)
     whole = compute_bins(model, tokens, **kwargs)
-    monkeypatch.setattr(layout, "_CHUNK_LOGITS", 3 * VOCAB)
+    monkeypatch.setattr(fixed_point, "_CHUNK_LOGITS", 3 * VOCAB)
     chunked = compute_bins(model, tokens, **kwargs)
     assert torch.equal(chunked.bins, whole.bins)
     assert torch.equal(chunked.signal.nan_to_num(-1.0), whole.signal.nan_to_num(-1.0))
@@ -390,16 +391,16 @@ def test_cheap_signals_make_every_pass_compute_every_unsettled_slot(model, batch
     """When a signal costs no more than a token's forward (a real LM), each pass computes every slot
     after a row's settled prefix (all guesses improve at once) instead of a lazy window: the same
     bins, fewer passes."""
-    from entropy_guided_generation import layout
+    from entropy_guided_generation import fixed_point
 
     tokens, _, valid, response = batch
     slots = slots_of("answer", tokens, valid, response)
     codec = codec_for(model, tokens, valid)
     kwargs = dict(codec=codec, slots=slots, valid_mask=valid, pad_id=PAD, sequential_fallback=False)
-    assert layout._signals_are_cheap(model)
+    assert fixed_point._signals_are_cheap(model)
     whole = compute_bins(model, tokens, **kwargs)
-    monkeypatch.setattr(layout, "_signals_are_cheap", lambda model: False)
-    monkeypatch.setattr(layout, "_CHUNK_LOGITS", 3 * VOCAB)
+    monkeypatch.setattr(fixed_point, "_signals_are_cheap", lambda model: False)
+    monkeypatch.setattr(fixed_point, "_CHUNK_LOGITS", 3 * VOCAB)
     lazy = compute_bins(model, tokens, **kwargs)
     assert whole.converged and torch.equal(whole.bins, lazy.bins)
     assert whole.passes <= lazy.passes

@@ -13,7 +13,7 @@ from entropy_guided_generation.generation import (
     get_decoder,
     sample_next_token,
 )
-from entropy_guided_generation import layout
+from entropy_guided_generation import fixed_point
 from entropy_guided_generation.layout import compute_bins, confidence_slots
 from entropy_guided_generation.scoring import SamplingPolicy
 
@@ -98,7 +98,7 @@ def test_full_mode_prompt_stepped_on_cpu_still_decodes_the_training_layout():
     big = tiny_decoder(vocab, seed=5, weight_scale=3.0, embed_dim=64)
     big_codec = quantile_codec(big, vocab, list(range(vocab - 11, vocab)))
     prompts = [[5, 9, 12, 7, 30, 31, 2], [22, 3, 40], [14, 15, 16, 17, 18, 19, 20, 21, 22], [8, 6, 4, 2, 11]]
-    assert layout._stepping_is_cheaper(big, len(prompts), torch.device("cpu"))
+    assert fixed_point._stepping_is_cheaper(big, len(prompts), torch.device("cpu"))
     result = decode_mode("full", big, big_codec, left_pad(prompts))
     for row, prompt_row in enumerate(prompts):
         n = int(result.generated_lengths[row])

@@ -7,6 +7,10 @@ in a function body: ``import entropy_guided_generation.x``, ``from entropy_guide
 constant. A package ``__init__`` that imports its submodules has edges to them (the implicit import
 of a module's parent packages is not an edge). A module that needs its caller is in the wrong place:
 move the shared code into a layer below both.
+
+The same holds one level up: collapsing every subpackage (``generation``, ``eval``, ``sampling``, ...)
+into one node, and each top-level module into its own, leaves no cycle either. Two subpackages that
+import each other are one concept split wrong: the glue belongs in the layer above both.
 """
 from __future__ import annotations
 
@@ -108,6 +112,22 @@ def import_graph() -> dict[str, set[str]]:
     return {module: imported_modules(module, path, known) for module, path in files.items()}
 
 
+def package_unit(module: str) -> str:
+    """The node ``module`` counts as in the package-level graph: its subpackage
+    (``entropy_guided_generation.eval.lm`` -> ``entropy_guided_generation.eval``), or itself when it
+    sits at the top (``entropy_guided_generation.layout``, the root package)."""
+    return ".".join(module.split(".")[:2])
+
+
+def package_graph(graph: dict[str, set[str]]) -> dict[str, set[str]]:
+    """``graph`` with every module replaced by its :func:`package_unit` (edges inside a unit dropped)."""
+    units: dict[str, set[str]] = {}
+    for module, targets in graph.items():
+        unit = package_unit(module)
+        units.setdefault(unit, set()).update(package_unit(t) for t in targets if package_unit(t) != unit)
+    return units
+
+
 def find_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     """One cycle per strongly connected component with more than one module (Tarjan), each as a path
     ``[a, b, ..., a]`` through its modules."""
@@ -194,6 +214,23 @@ def test_package_has_no_import_cycles():
     )
 
 
+def test_package_graph_collapses_subpackages():
+    graph = {"p.a.x": {"p.b.y", "p.a.z"}, "p.a.z": set(), "p.b.y": {"p.top"}, "p.top": {"p.a.z"}}
+    assert package_graph(graph) == {"p.a": {"p.b"}, "p.b": {"p.top"}, "p.top": {"p.a"}}
+    assert find_cycles(package_graph(graph)) == [["p.a", "p.b", "p.top", "p.a"]]
+
+
+def test_subpackages_have_no_import_cycles():
+    """E.g. ``eval`` importing ``sampling`` while ``sampling`` imports ``eval`` is a cycle here even
+    when no two modules import each other."""
+    units = package_graph(import_graph())
+    assert len(units) > 10, f"found only {len(units)} subpackages and top-level modules under {PACKAGE_DIR}"
+    cycles = find_cycles(units)
+    assert not cycles, "import cycles between subpackages (top-level modules count alone):\n" + "\n".join(
+        "  " + " -> ".join(cycle) for cycle in cycles
+    )
+
+
 def test_project_imports_sit_at_module_top():
     """An import of our own package inside a function hides a dependency (often a cycle): a module
     that needs its caller is in the wrong place. Third-party imports may stay lazy, with a reason."""
@@ -204,4 +241,27 @@ def test_project_imports_sit_at_module_top():
     }
     assert not hidden, "project imports inside functions:\n" + "\n".join(
         f"  {path}:{hit}" for path, found in hidden.items() for hit in found
+    )
+
+
+def private_imports(path: Path) -> list[str]:
+    """``line: statement`` of each import of a leading-underscore name from another project module."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    return [
+        f"{node.lineno}: {ast.unparse(node)}"
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").split(".")[0] == PACKAGE)
+        and any(alias.name.startswith("_") and not alias.name.startswith("__") for alias in node.names)
+    ]
+
+
+def test_no_private_name_is_imported_across_modules():
+    """A leading underscore means "this module's own": a name another module needs is public."""
+    found = {
+        str(path.relative_to(PACKAGE_DIR.parent)): hits
+        for path in sorted(PACKAGE_DIR.rglob("*.py"))
+        if (hits := private_imports(path))
+    }
+    assert not found, "private names imported across modules:\n" + "\n".join(
+        f"  {path}:{hit}" for path, hits in found.items() for hit in hits
     )

@@ -17,7 +17,7 @@ from lm_eval.tasks import TaskManager
 from entropy_guided_generation import kit
 from entropy_guided_generation.eval.lm import TorchtuneLM
 from entropy_guided_generation.lm_eval import MODELS, register_models
-from entropy_guided_generation.sampling.hf_guided import HFGuidedLM
+from entropy_guided_generation.eval.hf_guided import HFGuidedLM
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PACKAGE_DIR = REPO_ROOT / "entropy_guided_generation"

@@ -12,7 +12,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 from torchtune.data import Message
 
-from entropy_guided_generation.data.sft import ResponseMaskedDataset, _reject_packing, load_rows
+from entropy_guided_generation.data.sft import ResponseMaskedDataset, reject_packing, load_rows
 from entropy_guided_generation.data.tokenize import (
     TokenizedSample,
     tokenize_messages_with_response,
@@ -86,7 +86,7 @@ def bigbench_mistake_dataset(
         prompt_template: formats a row's ``input`` into the prompt.
         chat: render as a user/assistant conversation through the tokenizer's chat format.
     """
-    _reject_packing(packed)
+    reject_packing(packed)
     if answer_field not in ANSWER_FIELDS:
         raise ValueError(f"unknown answer_field {answer_field!r}; expected one of {', '.join(ANSWER_FIELDS)}")
     rows = load_rows("json", split=split, filter_fn=filter_fn, data_files=bigbench_mistake_files(data_dir, tasks))

@@ -11,7 +11,7 @@ from typing import Any, Callable, Mapping, Optional
 
 from torchtune.data import Message
 
-from entropy_guided_generation.data.sft import ResponseMaskedDataset, _reject_packing, load_rows
+from entropy_guided_generation.data.sft import ResponseMaskedDataset, reject_packing, load_rows
 from entropy_guided_generation.data.tokenize import (
     TokenizedSample,
     tokenize_messages_with_response,
@@ -60,7 +60,7 @@ def gsm8k_dataset(
             of plain text.
         train_on_input: also train on the prompt tokens.
     """
-    _reject_packing(packed)
+    reject_packing(packed)
     kwargs = dict(load_dataset_kwargs)
     if data_files is not None:
         kwargs["data_files"] = data_files

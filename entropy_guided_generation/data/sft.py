@@ -83,7 +83,8 @@ def load_rows(source: str, *, split: str, filter_fn: Optional[Callable] = None, 
     return rows
 
 
-def _reject_packing(packed: bool) -> None:
+def reject_packing(packed: bool) -> None:
+    """Raise when a dataset is asked to pack examples (confidence tokens are inserted per example)."""
     if packed:
         raise ValueError(
             "packed=True is not supported: interleaving inserts confidence tokens per example, "
@@ -116,7 +117,7 @@ def instruct_dataset(
 ) -> ResponseMaskedDataset:
     """torchtune's ``instruct_dataset`` (``input``/``output`` columns, renamed by ``column_map``)
     with a response mask on the output's tokens."""
-    _reject_packing(packed)
+    reject_packing(packed)
     rows = load_rows(source, split=split, filter_fn=filter_fn, **load_dataset_kwargs)
     transform = InputOutputToMessages(
         train_on_input=train_on_input, column_map=column_map, new_system_prompt=new_system_prompt
@@ -139,7 +140,7 @@ def chat_dataset(
 ) -> ResponseMaskedDataset:
     """torchtune's ``chat_dataset`` (``sharegpt`` or ``openai`` conversations) with a response mask
     on every assistant message's body."""
-    _reject_packing(packed)
+    reject_packing(packed)
     if conversation_style not in CONVERSATION_STYLES:
         raise ValueError(
             f"unknown conversation_style {conversation_style!r}; expected one of {', '.join(CONVERSATION_STYLES)}"

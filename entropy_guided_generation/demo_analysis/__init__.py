@@ -24,7 +24,7 @@ from entropy_guided_generation.confidence import find_confidence_json, read_conf
 from entropy_guided_generation.demo_analysis.agreement import single_pass_mismatch
 from entropy_guided_generation.demo_analysis.heldout import GSM8K, bigbench_mistake_task, heldout_content_loss
 from entropy_guided_generation.demo_analysis.report import ABLATIONS, HeldOut, analyze_checkpoint
-from entropy_guided_generation.layout import Interleaving
+from entropy_guided_generation.modes import Interleaving, mode_named
 from entropy_guided_generation.modeling import vocab_size_of
 from entropy_guided_generation.training.embeddings import init_confidence_embeddings
 from entropy_guided_generation.vocabulary import grow_model
@@ -58,7 +58,7 @@ def analyze_run(
     """
     tokenizer = kit.load_folder_tokenizer(tokenizer_dir)
     codec, positions = None, "sequential"
-    if mode != "none":
+    if not mode_named(mode).is_plain:
         found = find_confidence_json(checkpoint)
         if found is None:
             raise FileNotFoundError(f"mode {mode!r} checkpoint {checkpoint} has no confidence.json")

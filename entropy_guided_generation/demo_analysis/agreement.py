@@ -21,7 +21,8 @@ import torch
 
 from entropy_guided_generation.confidence import ConfidenceCodec
 from entropy_guided_generation.demo_analysis.heldout import DecodedSample, HeldOutTask, reference_batch
-from entropy_guided_generation.layout import Interleaving, compute_bins
+from entropy_guided_generation.fixed_point import compute_bins
+from entropy_guided_generation.modes import Interleaving
 
 
 @dataclass(frozen=True)

@@ -19,10 +19,10 @@ from tqdm.auto import tqdm
 
 from entropy_guided_generation.confidence import ConfidenceCodec
 from entropy_guided_generation.data.bigbench_mistake import trace_response
-from entropy_guided_generation.eval.generation import cut_at_stop, tokens_covering
+from entropy_guided_generation.generation.gen_kwargs import cut_at_stop, tokens_covering
 from entropy_guided_generation.eval.teacher_forcing import score_continuations
 from entropy_guided_generation.generation import ConfidenceOverride, decode, left_pad
-from entropy_guided_generation.layout import Interleaving
+from entropy_guided_generation.modes import Interleaving
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from entropy_guided_generation.demo_analysis.trace import (
 )
 from entropy_guided_generation.eval.calibration import auroc, calibration_report
 from entropy_guided_generation.generation import FixedBin, ShuffledBins
-from entropy_guided_generation.layout import Interleaving
+from entropy_guided_generation.modes import Interleaving
 
 ABLATIONS = ("fixed_confident", "fixed_unconfident", "shuffled")
 """Decodes with the confidence token fed back replaced: every one by the codec's most confident bin

@@ -16,7 +16,8 @@ import torch
 
 from entropy_guided_generation.confidence import ConfidenceCodec
 from entropy_guided_generation.demo_analysis.heldout import HeldOutTask, heldout_content_loss
-from entropy_guided_generation.layout import Interleaving
+from entropy_guided_generation.modes import Interleaving, mode_named
+from entropy_guided_generation.positions import POSITION_RULES
 from entropy_guided_generation.training.embeddings import mean_embedding_rows
 
 ROW_INITS = ("raw", "mean")
@@ -74,7 +75,7 @@ def step0_study(
     *,
     variants: Sequence[RowsVariant],
     modes: Sequence[tuple[str, Optional[str]]],
-    positions: Sequence[str] = ("sequential", "shared"),
+    positions: Sequence[str] = POSITION_RULES,
     batch_size: int = 32,
 ) -> dict:
     """Held-out content loss of the base ``model`` (its vocabulary already covering every variant's
@@ -98,8 +99,8 @@ def step0_study(
                                  codec=None, batch_size=batch_size)
     out: list[dict] = []
     for mode, marker in modes:
-        if mode == "none":
-            raise ValueError("step0_study measures interleaved modes; got 'none' (its loss is the plain one)")
+        if mode_named(mode).is_plain:
+            raise ValueError(f"step0_study measures interleaved modes; got {mode!r} (its loss is the plain one)")
         for variant in variants:
             with confidence_rows(model, variant.codec.token_ids, variant.init):
                 for rule in positions:

@@ -18,7 +18,7 @@ from entropy_guided_generation.diffusion.tta import generate_with_tta_uncertaint
 from entropy_guided_generation.generation import left_pad
 from entropy_guided_generation.modeling import vocab_size_of
 from entropy_guided_generation.tokenizing import encode_ids, eos_id_of, is_hf_tokenizer, pad_id_of
-from entropy_guided_generation.visualize import _pyplot
+from entropy_guided_generation.visualize import pyplot
 
 DecodeFn = Callable[..., tuple[torch.Tensor, dict[str, Any]]]
 HELDOUT_SEED = 1
@@ -167,7 +167,7 @@ def summarize(results: dict[str, SolveResult], plot_path: Optional[Union[str, Pa
     lines = [f"{'run':<24} {'accuracy':>8} {'nfe':>7} {'s/sample':>9}"]
     lines += [f"{name:<24} {r.accuracy:8.3f} {r.nfe_per_sample:7.1f} {r.seconds_per_sample:9.4f}" for name, r in results.items()]
     if plot_path is not None:
-        plt = _pyplot()
+        plt = pyplot()
         figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
         for name, r in results.items():
             if r.step_stats:

@@ -41,7 +41,7 @@ from entropy_guided_generation.diffusion.mask_predictor import response_text
 from entropy_guided_generation.diffusion.pretrained import load_mask_predictor
 from entropy_guided_generation.diffusion.tta import TTAOptions, generate_with_tta_uncertainty
 from entropy_guided_generation.eval.distributed import DataParallelLM, join_process_group
-from entropy_guided_generation.eval.generation import check_sampling_values
+from entropy_guided_generation.generation.gen_kwargs import check_sampling_values
 from entropy_guided_generation.generation import left_pad
 
 log = logging.getLogger(__name__)

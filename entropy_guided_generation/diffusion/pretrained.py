@@ -24,7 +24,7 @@ def trained_mask_predictor() -> Path:
     """The folder of the kit's trained mask predictor.
 
     The shipped copy (``kit/assets/mask_predictor/``, 2.3 MB; read-only by contract) when it is
-    complete; else trained on first use (about 3 min on 2 idle CPU cores) and cached in
+    complete; else trained on first use (README's "The offline kit" says how long) and cached in
     ``<kit cache>/mask-predictor-<hash>``, where the hash covers the training settings and the
     sources of the training code, the predictor and the kit's data. The folder holds
     ``model.safetensors``, ``config.json``, the kit tokenizer files and ``predictor_card.json``

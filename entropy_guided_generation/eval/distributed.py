@@ -74,7 +74,7 @@ def gather_to_rank_zero(obj: Any) -> Optional[list]:
     return gathered
 
 
-def interleave(per_rank: Sequence[Sequence[Any]]) -> list:
+def rank_results_in_document_order(per_rank: Sequence[Sequence[Any]]) -> list:
     """Per-document items of each rank back in document order: rank r held documents r, r + W, ...
     (lm-eval's split), so item i of rank r is document i * W + r."""
     longest = max((len(items) for items in per_rank), default=0)
@@ -99,10 +99,10 @@ def in_document_order(per_rank: Sequence[Any]) -> Optional[dict]:
         parts = [obj.get(task) for obj in per_rank]
         if all(isinstance(p, dict) for p in parts):
             keys = list(dict.fromkeys(key for p in parts for key in p))
-            merged[task] = {key: interleave([p.get(key, []) for p in parts]) for key in keys}
+            merged[task] = {key: rank_results_in_document_order([p.get(key, []) for p in parts]) for key in keys}
         elif all(_is_samples(p) for p in parts):
             filters = list(dict.fromkeys(s["filter"] for p in parts for s in p))
-            merged[task] = [s for f in filters for s in interleave([[s for s in p if s["filter"] == f] for p in parts])]
+            merged[task] = [s for f in filters for s in rank_results_in_document_order([[s for s in p if s["filter"] == f] for p in parts])]
         else:
             return None
     return merged
@@ -233,11 +233,11 @@ __all__ = [
     "PaddingAwareCachingLM",
     "gather_to_rank_zero",
     "in_document_order",
-    "interleave",
     "join_process_group",
     "launched_world_size",
     "leave_process_group",
     "padding_aware_use_cache",
     "rank_and_world_size",
+    "rank_results_in_document_order",
     "split_padding",
 ]

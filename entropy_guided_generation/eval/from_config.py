@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 from contextvars import ContextVar
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional
 
@@ -29,7 +28,9 @@ from entropy_guided_generation.confidence import (
 )
 from entropy_guided_generation.eval.distributed import join_process_group
 from entropy_guided_generation.eval.lm import MODEL_NAME, TorchtuneLM
-from entropy_guided_generation.layout import NONE, Mode, check_position_rule, mode_named
+from entropy_guided_generation.interleaving_config import SHARED_KEYS, InterleavingConfig, check_section_keys
+from entropy_guided_generation.modes import NONE, Mode, mode_named
+from entropy_guided_generation.positions import check_position_rule
 from entropy_guided_generation.modeling import vocab_size_of
 from entropy_guided_generation.training.kit_paths import resolve_kit_references
 from entropy_guided_generation.vocabulary import fit_model_vocabulary, state_dict_rows
@@ -39,29 +40,8 @@ RECIPE_KEYS = (
     "limit", "num_fewshot", "batch_size", "max_seq_length", "max_gen_toks", "gen_kwargs", "enable_kv_cache",
     "device", "dtype", "seed", "bootstrap_iters", "log_level", "sampler", "data_dir",
 )
-INTERLEAVING_KEYS = ("mode", "marker", "positions", "max_passes")
+INTERLEAVING_KEYS = SHARED_KEYS
 DEFAULT_SEED = 1234  # lm-eval's and torchtune's eval default
-
-
-@dataclass(frozen=True)
-class EvalInterleaving:
-    """The ``interleaving`` section, reconciled with the checkpoint's ``confidence.json``.
-
-    Attributes:
-        mode: the registered mode the config names, else confidence.json's, else none.
-        marker: the marker string (modes that read one).
-        positions: the position rule (the config's, else confidence.json's, else sequential).
-        max_passes: cap on fixed-point passes when scoring (None: exact).
-    """
-
-    mode: Mode
-    marker: Optional[str] = None
-    positions: str = "sequential"
-    max_passes: Optional[int] = None
-
-    @property
-    def name(self) -> str:
-        return self.mode.name
 
 
 def plain_container(node: Any) -> Any:
@@ -122,7 +102,7 @@ def checkpoint_metadata(cfg: DictConfig) -> tuple[Optional[ConfidenceMetadata], 
     return (read_confidence_json(path), path) if path is not None else (None, None)
 
 
-def eval_interleaving(cfg: DictConfig, metadata: Optional[ConfidenceMetadata], source: str = "confidence.json") -> EvalInterleaving:
+def eval_interleaving(cfg: DictConfig, metadata: Optional[ConfidenceMetadata], source: str = "confidence.json") -> InterleavingConfig:
     """Read ``cfg.interleaving`` and check it against the checkpoint's metadata.
 
     Raises:
@@ -130,9 +110,7 @@ def eval_interleaving(cfg: DictConfig, metadata: Optional[ConfidenceMetadata], s
             (``config interleaving.mode is 'full' but <path> says 'answer'``).
     """
     section = plain_container(cfg.get("interleaving", None)) or {}
-    unknown = sorted(set(section) - set(INTERLEAVING_KEYS))
-    if unknown:
-        raise ValueError(f"unknown interleaving keys {unknown}; expected some of {', '.join(INTERLEAVING_KEYS)}")
+    check_section_keys(section, INTERLEAVING_KEYS)
     mode, marker, positions = section.get("mode"), section.get("marker"), section.get("positions")
     if mode is not None:
         mode_named(mode)
@@ -143,15 +121,8 @@ def eval_interleaving(cfg: DictConfig, metadata: Optional[ConfidenceMetadata], s
         mode = mode if mode is not None else metadata.mode
         marker = marker if marker is not None else metadata.marker
         positions = positions if positions is not None else metadata.positions
-    mode = mode_named(mode if mode is not None else NONE.name)
-    max_passes = section.get("max_passes")
-    if max_passes is not None and (not isinstance(max_passes, int) or isinstance(max_passes, bool) or max_passes < 1):
-        raise ValueError(f"interleaving.max_passes must be an int >= 1 or null, got {max_passes!r}")
-    return EvalInterleaving(
-        mode=mode,
-        marker=marker if mode.needs_marker else None,
-        positions=positions if positions is not None else "sequential",
-        max_passes=max_passes,
+    return InterleavingConfig.checked(
+        mode if mode is not None else NONE.name, marker=marker, positions=positions, max_passes=section.get("max_passes")
     )
 
 
@@ -330,7 +301,6 @@ __all__ = [
     "INTERLEAVING_KEYS",
     "LM_EVAL_SETTINGS",
     "RECIPE_KEYS",
-    "EvalInterleaving",
     "TorchtuneLMFromConfig",
     "build_lm",
     "check_limit",

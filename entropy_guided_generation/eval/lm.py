@@ -19,7 +19,6 @@ across ranks (:class:`~entropy_guided_generation.eval.distributed.DataParallelLM
 """
 from __future__ import annotations
 
-import inspect
 import logging
 import time
 from dataclasses import dataclass
@@ -35,7 +34,7 @@ from tqdm import tqdm
 from entropy_guided_generation import sampling  # noqa: F401
 from entropy_guided_generation.confidence import ConfidenceCodec
 from entropy_guided_generation.eval.distributed import DataParallelLM
-from entropy_guided_generation.eval.generation import (
+from entropy_guided_generation.generation.gen_kwargs import (
     DecodeSettings,
     cut_at_stop,
     decode_settings,
@@ -46,8 +45,8 @@ from entropy_guided_generation.eval.generation import (
 from entropy_guided_generation.eval.request_cache import RequestCache, split_answered
 from entropy_guided_generation.eval.teacher_forcing import ContinuationScores, score_continuations
 from entropy_guided_generation.eval.traces import ConfidenceTrace
-from entropy_guided_generation.generation import DecodeResult, PromptBinsCache, get_decoder, has_plain_twin, left_pad
-from entropy_guided_generation.layout import Interleaving
+from entropy_guided_generation.generation import DecodeResult, PromptBinsCache, decoder_extras, get_decoder, has_plain_twin, left_pad
+from entropy_guided_generation.modes import Interleaving
 from entropy_guided_generation.sampling.budget_forcing import (
     BudgetForcedOutput,
     budget_force_torchtune,
@@ -132,11 +131,6 @@ def _row_of(scores: ContinuationScores, row: int, keep: torch.Tensor, tokens: to
     )
 
 
-def _accepts_keyword(fn: Any, name: str) -> bool:
-    """True when ``fn`` names ``name`` among its parameters (``**kwargs`` alone does not count)."""
-    return name in inspect.signature(fn).parameters
-
-
 class TorchtuneLM(DataParallelLM, TemplateLM):
     """lm-eval model over a torchtune ``TransformerDecoder`` and tokenizer.
 
@@ -206,12 +200,12 @@ class TorchtuneLM(DataParallelLM, TemplateLM):
         if sampler:
             self.decoder_name, self._decoder, sampler_config = sampler_decoder(sampler)
             self._decoder_kwargs = {"sampler_config": sampler_config}
-            if _accepts_keyword(self._decoder, "tokenizer"):
+            if "tokenizer" in decoder_extras(self.decoder_name):
                 # e.g. entropix resolves its clarifying token string through the tokenizer
                 self._decoder_kwargs["tokenizer"] = tokenizer
         else:
             self.decoder_name, self._decoder, self._decoder_kwargs = interleaving.name, get_decoder(interleaving.name), {}
-            if interleaving.interleaves_prompt and _accepts_keyword(self._decoder, "prompt_bins"):
+            if interleaving.interleaves_prompt and "prompt_bins" in decoder_extras(self.decoder_name):
                 # Prompts that open alike (fixed few-shot exemplars, a system prompt) share their exact bins.
                 self._decoder_kwargs["prompt_bins"] = PromptBinsCache()
         self._batch_size = batch_size

@@ -21,8 +21,11 @@ import torch
 
 from entropy_guided_generation import signals
 from entropy_guided_generation.confidence import ConfidenceCodec
-from entropy_guided_generation.layout import Interleaved, Interleaving, compute_bins, interleave
-from entropy_guided_generation.modeling import caches_set_aside, logits_of
+from entropy_guided_generation.fixed_point import compute_bins
+from entropy_guided_generation.interleaved import Interleaved, interleave
+from entropy_guided_generation.modes import Interleaving
+from entropy_guided_generation.modeling import logits_of
+from entropy_guided_generation.sessions import caches_set_aside
 
 
 @dataclass
@@ -129,7 +132,7 @@ def score_continuations(
         )
         # The last column's logits predict nothing that is scored: feed one column less.
         input_pos = None
-        if interleaving.positions != "sequential":
+        if not interleaving.positions.is_default:
             input_pos = interleaving.position_ids(layout.valid_mask, layout.is_confidence)[:, :-1]
         logits = logits_of(model, layout.tokens[:, :-1], input_pos=input_pos)
     # Plain token t sits at plain_index[:, t]; the logits that produced it one position earlier.

@@ -1,5 +1,5 @@
 """The decode loop shared by every mode: one short loop of small steps on a KV-cached session
-(:mod:`~entropy_guided_generation.generation.session`).
+(:mod:`~entropy_guided_generation.sessions`).
 
 Each content step is one forward. A row that gets a confidence token this step feeds
 ``[x_t, c_t]``; a row that does not (mode none, marker after its marker, a stop token) feeds
@@ -20,11 +20,15 @@ from tqdm.auto import tqdm
 
 from entropy_guided_generation import signals
 from entropy_guided_generation.confidence import ConfidenceCodec
-from entropy_guided_generation.generation.overrides import ConfidenceOverride
+from entropy_guided_generation.generation.bin_ablations import ConfidenceOverride
 from entropy_guided_generation.generation.prompt_bins import PromptBinsCache
-from entropy_guided_generation.generation.sampling import sample_next_token
-from entropy_guided_generation.layout import Interleaving, compute_bins, interleave
-from entropy_guided_generation.modeling import KVSession, caches_set_aside, kv_session, project_hidden
+from entropy_guided_generation.generation.token_sampling import sample_next_token
+from entropy_guided_generation.fixed_point import compute_bins
+from entropy_guided_generation.interleaved import interleave
+from entropy_guided_generation.modes import Interleaving
+from entropy_guided_generation.modeling import project_hidden
+from entropy_guided_generation.positions import SEQUENTIAL
+from entropy_guided_generation.sessions import KVSession, caches_set_aside, kv_session
 
 
 @dataclass
@@ -84,21 +88,48 @@ def decode(
     progress: bool = False,
     step_hook: Optional[Callable[..., Any]] = None,
     confidence_override: Optional[ConfidenceOverride] = None,
-    positions: str = "sequential",
+    positions: Any = SEQUENTIAL,
     prompt_bins: Optional[PromptBinsCache] = None,
 ) -> DecodeResult:
     """Generate up to ``max_generated_tokens`` content tokens per row under ``interleaving``.
 
-    The public per-mode functions (:func:`generate_plain`, :func:`generate_answer_interleaved`, ...)
-    call this; see them for the arguments. ``interleaving`` is an :class:`~entropy_guided_generation.layout.Interleaving`
-    or a mode name, bound here to ``stop_tokens``, ``marker`` (token ids) and the position rule
-    ``positions`` (as the checkpoint was trained; an Interleaving carries its own). ``step_hook(logits=..., step=...)``
-    may return content token ids ``[b]`` to replace the built-in sampler (the entropix sampler uses it).
-    ``confidence_override`` (see :mod:`~entropy_guided_generation.generation.overrides`) replaces the
-    bin fed back after each token (an ablation); ``bins`` then records the fed bins, ``signal`` and
-    ``entropies`` stay the model's own. ``prompt_bins`` (a
-    :class:`~entropy_guided_generation.generation.prompt_bins.PromptBinsCache` kept across calls on
-    one model and codec) reuses the exact bins of prompt prefixes seen before, e.g. few-shot examples.
+    The public per-mode decoders (:func:`~entropy_guided_generation.generation.decoders.generate_plain`,
+    ``generate_answer_interleaved``, ...) are this function with ``interleaving`` bound to their mode.
+
+    Args:
+        model: a torchtune ``TransformerDecoder``. KV caches the caller set up are reused (batch
+            size must match; they are reset first); otherwise caches are set up for this call.
+        prompt: ``[b, p]`` or ``[p]`` prompt ids, left-padded with ``pad_id``.
+        interleaving: an :class:`~entropy_guided_generation.modes.Interleaving` or a mode name, bound
+            here to ``stop_tokens``, ``marker`` and ``positions`` (an Interleaving carries its own).
+        max_generated_tokens: content tokens to generate at most (confidence tokens not counted).
+        pad_id: padding id (prompt padding, and content after a row stopped).
+        temperature: sampling temperature of content tokens; 0 means greedy.
+        top_k, top_p: optional top-k / nucleus filters on content tokens.
+        stop_tokens: ids that end a row (the stop token is kept; it gets no confidence token).
+        rng: ``torch.Generator`` for reproducible sampling.
+        codec: the confidence codec (from the checkpoint's ``confidence.json``); required by every
+            mode but none, where it is optional: when given, confidence ids are never sampled and
+            ``entropies`` use the codec's signal distribution (confidence ids masked, tau_H).
+        marker: mode marker: the marker's token ids, e.g. the tokenized ``"####"``. A row is
+            interleaved until its generated content ends with them; a row that never generates the
+            marker stays interleaved throughout, as training interleaves a whole response without it.
+        max_prompt_passes: mode full: cap on the prompt's fixed-point passes (default: exact).
+        progress: show a progress bar over decode steps.
+        step_hook: ``step_hook(logits=..., step=...)`` may return content token ids ``[b]`` to
+            replace the built-in sampler (the entropix sampler uses it).
+        confidence_override: replaces the bin fed back after each token (an ablation, see
+            :mod:`~entropy_guided_generation.generation.bin_ablations`); ``bins`` then records the
+            fed bins, ``signal`` and ``entropies`` stay the model's own.
+        positions: the position rule the checkpoint was trained with (``interleaving.positions`` in
+            its ``confidence.json``): a :class:`~entropy_guided_generation.positions.PositionRule` or
+            its name.
+        prompt_bins: mode full: a :class:`~entropy_guided_generation.generation.prompt_bins.PromptBinsCache`
+            kept across calls on one model and codec: prompt prefixes seen before (few-shot
+            exemplars) keep their exact bins instead of being recomputed.
+
+    Returns:
+        :class:`DecodeResult` (mode none: ``interleaved`` equals ``tokens``; ``bins`` are all -1).
 
     Raises:
         ValueError: on an empty prompt row, or a prompt + generation that could outgrow the model's

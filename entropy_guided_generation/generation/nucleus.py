@@ -134,8 +134,8 @@ def _nucleus_threshold(sorted_head: torch.Tensor, log_norm: torch.Tensor, top_p:
 def sorted_descending(rows: torch.Tensor) -> torch.Tensor:
     """``rows`` ``[r, v]`` sorted along the last dim, largest first (values only, no gradient).
 
-    float32/float64 CPU rows go through numpy's sort (torch's CPU sort is many times slower on rows
-    of a vocabulary); every other device and dtype uses ``torch.sort``.
+    float32/float64 CPU rows go through numpy's sort (cheaper than torch's CPU sort on rows of a
+    vocabulary); every other device and dtype uses ``torch.sort``.
     """
     rows = rows.detach()
     if _numpy_sorts(rows):

@@ -4,7 +4,7 @@ The result is a Hugging Face ``Qwen2ForCausalLM`` checkpoint (fp32 safetensors +
 files) that solves a measurable share of held-out problems with greedy decoding. A copy ships in
 ``entropy_guided_generation/kit/assets/``; this module rebuilds it::
 
-    python -m entropy_guided_generation.kit.train_base            # writes kit/assets/, 5-9 min on one CPU core
+    python -m entropy_guided_generation.kit.train_base            # writes kit/assets/
     python -m entropy_guided_generation.kit.train_base --out DIR  # anywhere else
 
 Training sequence: ``prompt_of(question)`` tokens (no loss) then ``answer`` tokens + eos
@@ -38,6 +38,7 @@ from entropy_guided_generation.kit import tokenizer as kit_tokenizer
 from entropy_guided_generation.kit.cache import cached_folder
 from entropy_guided_generation.kit.models import hf_config
 from entropy_guided_generation.kit.optim import EpochBatches, adamw_decaying_matrices, optimizer_step, warmup_cosine_lr
+from entropy_guided_generation.positions import POSITION_RULES, check_position_rule, position_rule
 
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 CARD_FILENAME = "base_card.json"
@@ -84,9 +85,6 @@ def encode_example(tokenizer, question: str, answer: str) -> tuple[list[int], li
     return prompt + response, [IGNORE_INDEX] * len(prompt) + response
 
 
-POSITION_RULES = ("sequential", "shared")
-
-
 def insert_random_confidence(
     tokens: list[int], labels: list[int], prompt_len: int, conf_ids: Sequence[int], rng: random.Random, whole_row: bool
 ) -> tuple[list[int], list[int], list[bool]]:
@@ -107,12 +105,10 @@ def insert_random_confidence(
 
 
 def position_ids(is_conf: torch.Tensor, rule: str) -> torch.Tensor:
-    """``[b, s]`` position ids: ``sequential`` counts every token; ``shared`` gives an inserted
-    confidence token the position of the token it follows."""
-    if rule not in POSITION_RULES:
-        raise ValueError(f"unknown confidence_positions {rule!r}; expected one of {', '.join(POSITION_RULES)}")
-    positions = torch.arange(is_conf.shape[1]).expand_as(is_conf)
-    return positions - is_conf.long().cumsum(1) if rule == "shared" else positions
+    """``[b, s]`` position ids of unpadded rows under the position rule named ``rule``
+    (:class:`~entropy_guided_generation.positions.PositionRule`): ``sequential`` counts every token;
+    ``shared`` gives an inserted confidence token the position of the token it follows."""
+    return position_rule(rule).position_ids(torch.ones_like(is_conf, dtype=torch.bool), is_conf)
 
 
 def pad_right(rows: Sequence[Sequence[int]], value: int) -> torch.Tensor:
@@ -284,14 +280,13 @@ def mixed_format_base(positions: str = "sequential", log=print) -> Path:
     """The kit's mixed-format base for inserted tokens at ``positions``: a base trained like the
     shipped one (same steps, data and seed) whose rows carry random confidence tokens with probability
     ``MIXED_CONFIDENCE_ROWS`` (see the module docstring). Read from ``kit/assets/mixed_base_<positions>/``
-    when shipped there, else trained once on one thread (about as long as the shipped base: 5-9
-    minutes on an idle core) and cached in ``$EGG_KIT_CACHE``.
+    when shipped there, else trained once on one thread (as long as the shipped base; README's "The
+    offline kit" says how long) and cached in ``$EGG_KIT_CACHE``.
 
     Raises:
         ValueError: on an unknown position rule.
     """
-    if positions not in POSITION_RULES:
-        raise ValueError(f"unknown confidence_positions {positions!r}; expected one of {', '.join(POSITION_RULES)}")
+    positions = check_position_rule(positions)
     shipped = ASSETS_DIR / f"mixed_base_{positions}"
     if (shipped / "model.safetensors").is_file():
         return shipped

@@ -4,7 +4,7 @@
   attention metrics pick a sampling regime per step; a torchtune decoder (``generate_entropix``,
   registered as decoder ``"entropix"``) and a transformers ``LogitsProcessor``
   (``HookBasedEntropySampler``).
-- Budget forcing (``budget_forcing``, ``scalers``, ``hf_guided``): keep a reasoning model thinking
+- Budget forcing (``budget_forcing``, ``budget_forcing_hf``, ``scalers``): keep a reasoning model thinking
   ("Wait") or stop it under a thinking budget and a registry of scaling functions, on one KV cache,
   for torchtune decoders and (``--model hf`` / ``hf-guided`` under our lm-eval entry point) Hugging Face models.
 """
@@ -14,7 +14,7 @@ from entropy_guided_generation.sampling.entropix_config import EntropixConfig
 from entropy_guided_generation.sampling.entropix_hf import HookBasedEntropySampler
 from entropy_guided_generation.sampling.entropix_metrics import EntropixMetrics, attention_metrics, entropix_metrics, logit_metrics
 
-# budget forcing (hf_guided is imported on use: it loads lm-eval)
+# budget forcing (lm-eval's hf-guided model over it is eval.hf_guided)
 from entropy_guided_generation.sampling.budget_forcing import (
     BudgetForcedOutput,
     BudgetForcingConfig,

@@ -14,7 +14,7 @@ then bounds the thinking section (thinking, delimiter, prefix) and the answer ge
 
 The loop steps a :class:`~entropy_guided_generation.generation.DecodeSession`, so one loop serves
 torchtune decoders on their KV cache (:func:`budget_force_torchtune`) and Hugging Face models on
-their ``past_key_values`` (:func:`~entropy_guided_generation.sampling.hf_guided.budget_force_hf`).
+their ``past_key_values`` (:func:`~entropy_guided_generation.sampling.budget_forcing_hf.budget_force_hf`).
 :func:`serve_generate_until` turns lm-eval ``generate_until`` requests into either.
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from entropy_guided_generation import signals
-from entropy_guided_generation.eval.generation import GEN_KWARGS, check_sampling_values, cut_at_stop, decode_settings
+from entropy_guided_generation.generation.gen_kwargs import GEN_KWARGS, check_sampling_values, cut_at_stop, decode_settings
 from entropy_guided_generation.generation import DecodeSession, left_pad, left_padded_mask, open_session, sample_next_token
 from entropy_guided_generation.sampling import scalers
 
@@ -638,7 +638,7 @@ def serve_generate_until(
 
     Raises:
         ValueError: before any generation, on a sampling value no decoder honours (a negative
-            temperature, ...; :func:`~entropy_guided_generation.eval.generation.check_sampling_values`).
+            temperature, ...; :func:`~entropy_guided_generation.generation.gen_kwargs.check_sampling_values`).
     """
     for request in requests:
         check_sampling_values(request.args[1])

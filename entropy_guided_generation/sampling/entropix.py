@@ -11,11 +11,11 @@ from __future__ import annotations
 import contextlib
 import functools
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping, Optional, Sequence, Union
+from typing import Any, Iterator, Mapping, Optional, Union
 
 import torch
 
-from entropy_guided_generation.confidence import ConfidenceCodec, encode_single_token
+from entropy_guided_generation.confidence import encode_single_token
 from entropy_guided_generation.generation import register_decoder
 from entropy_guided_generation.generation.common import DecodeResult, check_prompt, decode
 from entropy_guided_generation.sampling.entropix_config import EntropixConfig
@@ -270,7 +270,7 @@ def sample_candidates(
         positions among the row's ``k_cap`` largest logits (0 = the argmax).
     """
     weights, ids = filtered_probs(logits, params, k_cap)
-    # q = -log U ~ Exp(1); several times faster on CPU than Tensor.exponential_
+    # q = -log U ~ Exp(1), drawn from rng's uniforms (cheaper on CPU than Tensor.exponential_)
     q = torch.rand(weights.shape[0], num_samples, weights.shape[1], device=weights.device, generator=rng).log_().neg_()
     columns = (weights.unsqueeze(1) / q).argmax(-1)
     return ids.gather(-1, columns), columns
@@ -426,29 +426,28 @@ def generate_entropix(
     model: Any,
     prompt: torch.Tensor,
     *,
-    max_generated_tokens: int,
+    sampler_config: Union[EntropixConfig, Mapping[str, Any], None] = None,
+    tokenizer: Any = None,
     pad_id: int = 0,
+    rng: Optional[torch.Generator] = None,
     temperature: float = 1.0,
     top_k: Optional[int] = None,
     top_p: Optional[float] = None,
-    stop_tokens: Optional[Sequence[int]] = None,
-    rng: Optional[torch.Generator] = None,
-    codec: Optional[ConfidenceCodec] = None,
-    sampler_config: Union[EntropixConfig, Mapping[str, Any], None] = None,
-    tokenizer: Any = None,
-    progress: bool = False,
+    **decoding: Any,
 ) -> DecodeResult:
     """Generate with the Entropix-style sampler (mode ``none``) on a torchtune decoder.
 
     Args:
         model: a torchtune ``TransformerDecoder`` (KV caches reused as :func:`generate_plain` does).
         prompt: ``[b, p]`` or ``[p]`` prompt ids, left-padded with ``pad_id``.
-        max_generated_tokens, pad_id, stop_tokens, rng, codec, progress: as :func:`generate_plain`.
+        sampler_config: :class:`EntropixConfig` or a mapping of its fields (None: the defaults).
+        tokenizer: resolves ``sampler_config.clarifying_token`` (needed only when that is set).
+        pad_id, rng: as :func:`~entropy_guided_generation.generation.decode` (the sampler draws with ``rng``).
         temperature, top_k, top_p: accepted so the decoder is a drop-in for the common decoder
             call; not used: the sampler sets each step's temperature, top-k and top-p from
             ``sampler_config``.
-        sampler_config: :class:`EntropixConfig` or a mapping of its fields (None: the defaults).
-        tokenizer: resolves ``sampler_config.clarifying_token`` (needed only when that is set).
+        **decoding: :func:`~entropy_guided_generation.generation.decode`'s other keywords of mode
+            none (``max_generated_tokens``, ``stop_tokens``, ``codec``, ``progress``).
 
     Returns:
         :class:`DecodeResult`; ``extras`` holds ``[b, T]`` tensors ``entropy``, ``varentropy``,
@@ -469,15 +468,12 @@ def generate_entropix(
     observer = LastQueryAttention(model)
     loop = _EntropixLoop(observer, config, prompt, clarifying_id, rng)
     with observer.attached():
-        result = decode(
-            model, prompt, interleaving="none", max_generated_tokens=max_generated_tokens, pad_id=pad_id,
-            stop_tokens=stop_tokens, rng=rng, codec=codec, progress=progress, step_hook=loop,
-        )
+        result = decode(model, prompt, interleaving="none", pad_id=pad_id, rng=rng, step_hook=loop, **decoding)
     result.extras.update(loop.extras(result.generated_lengths))
     return result
 
 
-register_decoder("entropix", generate_entropix)
+register_decoder("entropix", generate_entropix, extras=("sampler_config", "tokenizer"))
 
 __all__ = [
     "ADAPTIVE",

@@ -17,6 +17,7 @@ from torch import nn
 
 from entropy_guided_generation.modeling import (
     causal_mask_from_padding,
+    hidden_states,
     is_torchtune_decoder,
     logits_of,
     positions_from_padding,
@@ -52,9 +53,7 @@ def region_logits(model: Any, tokens: torch.Tensor, padding_mask: torch.Tensor, 
     if is_torchtune_decoder(model):
         mask = causal_mask_from_padding(padding_mask)
         input_pos = positions_from_padding(padding_mask)
-        h = model.tok_embeddings(tokens)
-        for layer in model.layers:
-            h = layer(h, mask=mask, input_pos=input_pos)
+        h = hidden_states(model, tokens, mask=mask, input_pos=input_pos)
         return at_least_fp32(_unembed(model, h[:, prompt_length - 1 : -1]))
     return logits_of(model, tokens, padding_mask=padding_mask)[:, prompt_length - 1 : -1]
 

@@ -167,7 +167,7 @@ class PolicyDistribution:
     """q over the vocabulary and what several statistics reuse.
 
     Excluded tokens are marked by a 0/1 float mask, not by -inf entries: on CPU, elementwise ops
-    over -inf entries (exp, logsumexp) run 10-30x slower than over finite ones, and bool masks are
+    over -inf entries (exp, logsumexp) are slower than over finite ones, and bool masks are
     slow to form and to apply (``masked_fill`` / ``where``), so every statistic is formed from finite
     tensors by multiplication and :attr:`log_q` (with its -inf entries) is built only when asked for.
 
@@ -274,8 +274,8 @@ def _top_two_kept(nucleus: NucleusSearch, keep: torch.Tensor, log_kept: torch.Te
 def float_mask_at_least(values: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
     """``values >= threshold`` as 1.0 / 0.0 in ``values``' dtype (no gradient).
 
-    Written straight into a float tensor: on CPU that is about 4x faster than forming a bool mask
-    (11 vs 44 us for 224 x 471), and converting a bool mask to float costs more again."""
+    Written straight into a float tensor, which on CPU is cheaper than forming a bool mask and
+    converting it (see bench/scoring.py)."""
     values = values.detach()
     return torch.ge(values, threshold, out=torch.empty_like(values))
 

@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from entropy_guided_generation import signals
-from entropy_guided_generation.generation.session import open_session
+from entropy_guided_generation.sessions import open_session
 from entropy_guided_generation.scoring.policy import SamplingPolicy
 from entropy_guided_generation.scoring.stopping import StopStringMatcher
 

@@ -1,8 +1,9 @@
 """The finetune recipe core shared by every entry point: one recipe class
-(:class:`CaCFinetuneRecipe`), the single-device/FSDP2 difference (``parallelism``), the interleaved
-loss step (``loss_step``), step checkpoints and resume (``checkpointing``), stopping on
-SIGTERM/SIGINT (``preemption``), ``kit:`` config paths (``kit_paths``) and the ``conf/*`` metrics
-(``metrics``).
+(:class:`CaCFinetuneRecipe`), the config read once (``options``, ``config_keys``), the models it
+starts from (``model_setup``), its data (``data_loading``), the single-device/FSDP2 difference
+(``parallelism``), the interleaved loss step (``loss_step``), step checkpoints (``checkpointing``) and
+resuming from them (``resume``), stopping on SIGTERM/SIGINT (``preemption``), ``kit:`` config paths
+(``kit_paths``) and the ``conf/*`` metrics (``metrics``).
 
 ``python -m entropy_guided_generation.training --config X.yaml`` trains on one device with the mode
 given by ``interleaving.mode``. From Python: ``run_recipe(cfg, mode=None)`` trains and returns the

@@ -12,7 +12,7 @@ from torch import nn
 from omegaconf import DictConfig, OmegaConf
 
 from entropy_guided_generation.confidence import ConfidenceCodec, fit_quantile_edges
-from entropy_guided_generation.layout import compute_bins
+from entropy_guided_generation.fixed_point import compute_bins
 
 DEFAULT_FIT_SAMPLES = 256
 

@@ -1,9 +1,11 @@
 """The top-level keys a finetune config may hold: what the recipe core reads (torchtune's names for
 torchtune's settings, plus ours). Any other key is refused, so a typo never trains silently with a
-default."""
+default; a component from an optional package that is not installed is refused before any work."""
 from __future__ import annotations
 
 import difflib
+import importlib.util
+from typing import Any
 
 from omegaconf import DictConfig
 
@@ -45,4 +47,25 @@ def check_finetune_keys(cfg: DictConfig) -> None:
     raise ValueError(f"unknown finetune config keys {', '.join(named)}; expected some of {', '.join(sorted(FINETUNE_KEYS))}")
 
 
-__all__ = ["FINETUNE_KEYS", "check_finetune_keys"]
+# Packages a config may name that the project installs only as an extra: top-level module -> extra.
+OPTIONAL_EXTRAS = {"bitsandbytes": "bnb"}
+
+
+def check_optional_component(cfg_component: Any, key: str) -> None:
+    """Raise when ``cfg_component._component_`` lives in an optional package that is not installed.
+
+    Raises:
+        ModuleNotFoundError: naming the component, the extra that installs it and an alternative
+            (``optimizer._component_ 'bitsandbytes.optim.PagedAdamW8bit' needs bitsandbytes ...``).
+    """
+    component = str(cfg_component.get("_component_", ""))
+    package = component.split(".", 1)[0]
+    if package in OPTIONAL_EXTRAS and importlib.util.find_spec(package) is None:
+        raise ModuleNotFoundError(
+            f"{key}._component_ {component!r} needs {package}, which is not installed: "
+            f"pip install 'entropy_guided_generation[{OPTIONAL_EXTRAS[package]}]' (or pip install {package}), "
+            f"or override it, e.g. {key}._component_=torch.optim.AdamW"
+        )
+
+
+__all__ = ["FINETUNE_KEYS", "OPTIONAL_EXTRAS", "check_finetune_keys", "check_optional_component"]

@@ -16,21 +16,16 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass
-from typing import Any, ContextManager, Dict, Optional
+from typing import ContextManager, Dict, Optional
 
 import torch
 from torch import nn
 
 from entropy_guided_generation.confidence import ConfidenceCodec
-from entropy_guided_generation.layout import (
-    IGNORE_INDEX,
-    FixedPointBins,
-    Interleaving,
-    compute_bins,
-    interleave,
-    marker_end_positions,
-)
-from entropy_guided_generation.modeling import lockstep_width, pad_columns
+from entropy_guided_generation.fixed_point import FixedPointBins, compute_bins
+from entropy_guided_generation.interleaved import IGNORE_INDEX, interleave
+from entropy_guided_generation.modes import Interleaving, marker_end_positions
+from entropy_guided_generation.lockstep import lockstep_width, pad_columns
 from entropy_guided_generation.training.metrics import ConfidenceStats
 
 log = logging.getLogger(__name__)
@@ -140,7 +135,7 @@ class ConfidenceLayout:
             result = self._bins(bin_model, batch, slots)
         layout = result.interleaved
         positions = None
-        if self.interleaving.positions != "sequential":
+        if not self.interleaving.positions.is_default:
             positions = self.interleaving.position_ids(layout.valid_mask, layout.is_confidence)
         return ModelBatch(layout.tokens, layout.labels, layout.is_confidence, result, slots, positions)
 
@@ -279,7 +274,6 @@ class LossStep:
         layout: the mode's layout builder (None in mode none).
         loss_fn: a cross-entropy module averaging over non-ignored targets (torchtune's
             ``CEWithChunkedOutputLoss``, or ``torch.nn.CrossEntropyLoss``).
-        parallel: the parallelism object.
         reference: frozen model giving the bins (None: the model being trained).
         activations_ctx: context around the loss forward (activation offloading).
         stats: accumulator for the ``conf/*`` metrics.
@@ -289,7 +283,6 @@ class LossStep:
         self,
         layout: Optional[ConfidenceLayout],
         loss_fn: nn.Module,
-        parallel: Any,
         *,
         reference: Optional[nn.Module] = None,
         activations_ctx: Optional[ContextManager] = None,
@@ -297,7 +290,6 @@ class LossStep:
     ):
         self.layout = layout
         self.loss_fn = loss_fn
-        self.parallel = parallel
         self.reference = reference
         self.activations_ctx = activations_ctx
         self.stats = stats

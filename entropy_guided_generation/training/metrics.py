@@ -19,7 +19,7 @@ from typing import Dict, Union
 
 import torch
 
-from entropy_guided_generation.layout import FixedPointBins
+from entropy_guided_generation.fixed_point import FixedPointBins
 
 # Layout of the packed accumulator (one tensor, so that a single all-reduce sums everything).
 _FIELDS = (

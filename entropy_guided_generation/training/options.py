@@ -5,14 +5,15 @@ Every bad value raises an error naming the key, the value and what was expected.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Optional
 
 from omegaconf import DictConfig
 
-from entropy_guided_generation.layout import MODES, Mode, check_mode, check_position_rule, mode_named
+from entropy_guided_generation.interleaving_config import SHARED_KEYS, InterleavingConfig, check_section_keys
+from entropy_guided_generation.modes import MODES, check_mode
 
-INTERLEAVING_KEYS = ("mode", "marker", "positions", "max_passes", "reference_checkpoint", "init_confidence_embeddings", "min_marker_fraction")
+INTERLEAVING_KEYS = SHARED_KEYS + ("reference_checkpoint", "init_confidence_embeddings", "min_marker_fraction")
 EMBEDDING_INITS = (None, "mean", "keep")
 DEFAULT_MAX_PASSES = None  # iterate until no bin changes: the bins decoding produces
 # Mode marker: setup fails when fewer of the first training examples hold the marker in their response.
@@ -20,17 +21,13 @@ DEFAULT_MIN_MARKER_FRACTION = 0.5
 
 
 @dataclass(frozen=True)
-class InterleavingOptions:
-    """The ``interleaving`` section.
+class InterleavingOptions(InterleavingConfig):
+    """The ``interleaving`` section of a finetune: the shared keys
+    (:class:`~entropy_guided_generation.interleaving_config.InterleavingConfig`: mode, marker,
+    positions, max_passes; a capped batch that has not converged is warned about and counted in the
+    metrics) and the training-only ones.
 
     Attributes:
-        mode: the interleaving mode (a registered :class:`~entropy_guided_generation.layout.Mode`).
-        marker: the string ending the interleaved reasoning (modes that read a marker only).
-        positions: ``sequential`` (every token advances the position id, as the public CaC code) or
-            ``shared`` (a confidence token takes its content token's position id).
-        max_passes: None (default) iterates the fixed point until no bin changes, so training's
-            bins are exactly decoding's; an int >= 1 caps the passes (each a no-grad forward),
-            and a capped batch that has not converged is warned about and counted in the metrics.
         reference_checkpoint: where bins come from: None = the model being trained (no grad);
             a checkpoint folder (str) or a checkpointer config = a frozen reference model.
         init_confidence_embeddings: ``"mean"`` resets the embedding rows of the confidence tokens,
@@ -46,21 +43,9 @@ class InterleavingOptions:
             below it setup fails, since a row without its marker is interleaved whole. 0 disables.
     """
 
-    mode: Mode
-    marker: Optional[str] = None
-    positions: str = "sequential"
-    max_passes: Optional[int] = DEFAULT_MAX_PASSES
     reference_checkpoint: Any = None
     init_confidence_embeddings: Optional[str] = None
     min_marker_fraction: float = DEFAULT_MIN_MARKER_FRACTION
-
-    @property
-    def interleaved(self) -> bool:
-        return not self.mode.is_plain
-
-    @property
-    def name(self) -> str:
-        return self.mode.name
 
 
 def resolve_mode(entry_mode: Optional[str], config_mode: Optional[str]) -> str:
@@ -85,19 +70,13 @@ def resolve_mode(entry_mode: Optional[str], config_mode: Optional[str]) -> str:
 def interleaving_options(cfg: DictConfig, entry_mode: Optional[str] = None) -> InterleavingOptions:
     """Read and check ``cfg.interleaving`` (optional when the entry point fixes the mode)."""
     section = cfg.get("interleaving", None) or {}
-    unknown = sorted(set(section) - set(INTERLEAVING_KEYS))
-    if unknown:
-        raise ValueError(f"unknown interleaving keys {unknown}; expected some of {', '.join(INTERLEAVING_KEYS)}")
-    mode = mode_named(resolve_mode(entry_mode, section.get("mode", None)))
-    marker = section.get("marker", None)
-    if mode.needs_marker and not marker:
-        raise ValueError(f"interleaving.mode {mode.name!r} needs interleaving.marker (e.g. '####'), got none")
-    if marker is not None and not isinstance(marker, str):
-        # e.g. `interleaving.marker=So the answer is:` on the command line parses as a mapping
-        raise ValueError(f"interleaving.marker must be a string, got {marker!r}; quote it on the command line")
-    max_passes = section.get("max_passes", DEFAULT_MAX_PASSES)
-    if max_passes is not None and (not isinstance(max_passes, int) or isinstance(max_passes, bool) or max_passes < 1):
-        raise ValueError(f"interleaving.max_passes must be an int >= 1, got {max_passes!r} (null: iterate until exact)")
+    check_section_keys(section, INTERLEAVING_KEYS)
+    shared = InterleavingConfig.checked(
+        resolve_mode(entry_mode, section.get("mode", None)),
+        marker=section.get("marker", None),
+        positions=section.get("positions", None),
+        max_passes=section.get("max_passes", DEFAULT_MAX_PASSES),
+    )
     init_embeddings = section.get("init_confidence_embeddings", None)
     if init_embeddings not in EMBEDDING_INITS:
         raise ValueError(
@@ -109,10 +88,7 @@ def interleaving_options(cfg: DictConfig, entry_mode: Optional[str] = None) -> I
     if isinstance(min_marker_fraction, bool) or not isinstance(min_marker_fraction, (int, float)) or not 0 <= min_marker_fraction <= 1:
         raise ValueError(f"interleaving.min_marker_fraction must be a number in [0, 1], got {min_marker_fraction!r}")
     return InterleavingOptions(
-        mode=mode,
-        marker=marker if mode.needs_marker else None,
-        positions=check_position_rule(section.get("positions", "sequential")),
-        max_passes=max_passes,
+        **{field.name: getattr(shared, field.name) for field in fields(InterleavingConfig)},
         reference_checkpoint=section.get("reference_checkpoint", None),
         init_confidence_embeddings=init_embeddings,
         min_marker_fraction=float(min_marker_fraction),

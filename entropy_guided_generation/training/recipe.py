@@ -13,95 +13,50 @@ layout's data (which positions are slots), never in this loop.
 """
 from __future__ import annotations
 
-import importlib.util
 import math
 import time
-from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import torch
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader
-from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
-from torchtune import config, modules, training, utils
-from torchtune.config._utils import _get_component_from_path
-from torchtune.datasets import ConcatDataset
+from torchtune import config, training, utils
 from torchtune.recipe_interfaces import FTRecipeInterface
 from torchtune.training.lr_schedulers import get_lr
 from tqdm import tqdm
 
-from entropy_guided_generation.confidence import (
-    ConfidenceCodec,
-    ConfidenceMetadata,
-    find_confidence_json,
-    metadata_for,
-    read_confidence_json,
-)
-from entropy_guided_generation.layout import Interleaving
+from entropy_guided_generation.confidence import ConfidenceCodec, ConfidenceMetadata, metadata_for
 from entropy_guided_generation.modeling import vocab_size_of
 from entropy_guided_generation.run_lock import OutputDirInUseError, RunLock, lock_output_dir
 from entropy_guided_generation.training import checkpointing, run_dir
-from entropy_guided_generation.training.codec_setup import (
-    codec_from_config,
-    fit_quantile_codec,
-    fit_samples,
-    needs_quantile_fit,
-)
-from entropy_guided_generation.training.config_keys import check_finetune_keys
+from entropy_guided_generation.training.codec_setup import codec_from_config, fit_quantile_codec, fit_samples, needs_quantile_fit
+from entropy_guided_generation.training.config_keys import OPTIONAL_EXTRAS, check_finetune_keys, check_optional_component
 from entropy_guided_generation.training.data_checks import MARKER_CHECK_EXAMPLES, check_marker_fraction, count_marker_rows
-from entropy_guided_generation.training.embeddings import EMBEDDING_KEY, init_confidence_embeddings
+from entropy_guided_generation.training.data_loading import (
+    DEFAULT_COLLATE,
+    batch_to_device,
+    build_dataloader,
+    first_examples,
+    validation_dataset_config,
+)
 from entropy_guided_generation.training.kit_paths import resolve_kit_references
 from entropy_guided_generation.training.loss_step import ConfidenceLayout, LossStep
 from entropy_guided_generation.training.metrics import ConfidenceStats
+from entropy_guided_generation.training.model_setup import (
+    add_run_confidence_tokens,
+    build_model,
+    init_starting_embeddings,
+    reference_state,
+)
 from entropy_guided_generation.training.options import InterleavingOptions, interleaving_options, loop_options
 from entropy_guided_generation.training.parallelism import Parallelism, parallelism_from_config
 from entropy_guided_generation.training.preemption import RunPreempted, StopSignals, resume_hint
-from entropy_guided_generation.vocabulary import (
-    add_confidence_tokens,
-    fit_model_vocabulary,
-    grow_state_dict,
-    rows_needed,
-    state_dict_rows,
-)
+from entropy_guided_generation.training.resume import check_same_position_settings, load_resume_checkpoint
 
 log = utils.get_logger("INFO")
-
-DEFAULT_COLLATE = "entropy_guided_generation.data.padded_collate_with_response_mask"
-BATCH_KEYS = ("tokens", "labels", "response_mask", "valid_mask")
-
-
-# Packages a config may name that the project installs only as an extra: top-level module -> extra.
-OPTIONAL_EXTRAS = {"bitsandbytes": "bnb"}
-
-
-def validation_dataset_config(cfg: DictConfig) -> Any:
-    """``cfg.dataset_val``, or None when validation is off: the key absent or null, or a dataset
-    whose ``_component_`` is null (what ``dataset_val=null`` on torchtune's command line makes of
-    a YAML dataset: it sets ``dataset_val._component_``)."""
-    section = cfg.get("dataset_val", None)
-    if section is None or (isinstance(section, DictConfig) and section.get("_component_", None) is None):
-        return None
-    return section
-
-
-def check_optional_component(cfg_component: Any, key: str) -> None:
-    """Raise when ``cfg_component._component_`` lives in an optional package that is not installed.
-
-    Raises:
-        ModuleNotFoundError: naming the component, the extra that installs it and an alternative
-            (``optimizer._component_ 'bitsandbytes.optim.PagedAdamW8bit' needs bitsandbytes ...``).
-    """
-    component = str(cfg_component.get("_component_", ""))
-    package = component.split(".", 1)[0]
-    if package in OPTIONAL_EXTRAS and importlib.util.find_spec(package) is None:
-        raise ModuleNotFoundError(
-            f"{key}._component_ {component!r} needs {package}, which is not installed: "
-            f"pip install 'entropy_guided_generation[{OPTIONAL_EXTRAS[package]}]' (or pip install {package}), "
-            f"or override it, e.g. {key}._component_=torch.optim.AdamW"
-        )
 
 
 class CaCFinetuneRecipe(FTRecipeInterface):
@@ -163,9 +118,9 @@ class CaCFinetuneRecipe(FTRecipeInterface):
         resume = self._load_resume_checkpoint() if self._loop.resume_from_checkpoint else None
         base_state = self._checkpointer.load_checkpoint()[training.MODEL_KEY]
         self._tokenizer = config.instantiate(cfg.tokenizer)
-        self._vocab_rows = self._add_confidence_tokens(cfg, base_state)
+        self._vocab_rows = add_run_confidence_tokens(cfg, self._tokenizer, base_state)
         if resume is None:
-            self._init_confidence_embeddings(cfg, base_state)
+            init_starting_embeddings(cfg, self._interleaving, self._tokenizer, base_state)
         self._model = self._build_model(cfg.model, resume.model_state if resume else base_state, trainable=True)
         del base_state
         self._optimizer = self._setup_optimizer(cfg.optimizer, resume.optimizer_state if resume else None)
@@ -176,7 +131,12 @@ class CaCFinetuneRecipe(FTRecipeInterface):
         if self._loss_fn.__class__.__name__ == "CEWithChunkedOutputLoss":
             self._model.set_num_output_chunks(self._loss_fn.num_output_chunks)
 
-        self._reference = self._setup_reference(cfg) if self._interleaving.reference_checkpoint is not None else None
+        reference = self._interleaving.reference_checkpoint
+        self._reference = (
+            self._build_model(cfg.model, reference_state(cfg, reference, self._output_dir), trainable=False)
+            if reference is not None
+            else None
+        )
         self._dataloader = self._setup_dataloader(cfg.dataset, shuffle=self._loop.shuffle)
         val_dataset = validation_dataset_config(cfg)
         self._val_dataloader = self._setup_dataloader(val_dataset, shuffle=False) if val_dataset is not None else None
@@ -186,103 +146,19 @@ class CaCFinetuneRecipe(FTRecipeInterface):
         if layout is not None and layout.interleaving.marker_ids is not None:
             self._check_marker_fraction(layout)
         ctx = training.get_act_offloading_ctx_manager(self._model, self._loop.enable_activation_offloading)
-        self._loss_step = LossStep(layout, self._loss_fn, self._parallel, reference=self._reference, activations_ctx=ctx, stats=self._stats)
-        self._val_loss_step = LossStep(layout, self._loss_fn, self._parallel, reference=self._reference)
+        self._loss_step = LossStep(layout, self._loss_fn, reference=self._reference, activations_ctx=ctx, stats=self._stats)
+        self._val_loss_step = LossStep(layout, self._loss_fn, reference=self._reference)
 
         self._steps_per_epoch = self._count_steps_per_epoch()
         if resume is not None:
             self._restore_progress(resume)
         self._lr_scheduler = self._setup_lr_scheduler(cfg.get("lr_scheduler", None))
 
-    def _add_confidence_tokens(self, cfg: DictConfig, base_state: Dict[str, Any]) -> int:
-        """Add ``confidence.tokens: {add: ...}`` to the tokenizer and grow ``base_state`` (in place) when
-        the added ids lie beyond its rows; return the vocabulary rows every model of this run needs."""
-        added = add_confidence_tokens(cfg.get("confidence", None), self._tokenizer)
-        base_rows = state_dict_rows(base_state)
-        if base_rows is None:
-            return 0
-        rows = rows_needed(added, base_rows)
-        if rows > base_rows:
-            grow_state_dict(base_state, rows)
-            utils.log_rank_zero(
-                log,
-                f"confidence tokens added to the vocabulary: ids {added[0]}..{added[-1]}; the model grows from {base_rows} to "
-                f"{rows} rows (new rows: the mean of the trained ones)",
-            )
-        return rows
-
-    def _init_confidence_embeddings(self, cfg: DictConfig, state_dict: Dict[str, Any]) -> None:
-        """Set the confidence tokens' embedding rows of the starting weights as
-        ``interleaving.init_confidence_embeddings`` says (fresh runs only; see ``InterleavingOptions``)."""
-        scheme = self._interleaving.init_confidence_embeddings
-        section = cfg.get("confidence", None)
-        if scheme == "keep" or (scheme is None and (section is None or not self._interleaving.interleaved)):
-            return
-        if section is None:
-            raise ValueError("interleaving.init_confidence_embeddings needs a confidence section naming the tokens")
-        vocab_size = int(state_dict[EMBEDDING_KEY].shape[0]) if EMBEDDING_KEY in state_dict else None
-        token_ids = codec_from_config(section, self._tokenizer, vocab_size).token_ids
-        if scheme is None:
-            finetuned_with = self._checkpoint_confidence_ids(cfg)
-            if finetuned_with == token_ids.tolist():
-                utils.log_rank_zero(log, "confidence token embeddings kept: the checkpoint was finetuned with these tokens")
-                return
-            scheme = "mean"
-        init_confidence_embeddings(state_dict, token_ids, scheme)
-        utils.log_rank_zero(
-            log, f"confidence token embeddings ({token_ids.numel()} rows) initialized by {scheme!r}"
-            + ("" if self._interleaving.init_confidence_embeddings else " (the default for tokens new to the checkpoint; "
-               "interleaving.init_confidence_embeddings: keep keeps its rows)"),
-        )
-
-    @staticmethod
-    def _checkpoint_confidence_ids(cfg: DictConfig) -> Optional[List[int]]:
-        """The confidence token ids the starting checkpoint was finetuned with (its ``confidence.json``), if any."""
-        folder = cfg.checkpointer.get("checkpoint_dir", None)
-        found = find_confidence_json(folder) if folder else None
-        return read_confidence_json(found).token_ids if found is not None else None
-
     def _build_model(self, cfg_model: DictConfig, state_dict: Dict[str, Any], *, trainable: bool) -> nn.Module:
-        """Instantiate (vocabulary rows grown to what the run's confidence tokens need), compile, wrap
-        activation checkpointing, then shard/load through ``parallel``."""
-        rows = max(self._vocab_rows, state_dict_rows(state_dict) or 0)
-        if rows:
-            grow_state_dict(state_dict, rows)
-        with training.set_default_dtype(self._dtype), self._parallel.init_context():
-            model = config.instantiate(cfg_model)
-            if rows:
-                fit_model_vocabulary(model, rows)
-        if self._loop.compile:
-            training.compile_model(model, verbose=self._parallel.is_rank_zero)
-        if trainable and self._loop.enable_activation_checkpointing:
-            training.set_activation_checkpointing(model, auto_wrap_policy={modules.TransformerSelfAttentionLayer})
-        model = self._parallel.materialize(model, state_dict)
-        training.validate_expected_param_dtype(model.named_parameters(), dtype=self._dtype)
-        if not trainable:
-            model.requires_grad_(False)
-            model.eval()
-        if self._parallel.is_rank_zero and self._device.type != "cpu":
-            training.log_memory_stats(training.get_memory_stats(device=self._device))
-        return model
-
-    def _setup_reference(self, cfg: DictConfig) -> nn.Module:
-        """The frozen model whose entropies give the bins (``interleaving.reference_checkpoint``).
-
-        A string is a checkpoint folder read by the same checkpointer class as ``checkpointer``
-        (its ``*.safetensors`` files, else the same file names); a mapping is a full checkpointer
-        config.
-        """
-        ref = self._interleaving.reference_checkpoint
-        if isinstance(ref, str):
-            folder = Path(ref)
-            files = sorted(p.name for p in folder.glob("*.safetensors")) or list(cfg.checkpointer.checkpoint_files)
-            ref_cfg = OmegaConf.merge(cfg.checkpointer, {"checkpoint_dir": str(folder), "checkpoint_files": files})
-        else:
-            ref_cfg = OmegaConf.create(ref)
-        ref_cfg = OmegaConf.merge(ref_cfg, {"output_dir": str(self._output_dir / "reference_checkpointer")})
-        state = config.instantiate(ref_cfg, should_load_recipe_state=False).load_checkpoint()[training.MODEL_KEY]
-        utils.log_rank_zero(log, f"Bins come from the frozen reference model in {ref_cfg.checkpoint_dir}.")
-        return self._build_model(cfg.model, state, trainable=False)
+        return build_model(
+            cfg_model, state_dict, vocab_rows=self._vocab_rows, dtype=self._dtype, parallel=self._parallel, loop=self._loop,
+            trainable=trainable,
+        )
 
     def _setup_optimizer(self, cfg_optimizer: DictConfig, state: Optional[Dict[str, Any]]) -> Optional[torch.optim.Optimizer]:
         if self._loop.optimizer_in_bwd:
@@ -298,28 +174,10 @@ class CaCFinetuneRecipe(FTRecipeInterface):
         return optimizer
 
     def _setup_dataloader(self, cfg_dataset: Any, *, shuffle: bool) -> DataLoader:
-        """Map-style dataset(s) -> right-padded batches of ``batch_size`` per rank (last partial batch dropped)."""
-        if isinstance(cfg_dataset, ListConfig):
-            dataset = ConcatDataset([config.instantiate(c, self._tokenizer) for c in cfg_dataset])
-        else:
-            dataset = config.instantiate(cfg_dataset, self._tokenizer)
-        sampler = StatefulDistributedSampler(
-            dataset, num_replicas=self._parallel.world_size, rank=self._parallel.rank, shuffle=shuffle, seed=self.seed
+        return build_dataloader(
+            cfg_dataset, self._tokenizer, parallel=self._parallel, batch_size=self._loop.batch_size, shuffle=shuffle,
+            seed=self.seed, collate_name=self._collate_name, ignore_index=self._loss_fn.ignore_index,
         )
-        collate = _get_component_from_path(self._collate_name)
-        loader = DataLoader(
-            dataset,
-            batch_size=self._loop.batch_size,
-            sampler=sampler,
-            collate_fn=partial(collate, padding_idx=self._tokenizer.pad_id, ignore_idx=self._loss_fn.ignore_index),
-            drop_last=True,
-        )
-        if len(loader) == 0:
-            raise ValueError(
-                f"a dataset of {len(dataset)} examples gives no full batch of batch_size {self._loop.batch_size} "
-                f"on each of {self._parallel.world_size} rank(s)"
-            )
-        return loader
 
     def _setup_codec(self, cfg: DictConfig, resume: Optional[checkpointing.StepCheckpoint]) -> Optional[ConfidenceCodec]:
         """The codec: from a resumed run's saved metadata, else the ``confidence`` section (quantile
@@ -337,14 +195,7 @@ class CaCFinetuneRecipe(FTRecipeInterface):
         return codec
 
     def _first_examples(self, num_examples: int) -> DataLoader:
-        """Batches of the first ``num_examples`` training examples, in order (the same on every rank)."""
-        dataset = self._dataloader.dataset
-        first = list(range(min(num_examples, len(dataset))))
-        return DataLoader(
-            torch.utils.data.Subset(dataset, first),
-            batch_size=self._loop.batch_size,
-            collate_fn=self._dataloader.collate_fn,
-        )
+        return first_examples(self._dataloader, num_examples, self._loop.batch_size)
 
     def _fit_quantile_edges(self, codec: ConfidenceCodec, num_samples: int) -> ConfidenceCodec:
         """Fit quantile edges on the first ``num_samples`` training examples (same on every rank)."""
@@ -372,9 +223,7 @@ class CaCFinetuneRecipe(FTRecipeInterface):
     def _build_layout(self, codec: Optional[ConfidenceCodec] = None) -> ConfidenceLayout:
         codec = codec or self._codec
         return ConfidenceLayout(
-            Interleaving.for_tokenizer(
-                self._interleaving.mode, self._tokenizer, self._interleaving.marker, self._interleaving.positions
-            ),
+            self._interleaving.for_tokenizer(self._tokenizer),
             codec,
             pad_id=self._tokenizer.pad_id,
             max_passes=self._interleaving.max_passes,
@@ -462,39 +311,15 @@ class CaCFinetuneRecipe(FTRecipeInterface):
         return int(self._parallel.all_reduce_sum(flag).item()) == self._parallel.world_size
 
     def _load_resume_checkpoint(self) -> checkpointing.StepCheckpoint:
-        """The newest step checkpoint every rank can read (unreadable newer ones are set aside,
-        with a warning), refused when written by another config or another number of ranks."""
-        resume, skipped = checkpointing.load_newest_readable(
-            self._step_root, self._parallel.rank, self._parallel.world_size, self._all_ranks
+        return load_resume_checkpoint(
+            self._step_root, self._parallel, self._all_ranks, config_hash=self._config_hash, run_config=self._run_config,
+            output_dir_options=self._output_dir_options,
         )
-        warning = run_dir.check_resumed_run(
-            resume.path, resume.progress, self._config_hash, self._run_config, self._output_dir_options
-        )
-        if skipped:
-            for path, why in skipped:
-                log.warning(f"rank {self._parallel.rank}: cannot resume from {path}: {why}")
-            if self._parallel.is_rank_zero:
-                moved = [checkpointing.set_aside(path) for path, _ in skipped]
-                log.warning(
-                    f"resuming from the previous complete checkpoint {resume.path} instead of {skipped[0][0]}; "
-                    f"unreadable checkpoints moved to {', '.join(p.name for p in moved)}"
-                )
-            self._parallel.barrier()
-        if warning is not None and self._parallel.is_rank_zero:
-            log.warning(warning)
-        run_name = resume.progress.config_hash or "of unknown config"
-        utils.log_rank_zero(log, f"Resuming run {run_name} from step {resume.progress.global_step} ({resume.path}).")
-        return resume
 
     def _restore_progress(self, resume: checkpointing.StepCheckpoint) -> None:
         """Take the saved position; refuse settings that would change what the data position means."""
-        saved, now = resume.progress, self._progress()
-        for name in ("mode", "world_size", "batch_size", "gradient_accumulation_steps", "max_steps_per_epoch"):
-            if getattr(saved, name) != getattr(now, name):
-                raise ValueError(
-                    f"cannot resume {resume.path}: it was trained with {name}={getattr(saved, name)!r}, "
-                    f"this run has {name}={getattr(now, name)!r}"
-                )
+        saved = resume.progress
+        check_same_position_settings(resume.path, saved, self._progress())
         if saved.seed != self.seed:
             log.warning(f"seed {self.seed} differs from the checkpoint's {saved.seed}; using the checkpoint's")
         self.seed = saved.seed
@@ -524,11 +349,7 @@ class CaCFinetuneRecipe(FTRecipeInterface):
                     return
 
     def _to_device(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        missing = [key for key in BATCH_KEYS if key not in batch]
-        if missing:
-            raise KeyError(f"the collate function must return {', '.join(BATCH_KEYS)}; missing {', '.join(missing)}")
-        utils.batch_to_device(batch, self._device)
-        return batch
+        return batch_to_device(batch, self._device)
 
     def _train_step(self, window: List[Dict[str, torch.Tensor]]) -> Dict[str, float]:
         """Forward/backward every micro-batch of a window, then one optimizer step.

@@ -1,4 +1,4 @@
-"""Confidence overrides: decode with the confidence token fed back replaced, to ask whether a model
+"""Bin ablations (confidence overrides): decode with the confidence token fed back replaced, to ask whether a model
 reads its own confidence (an ablation; DESIGN.md's decoders feed the real bin).
 
 An override sees each bin the codec computed and returns the bin to feed instead; the signal,

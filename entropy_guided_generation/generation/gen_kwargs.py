@@ -15,7 +15,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 
-from entropy_guided_generation.generation import DecodeResult
+from entropy_guided_generation.generation.common import DecodeResult
 
 GEN_KWARGS = (
     "until",
