@@ -161,9 +161,18 @@ def test_training_batch_in_train_mode_equals_decoding_on_the_real_model(context,
 
 def test_bf16_bins_and_decodes_agree_with_fp32_on_the_real_model(smollm2, tokenizer, codec, shared_data):
     """bf16 weights with float32 signals: the decoded content, the decoded bins and the training bins of
-    one fixed sequence, each as the share of positions equal to fp32's (printed); at least 90% here."""
+    fixed sequences (each prompt with a worked answer, 63 slots: one bin flipping at an edge moves the share
+    by 1.6%), each as the share of positions equal to fp32's (printed); at least 90% here."""
     rows = gsm8k_prompts(shared_data, tokenizer, 2)
     prompt = left_pad(rows, tokenizer.pad_id)
+    answers = [" 16 - 3 - 4 = 9 eggs are left. 9 * 2 = 18 dollars a day.\n#### 18",
+               " 2 / 2 = 1 bolt of white fiber. 2 + 1 = 3 bolts in total.\n#### 3"]
+    texts = [row + tokenizer.encode(answer, add_bos=False, add_eos=True) for row, answer in zip(rows, answers)]
+    width = max(map(len, texts))
+    tokens = torch.tensor([t + [tokenizer.pad_id] * (width - len(t)) for t in texts])
+    valid = torch.arange(width).unsqueeze(0) < torch.tensor([len(t) for t in texts]).unsqueeze(1)
+    response = valid & (torch.arange(width).unsqueeze(0) >= torch.tensor([len(r) for r in rows]).unsqueeze(1))
+    slots = confidence_slots(tokens, mode="answer", response_mask=response, stop_ids=tokenizer.stop_tokens, valid_mask=valid)
     decoded, training_bins = {}, {}
     for dtype in (torch.float32, torch.bfloat16):
         model = real_model(smollm2, codec, dtype)
@@ -171,10 +180,7 @@ def test_bf16_bins_and_decodes_agree_with_fp32_on_the_real_model(smollm2, tokeni
             model, prompt, codec=codec, max_generated_tokens=16, pad_id=tokenizer.pad_id, temperature=0.0, stop_tokens=tokenizer.stop_tokens
         )
         assert decoded[dtype].entropies.dtype == torch.float32  # signals stay float32 under bf16 weights
-        tokens = torch.tensor([rows[0] + tokenizer.encode(" 16 - 3 - 4 = 9 eggs\n#### 18", add_bos=False, add_eos=True)])
-        response = torch.arange(tokens.shape[1]).unsqueeze(0) >= len(rows[0])
-        slots = confidence_slots(tokens, mode="answer", response_mask=response, stop_ids=tokenizer.stop_tokens)
-        fixed = compute_bins(model, tokens, codec=codec, slots=slots)
+        fixed = compute_bins(model, tokens, codec=codec, slots=slots, valid_mask=valid, pad_id=tokenizer.pad_id)
         assert fixed.converged
         training_bins[dtype] = fixed.bins[slots]
     a, b = decoded[torch.float32], decoded[torch.bfloat16]
