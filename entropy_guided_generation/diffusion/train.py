@@ -179,9 +179,8 @@ def build_predictor(out_dir: Path, settings: TrainSettings, threads: int, eval_n
     return card
 
 
-BUILD_THREADS = 2  # the weights depend on the thread count; the shipped predictor was built with 2
-# (164 s of training on 2 idle cores). On a CPU shared with other jobs pass --threads 1: two threads
-# contending with other processes ran about 3x slower than one.
+BUILD_THREADS = 2  # the weights depend on the thread count; the shipped predictor was built with 2.
+# On a CPU shared with other jobs, --threads 1 avoids two threads contending with them (README, "The offline kit").
 
 
 def cached_predictor(settings: TrainSettings, eval_n: int = 200) -> Path:
