@@ -83,7 +83,8 @@ SMOLLM2_SIZING = (
     "finetune to load and save; a full analysis (four decodes, content losses, agreement, single-pass mismatch at "
     "step 0 and the end) ~65-90 s per mode, the step-0 study 64 s for 4 problems. Extrapolated, the default (40 "
     "steps of 4 rows, 16 held-out problems, the step-0 study on 12, the 20-step curve point, the context=plain "
-    "row) is ~5,700 s on that one shared thread: about an hour on 2 idle cores. On a GPU raise --steps, "
+    "row) is ~5,700 s on that one shared thread: about an hour on 2 idle cores. The default study then ran in "
+    "4,568 s on this CPU's 2 cores (shared with other work part of the time). On a GPU raise --steps, "
     "--batch-size and --eval-limit."
 )
 

