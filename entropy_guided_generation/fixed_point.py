@@ -126,13 +126,16 @@ def _signals_are_cheap(model: Any) -> bool:
     return _signal_cost(model) <= 1.0
 
 
-def _stepping_cost(model: Any, device: torch.device, final: torch.Tensor, counts: torch.Tensor, width: int) -> float:
+def _stepping_cost(
+    signal_cost: float, device: torch.device, final: torch.Tensor, counts: torch.Tensor, width: int
+) -> float:
     """Token-forwards that stepping every row not final yet to its end would cost: per step and row
     a thin KV-cached forward (``_CPU_STEP_TOKENS`` on a CPU; on an accelerator a step takes about
-    as long as a pass over the row's ``width`` columns) plus one signal."""
+    as long as a pass over the row's ``width`` columns) plus one signal (``signal_cost``, see
+    :func:`_signal_cost`)."""
     behind = final < counts
     rows, steps = int(behind.sum()), int((counts - final).max())
-    per_step = (_CPU_STEP_TOKENS if device.type == "cpu" else width) + _signal_cost(model)
+    per_step = (_CPU_STEP_TOKENS if device.type == "cpu" else width) + signal_cost
     return rows * steps * per_step
 
 
@@ -530,6 +533,7 @@ def _iterate(
     # Each pass settles >= 1 slot of every row it runs, so m passes always reach the fixed point.
     limit = solver.order.shape[1] if max_passes is None else min(max_passes, solver.order.shape[1])
     spent = 0.0  # token-forwards of the passes after pass 0, signals included
+    signal_cost = _signal_cost(model)
     while forward_anywhere(model, (mine := passes < limit and bool(solver.behind().any())), tokens):
         if not mine:
             continue  # another rank's pass: this one ran an idle forward with it
@@ -542,8 +546,8 @@ def _iterate(
         pass_slots.append(computed)
         changed = n_changed / int(counts.sum())
         width = int(laid.tokens.shape[1])
-        spent += active.numel() * width + computed * _signal_cost(model)
-        if may_step and bool(solver.behind().any()) and spent >= _stepping_cost(model, tokens.device, solver.final, counts, width):
+        spent += active.numel() * width + computed * signal_cost
+        if may_step and bool(solver.behind().any()) and spent >= _stepping_cost(signal_cost, tokens.device, solver.final, counts, width):
             stepped = solver.step_the_rest()
     unconverged = int(solver.behind().sum())
     if max_passes is None and unconverged:

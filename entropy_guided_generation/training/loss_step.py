@@ -161,18 +161,18 @@ class ConfidenceLayout:
         keys = seen.keys(tokens, valid, slots)
         known, bins, signal = seen.lookup(keys, slots, self.codec.compute_dtype)
         new = (~known).nonzero().squeeze(1)
-        part = {k: v[new] for k, v in batch.items() if isinstance(v, torch.Tensor) and v.shape[:1] == tokens.shape[:1]}
-        result = self._bins(bin_model, part if new.numel() else batch, slots[new] if new.numel() else torch.zeros_like(slots))
+        passes, pass_rows, pass_slots = 0, (), ()
         if new.numel():
+            part = {k: v[new] for k, v in batch.items() if isinstance(v, torch.Tensor) and v.shape[:1] == tokens.shape[:1]}
+            result = self._bins(bin_model, part, slots[new])
             bins[new], signal[new] = result.bins, result.signal.to(signal.dtype)
             seen.add([keys[i] for i in new.tolist()], result.bins, result.signal)
+            passes, pass_rows, pass_slots = result.passes, result.pass_rows, result.pass_slots
+        else:
+            self._bins(bin_model, batch, torch.zeros_like(slots))  # no slots: only joins FSDP2 peers' forwards
         conf = self.codec.token_ids_for_bins(bins.clamp(min=0))
         laid = interleave(tokens, slots, conf, labels=batch["labels"], pad_id=self.pad_id, valid_mask=valid)
-        rows = int(new.numel())
-        return FixedPointBins(
-            bins, signal, result.passes if rows else 0, 0.0, True, laid,
-            pass_rows=result.pass_rows if rows else (), pass_slots=result.pass_slots if rows else (),
-        )
+        return FixedPointBins(bins, signal, passes, 0.0, True, laid, pass_rows=pass_rows, pass_slots=pass_slots)
 
 
 class SeenRowBins:
