@@ -142,9 +142,14 @@ def logits_at(
     rows = torch.arange(tokens.shape[0], device=tokens.device)
     if is_torchtune_decoder(model) and not getattr(model, "output_hidden_states", None):
         h = hidden_states(model, tokens, mask=mask, input_pos=input_pos)
-        h_used = model.norm(h if h.shape[1] == 1 else h[rows, index].unsqueeze(1))
-        return model.output(h_used).float()[:, 0]
+        return logits_of_hidden(model, h if h.shape[1] == 1 else h[rows, index].unsqueeze(1))[:, 0]
     return logits_of(model, tokens, mask=mask, input_pos=input_pos)[rows, index]
+
+
+def logits_of_hidden(model: Any, hidden: torch.Tensor) -> torch.Tensor:
+    """Float32 logits ``[b, s, v]`` of a torchtune decoder from its last layer's output ``hidden``
+    ``[b, s, d]`` (the final norm, then the output projection), as one call at this shape."""
+    return model.output(model.norm(hidden)).float()
 
 
 MIN_PROJECTED_POSITIONS = 16

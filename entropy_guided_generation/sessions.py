@@ -14,17 +14,18 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from typing import Any, Iterator, Optional, Protocol
+from typing import Any, Callable, Iterator, Optional, Protocol
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from entropy_guided_generation.modeling import (
     hidden_states,
     is_hf_model,
     is_torchtune_decoder,
-    logits_at,
     logits_of,
+    logits_of_hidden,
     positions_from_padding,
 )
 
@@ -61,16 +62,35 @@ class KVSession:
         self.key_valid = torch.zeros(batch_size, cache_len, dtype=torch.bool, device=device)
         self.next_pos = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.filled = 0
+        self.rows = slice(None)  # the row block the current forward feeds (every row outside feed_rows)
         self._block_width = 0  # widest row block fed since the last end_row_blocks
         self._cols = torch.arange(cache_len, device=device)
+        self._bias_of: Optional[torch.Tensor] = None  # the mask whose attention bias _bias is
+        self._bias = torch.zeros(0)
 
     def _mask(self, k: int) -> torch.Tensor:
-        """``[b, k, cache_len]``: query column ``filled + i`` sees the real keys at or before it."""
+        """``[b, k, filled + k]``: query column ``filled + i`` sees the real keys at or before it
+        (the columns past the feed are not read at all)."""
+        end = self.filled + k
+        cols = self._cols[:end]
         query_cols = self.filled + self._cols[:k]
-        causal = self._cols.unsqueeze(0) <= query_cols.unsqueeze(1)  # [k, cache_len]
+        causal = cols.unsqueeze(0) <= query_cols.unsqueeze(1)  # [k, end]
         # A padding query still sees itself, so no attention row is empty.
-        itself = self._cols.unsqueeze(0) == query_cols.unsqueeze(1)
-        return (self.key_valid.unsqueeze(1) & causal.unsqueeze(0)) | itself.unsqueeze(0)
+        itself = cols.unsqueeze(0) == query_cols.unsqueeze(1)
+        return (self.key_valid[:, :end].unsqueeze(1) & causal.unsqueeze(0)) | itself.unsqueeze(0)
+
+    def attention_bias(self, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``[r, 1, k, filled + k]``: the bool ``mask`` of a feed as the additive bias SDPA adds to
+        the scores (0 where seen, -inf elsewhere), made once per feed and chunk for all layers (SDPA
+        would otherwise convert the bool mask in every layer)."""
+        if self._bias_of is not mask or self._bias.dtype != dtype:
+            self._bias_of = mask
+            self._bias = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf")).unsqueeze(1)
+        return self._bias
+
+    def _check_room(self, k: int) -> None:
+        if self.filled + k > self.cache_len:
+            raise RuntimeError(f"KV cache of {self.cache_len} columns is full ({self.filled} used, {k} more asked)")
 
     def feed(
         self,
@@ -82,19 +102,11 @@ class KVSession:
         """Append ``tokens`` ``[b, k]`` (``valid`` marks real ones) and return the logits ``[b, v]``
         at column ``use_col[b]`` of this feed. ``advances`` ``[b, k]`` marks the tokens that move the
         position on (default: every real token); one that does not repeats the position before it."""
-        k = tokens.shape[1]
-        if self.filled + k > self.cache_len:
-            raise RuntimeError(f"KV cache of {self.cache_len} columns is full ({self.filled} used, {k} more asked)")
-        self.key_valid[:, self.filled : self.filled + k] = valid
-        advances = valid if advances is None else advances
-        if k == 1:
-            pos = self.next_pos.unsqueeze(1)
-        else:
-            pos = (self.next_pos.unsqueeze(1) + advances.long().cumsum(1) - 1).clamp(min=0)
-        logits = logits_at(self.model, tokens, use_col, mask=self._mask(k), input_pos=pos)
-        self.next_pos += advances.long().sum(1)
-        self.filled += k
-        return logits
+        self._check_room(tokens.shape[1])
+        hidden = self._forward_rows(slice(None), tokens, valid, advances)
+        self.filled += tokens.shape[1]
+        rows = torch.arange(tokens.shape[0], device=tokens.device)
+        return logits_of_hidden(self.model, hidden[rows, use_col].unsqueeze(1))[:, 0]
 
     def feed_rows(
         self, rows: slice, tokens: torch.Tensor, valid: torch.Tensor, advances: Optional[torch.Tensor] = None
@@ -107,42 +119,39 @@ class KVSession:
         Returns:
             the last layer's output ``[r, k, d]`` (before the final norm; see :func:`project_hidden`).
         """
-        if self.filled + tokens.shape[1] > self.cache_len:
-            raise RuntimeError(
-                f"KV cache of {self.cache_len} columns is full ({self.filled} used, {tokens.shape[1]} more asked)"
-            )
-        attention = _cached_attention(self.model)
-        caches = [m.kv_cache for m in attention]
-        try:
-            for m, cache in zip(attention, caches):
-                m.kv_cache = _RowBlockCache(cache, rows)
-            hidden = self._forward_rows(rows, tokens, valid, advances)
-        finally:
-            for m, cache in zip(attention, caches):
-                m.kv_cache = cache
+        self._check_room(tokens.shape[1])
+        hidden = self._forward_rows(rows, tokens, valid, advances)
         self._block_width = max(self._block_width, tokens.shape[1])
         return hidden
 
     def end_row_blocks(self) -> None:
         """Close the columns the row blocks fed since the last call: later feeds go on after the widest."""
-        width = self._block_width
-        for m in _cached_attention(self.model):
-            m.kv_cache.cache_pos.add_(width)
-        self.filled += width
+        self.filled += self._block_width
         self._block_width = 0
 
     def _forward_rows(
         self, rows: slice, tokens: torch.Tensor, valid: torch.Tensor, advances: Optional[torch.Tensor]
     ) -> torch.Tensor:
-        """One forward of ``rows``' ``tokens`` ``[r, k]`` from column ``filled`` on (their caches set
-        to row blocks); the last layer's output ``[r, k, d]``."""
+        """The last layer's output ``[r, k, d]`` on ``rows``' ``tokens`` ``[r, k]``, written from
+        column ``filled`` on (``filled`` itself is left to the caller). A long feed (a prompt) runs
+        in chunks of :data:`PREFILL_CHUNK` columns, each attending over the columns up to its own
+        end: causal attention without the masked upper triangle of the whole feed."""
         k = tokens.shape[1]
         self.key_valid[rows, self.filled : self.filled + k] = valid
         advances = valid if advances is None else advances
         pos = (self.next_pos[rows].unsqueeze(1) + advances.long().cumsum(1) - 1).clamp(min=0)
-        h = hidden_states(self.model, tokens, mask=self._mask(k)[rows], input_pos=pos)
+        start, hidden = self.filled, []
+        self.rows = rows
+        try:
+            for begin in range(0, k, PREFILL_CHUNK):
+                end = min(begin + PREFILL_CHUNK, k)
+                self.filled = start + begin
+                mask = self._mask(end - begin)[rows]
+                hidden.append(hidden_states(self.model, tokens[:, begin:end], mask=mask, input_pos=pos[:, begin:end]))
+        finally:
+            self.filled, self.rows = start, slice(None)
         self.next_pos[rows] += advances.long().sum(1)
-        return h
+        return hidden[0] if len(hidden) == 1 else torch.cat(hidden, 1)
 
     def prefill(self, prompt: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """Feed the left-padded ``prompt`` ``[b, p]``; the logits ``[b, v]`` after its last column."""
@@ -161,27 +170,86 @@ class KVSession:
         self.next_pos -= dropped.long().sum(1)
 
 
-class _RowBlockCache(nn.Module):
-    """A torchtune ``KVCache`` over rows ``rows`` of another's: its key and value buffers are views
-    of those rows, written from the other's next column on, so a forward of those rows alone fills
-    their part of the shared cache (the other's position counter is not moved)."""
+PREFILL_CHUNK = 256
+"""Columns a session forwards at once: a longer feed (a prompt) runs chunk by chunk, each chunk's
+queries attending over the columns up to its end, so a prompt of p columns reads about p^2 / 2
+query-key pairs instead of p x p. Linear layers see 256 x rows tokens per call, enough for BLAS."""
 
-    def __init__(self, cache: nn.Module, rows: slice):
-        super().__init__()
-        self.k_cache, self.v_cache = cache.k_cache[rows], cache.v_cache[rows]
-        self.cache_pos = cache.cache_pos.clone()
-        self.batch_size = self.k_cache.shape[0]
 
-    @property
-    def size(self) -> int:
-        return int(self.cache_pos[0])
+SESSION_ATTENTION_OBSERVER = "session_attention_observer"
+"""The attribute of an attention module whose callable, when set, observes each session forward
+(entropix's attention statistics read the scores this way)."""
 
-    def update(self, k_val: torch.Tensor, v_val: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        seq_len = k_val.shape[2]
-        self.k_cache[:, :, self.cache_pos[:seq_len]] = k_val
-        self.v_cache[:, :, self.cache_pos[:seq_len]] = v_val
-        self.cache_pos.add_(seq_len)
-        return self.k_cache, self.v_cache
+
+def _session_attention(attn: nn.Module, session: KVSession) -> Callable[..., torch.Tensor]:
+    """``attn``'s forward inside ``session``: torchtune's projections, rotary embedding and norms,
+    keys and values written to the session's columns of ``attn.kv_cache``'s buffers (rows
+    ``session.rows``), and attention over the columns filled so far only, grouped query heads
+    reading their key/value head in place (SDPA's ``enable_gqa``). torchtune's own forward expands
+    the grouped heads into a copy of the whole static cache at every call (rows x cache length x
+    heads), which made a decode step's cost grow with the cache's size rather than its filled part.
+
+    The mask passed in is the session's ``[r, k, filled + k]``. A callable set as ``attn``'s
+    :data:`SESSION_ATTENTION_OBSERVER` attribute sees each call's rotated, normed queries ``[r, h, k, d]``,
+    the filled keys ``[r, h_kv, filled + k, d]`` (grouped, not expanded) and the mask."""
+    grouped = attn.num_heads != attn.num_kv_heads
+
+    def forward(x: torch.Tensor, y: Optional[torch.Tensor] = None, **kwargs: Any) -> torch.Tensor:
+        if attn.kv_cache is None or not attn.cache_enabled:  # a whole-sequence forward, caches set aside
+            return type(attn).forward(attn, x, y, **kwargs)
+        return cached(x, **kwargs)
+
+    def cached(x: torch.Tensor, *, mask: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        b, k, _ = x.shape
+        q = attn.q_proj(x).view(b, k, attn.num_heads, attn.head_dim)
+        keys = attn.k_proj(x).view(b, k, attn.num_kv_heads, attn.head_dim)
+        values = attn.v_proj(x).view(b, k, attn.num_kv_heads, attn.head_dim)
+        if attn.pos_embeddings is not None:
+            q = attn.pos_embeddings(q, input_pos=input_pos)
+            keys = attn.pos_embeddings(keys, input_pos=input_pos)
+        q, keys, values = q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2)
+        if attn.q_norm is not None:
+            q = attn.q_norm(q)
+        if attn.k_norm is not None:
+            keys = attn.k_norm(keys)
+        start, end = session.filled, session.filled + k
+        k_cache, v_cache = attn.kv_cache.k_cache[session.rows], attn.kv_cache.v_cache[session.rows]
+        k_cache[:, :, start:end] = keys
+        v_cache[:, :, start:end] = values
+        observer = getattr(attn, SESSION_ATTENTION_OBSERVER, None)
+        if observer is not None:
+            observer(q, k_cache[:, :, :end], mask)
+        out = F.scaled_dot_product_attention(
+            q, k_cache[:, :, :end], v_cache[:, :, :end], attn_mask=session.attention_bias(mask, q.dtype),
+            dropout_p=attn.attn_dropout if attn.training else 0.0, enable_gqa=grouped,
+        )
+        return attn.output_proj(out.transpose(1, 2).reshape(b, k, -1))
+
+    return forward
+
+
+@contextlib.contextmanager
+def _attention_over_session(model: Any, session: KVSession) -> Iterator[KVSession]:
+    """Run ``model``'s cached attention modules by :func:`_session_attention` while the block lasts."""
+    from torchtune.modules import MultiHeadAttention
+
+    attention = _cached_attention(model)
+    for m in attention:
+        if not isinstance(m, MultiHeadAttention):
+            raise TypeError(
+                f"KV sessions run torchtune's MultiHeadAttention; {type(m).__name__} holds a KV cache but is not one"
+            )
+    outer = [m.__dict__.get("forward") for m in attention]  # a session opened inside another's
+    try:
+        for m in attention:
+            m.forward = _session_attention(m, session)
+        yield session
+    finally:
+        for m, forward in zip(attention, outer):
+            if forward is None:
+                del m.forward
+            else:
+                m.forward = forward
 
 
 def _cached_attention(model: Any) -> list[nn.Module]:
@@ -233,12 +301,13 @@ def kv_session(model: Any, batch_size: int, cache_len: int) -> Iterator[KVSessio
                 f"call needs batch {batch_size} x {cache_len}; pad the batch or set up larger caches"
             )
         model.reset_caches()
-        yield KVSession(model, batch_size, have_len, param.device)
+        with _attention_over_session(model, KVSession(model, batch_size, have_len, param.device)) as session:
+            yield session
         return
     with local_kv_cache(
         model, batch_size=batch_size, device=param.device, dtype=param.dtype, decoder_max_seq_len=cache_len
-    ):
-        yield KVSession(model, batch_size, cache_len, param.device)
+    ), _attention_over_session(model, KVSession(model, batch_size, cache_len, param.device)) as session:
+        yield session
 
 
 

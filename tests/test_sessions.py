@@ -108,3 +108,45 @@ def test_left_pad_right_aligns_rows_and_rejects_a_row_wider_than_asked():
     assert left_pad([[1]], 0, width=3).tolist() == [[0, 0, 1]]
     with pytest.raises(ValueError, match="a row of 3 tokens does not fit width 2"):
         left_pad([[1, 2, 3]], 0, width=2)
+
+
+def test_a_prompt_fed_in_chunks_gives_the_logits_of_a_full_forward(pair, monkeypatch):
+    """A prefill wider than ``PREFILL_CHUNK`` runs chunk by chunk (each chunk's queries over the
+    columns up to its end): every column's logits still equal one full forward's."""
+    from entropy_guided_generation import sessions
+
+    hf, tt = pair
+    rows = [[5, 17, 33, 8, 21, 9, 40, 2, 7], [41, 9, 3, 30]]
+    prompt = left_pad(rows, PAD)
+    monkeypatch.setattr(sessions, "PREFILL_CHUNK", 4)  # 9 columns: chunks of 4, 4 and 1
+    last = torch.full((2,), prompt.shape[1] - 1)
+    with torch.no_grad(), open_session(tt, 2, prompt.shape[1] + 1) as session:
+        got = session.feed(prompt, prompt != PAD, last)
+        after = session.step(torch.tensor([11, 12]), torch.tensor([True, True]))
+    torch.testing.assert_close(got, reference_logits(hf, rows), rtol=0, atol=1e-4)
+    torch.testing.assert_close(after, reference_logits(hf, [r + [t] for r, t in zip(rows, [11, 12])]), rtol=0, atol=1e-4)
+
+
+def test_session_attention_reads_the_filled_columns_with_grouped_heads_and_hands_the_forward_back(pair):
+    """Inside a session each attention call sees the keys of the columns filled so far (not the
+    static cache's length), its key/value heads unexpanded; after it (nested sessions included)
+    the modules run torchtune's own forward again."""
+    from entropy_guided_generation.sessions import SESSION_ATTENTION_OBSERVER, caches_set_aside, kv_session
+
+    _, tt = pair
+    attn = tt.layers[-1].attn
+    seen: list[tuple[int, int, int]] = []
+    setattr(attn, SESSION_ATTENTION_OBSERVER, lambda q, k, mask: seen.append((q.shape[1], k.shape[1], k.shape[2])))
+    try:
+        with torch.no_grad(), kv_session(tt, 2, 40) as session:
+            prompt = left_pad(PROMPTS, PAD)
+            session.prefill(prompt, prompt != PAD)
+            with caches_set_aside(tt), kv_session(tt, 1, 8) as inner:  # the fixed point's stepping, on caches of its own
+                inner.prefill(torch.tensor([[3, 4]]), torch.tensor([[True, True]]))
+            session.step(torch.tensor([11, 12]), torch.tensor([True, True]))
+    finally:
+        delattr(attn, SESSION_ATTENTION_OBSERVER)
+    heads, kv_heads = attn.num_heads, attn.num_kv_heads
+    assert kv_heads < heads
+    assert seen == [(heads, kv_heads, 4), (heads, kv_heads, 2), (heads, kv_heads, 5)]
+    assert all("forward" not in m.__dict__ for m in tt.modules())

@@ -20,6 +20,7 @@ from entropy_guided_generation.generation import register_decoder
 from entropy_guided_generation.generation.common import DecodeResult, check_prompt, decode
 from entropy_guided_generation.sampling.entropix_config import EntropixConfig
 from entropy_guided_generation.sampling.entropix_metrics import METRIC_NAMES, EntropixMetrics, entropix_metrics
+from entropy_guided_generation.sessions import SESSION_ATTENTION_OBSERVER
 
 REGIMES = ("argmax", "clarify", "careful", "explore", "resample", "adaptive")
 """Regime codes (index = code): low/low argmax; high entropy/low varentropy emits the clarifying
@@ -342,10 +343,13 @@ class LastQueryAttention:
     ``[b, h, L]`` (q . k / sqrt(d)) of each row's **last** input column against the layer's keys,
     and ``visible`` ``[b, L]`` (the mask row of that column).
 
-    While attached, the layer's attention kernel call (``attn._attention_call``, which receives
-    the rotated, normed, head-expanded q, k and the mask that the model itself attends with) is
-    wrapped: the last query row is scored against those keys, so nothing is recomputed, the cost
-    is O(L) per step, and no L x L map is built. The model's own kernel still does the attention.
+    While attached, the layer's attention is observed where it is computed, with the rotated,
+    normed q, k and the mask that the model itself attends with: in a KV session (the decoders')
+    through the session's observer hook (:data:`~entropy_guided_generation.sessions.SESSION_ATTENTION_OBSERVER`,
+    keys over the filled columns, grouped heads not expanded), in any other forward by wrapping
+    torchtune's kernel call (``attn._attention_call``, head-expanded keys). The last query row is
+    scored against those keys, so nothing is recomputed, the cost is O(L) per step, and no L x L
+    map is built. The model's own kernel still does the attention.
     """
 
     def __init__(self, model: Any):
@@ -371,15 +375,20 @@ class LastQueryAttention:
             return kernel(q, k, v, *args, **kwargs)
 
         self.attn._attention_call = observed_kernel
+        setattr(self.attn, SESSION_ATTENTION_OBSERVER, self._observe)
         try:
             yield self
         finally:
             self.attn._attention_call = kernel
+            delattr(self.attn, SESSION_ATTENTION_OBSERVER)
 
     def _observe(self, q: torch.Tensor, k: torch.Tensor, mask: Any) -> None:
-        """``q`` ``[b, h, s, d]`` and ``k`` ``[b, h, L, d]`` as the kernel gets them."""
-        query = q[:, :, -1:].float() * q.shape[-1] ** -0.5
-        self.scores = torch.matmul(query, k.float().transpose(2, 3)).squeeze(2)
+        """``q`` ``[b, h, s, d]`` and ``k`` ``[b, h_kv, L, d]`` (``h_kv`` divides ``h``: query head
+        ``i`` reads key head ``i // (h / h_kv)``, torchtune's grouping)."""
+        b, h, _, d = q.shape
+        kv_heads = k.shape[1]
+        query = q[:, :, -1].float().reshape(b, kv_heads, h // kv_heads, d) * d**-0.5
+        self.scores = torch.matmul(query, k.float().transpose(2, 3)).reshape(b, h, -1)
         self.visible = self._visible(mask, q.shape[0], k.shape[2], q.device)
 
     def _visible(self, mask: Any, b: int, length: int, device: torch.device) -> torch.Tensor:
