@@ -6,7 +6,9 @@ one column per feed, real or padding; padding columns are masked out and never a
 which count real tokens only. :func:`open_session` picks the implementation by the model's flavour:
 
 - :class:`KVSession`: a torchtune decoder's static KV cache (it also feeds several columns at once,
-  as the interleaved decoders' ``[x_t, c_t]`` steps and the fixed point's stepping need);
+  as the interleaved decoders' ``[x_t, c_t]`` steps and the fixed point's stepping need); while it
+  is open the decoder's attention modules attend over the filled columns only, grouped KV heads
+  unexpanded, prompts in chunks (:func:`_session_attention`);
 - :class:`HFSession`: a Hugging Face causal LM's ``DynamicCache``;
 - :class:`PrefixSession`: any other tokens -> logits module, re-run on the whole prefix (no cache).
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional, Protocol
 
 import torch
@@ -56,37 +59,29 @@ class KVSession:
     of the content token before it).
     """
 
-    def __init__(self, model: Any, batch_size: int, cache_len: int, device: torch.device):
+    def __init__(self, model: Any, batch_size: int, cache_len: int, device: torch.device, dtype: torch.dtype):
         self.model = model
         self.cache_len = cache_len
         self.key_valid = torch.zeros(batch_size, cache_len, dtype=torch.bool, device=device)
         self.next_pos = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.filled = 0
-        self.rows = slice(None)  # the row block the current forward feeds (every row outside feed_rows)
+        self.feeding: Optional[SessionFeed] = None  # the forward running now (read by the attention modules)
         self._block_width = 0  # widest row block fed since the last end_row_blocks
         self._cols = torch.arange(cache_len, device=device)
-        self._bias_of: Optional[torch.Tensor] = None  # the mask whose attention bias _bias is
-        self._bias = torch.zeros(0)
+        self._dtype = dtype
 
-    def _mask(self, k: int) -> torch.Tensor:
-        """``[b, k, filled + k]``: query column ``filled + i`` sees the real keys at or before it
-        (the columns past the feed are not read at all)."""
-        end = self.filled + k
+    def _feed_at(self, rows: slice, start: int, k: int) -> "SessionFeed":
+        """A forward of ``rows`` writing columns ``start .. start + k``: query column ``start + i``
+        sees the row's real keys at or before it (the columns past the feed are not read at all)."""
+        end = start + k
         cols = self._cols[:end]
-        query_cols = self.filled + self._cols[:k]
+        query_cols = start + self._cols[:k]
         causal = cols.unsqueeze(0) <= query_cols.unsqueeze(1)  # [k, end]
         # A padding query still sees itself, so no attention row is empty.
         itself = cols.unsqueeze(0) == query_cols.unsqueeze(1)
-        return (self.key_valid[:, :end].unsqueeze(1) & causal.unsqueeze(0)) | itself.unsqueeze(0)
-
-    def attention_bias(self, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """``[r, 1, k, filled + k]``: the bool ``mask`` of a feed as the additive bias SDPA adds to
-        the scores (0 where seen, -inf elsewhere), made once per feed and chunk for all layers (SDPA
-        would otherwise convert the bool mask in every layer)."""
-        if self._bias_of is not mask or self._bias.dtype != dtype:
-            self._bias_of = mask
-            self._bias = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf")).unsqueeze(1)
-        return self._bias
+        mask = (self.key_valid[rows, :end].unsqueeze(1) & causal.unsqueeze(0)) | itself.unsqueeze(0)
+        bias = torch.zeros(mask.shape, dtype=self._dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+        return SessionFeed(rows, start, mask, bias.unsqueeze(1))
 
     def _check_room(self, k: int) -> None:
         if self.filled + k > self.cache_len:
@@ -140,16 +135,14 @@ class KVSession:
         self.key_valid[rows, self.filled : self.filled + k] = valid
         advances = valid if advances is None else advances
         pos = (self.next_pos[rows].unsqueeze(1) + advances.long().cumsum(1) - 1).clamp(min=0)
-        start, hidden = self.filled, []
-        self.rows = rows
+        hidden = []
         try:
             for begin in range(0, k, PREFILL_CHUNK):
                 end = min(begin + PREFILL_CHUNK, k)
-                self.filled = start + begin
-                mask = self._mask(end - begin)[rows]
-                hidden.append(hidden_states(self.model, tokens[:, begin:end], mask=mask, input_pos=pos[:, begin:end]))
+                self.feeding = self._feed_at(rows, self.filled + begin, end - begin)
+                hidden.append(hidden_states(self.model, tokens[:, begin:end], mask=None, input_pos=pos[:, begin:end]))
         finally:
-            self.filled, self.rows = start, slice(None)
+            self.feeding = None
         self.next_pos[rows] += advances.long().sum(1)
         return hidden[0] if len(hidden) == 1 else torch.cat(hidden, 1)
 
@@ -170,6 +163,20 @@ class KVSession:
         self.next_pos -= dropped.long().sum(1)
 
 
+@dataclass
+class SessionFeed:
+    """The forward a :class:`KVSession` runs now: its rows are the cache's rows ``rows``, written at
+    columns ``start .. start + k`` and attending over columns ``0 .. start + k`` under ``mask``
+    ``[r, k, start + k]`` (bool, True where seen), i.e. ``bias`` ``[r, 1, k, start + k]`` (0 where
+    seen, -inf elsewhere: made once per forward for every layer; SDPA would convert a bool mask
+    in each)."""
+
+    rows: slice
+    start: int
+    mask: torch.Tensor
+    bias: torch.Tensor
+
+
 PREFILL_CHUNK = 256
 """Columns a session forwards at once: a longer feed (a prompt) runs chunk by chunk, each chunk's
 queries attending over the columns up to its end, so a prompt of p columns reads about p^2 / 2
@@ -183,13 +190,13 @@ SESSION_ATTENTION_OBSERVER = "session_attention_observer"
 
 def _session_attention(attn: nn.Module, session: KVSession) -> Callable[..., torch.Tensor]:
     """``attn``'s forward inside ``session``: torchtune's projections, rotary embedding and norms,
-    keys and values written to the session's columns of ``attn.kv_cache``'s buffers (rows
-    ``session.rows``), and attention over the columns filled so far only, grouped query heads
+    keys and values written to ``attn.kv_cache``'s buffers where the session's running forward
+    (:attr:`KVSession.feeding`) writes, and attention over the columns filled so far only, grouped query heads
     reading their key/value head in place (SDPA's ``enable_gqa``). torchtune's own forward expands
     the grouped heads into a copy of the whole static cache at every call (rows x cache length x
     heads), which made a decode step's cost grow with the cache's size rather than its filled part.
 
-    The mask passed in is the session's ``[r, k, filled + k]``. A callable set as ``attn``'s
+    The layers pass no mask (the session's feed holds it). A callable set as ``attn``'s
     :data:`SESSION_ATTENTION_OBSERVER` attribute sees each call's rotated, normed queries ``[r, h, k, d]``,
     the filled keys ``[r, h_kv, filled + k, d]`` (grouped, not expanded) and the mask."""
     grouped = attn.num_heads != attn.num_kv_heads
@@ -199,7 +206,7 @@ def _session_attention(attn: nn.Module, session: KVSession) -> Callable[..., tor
             return type(attn).forward(attn, x, y, **kwargs)
         return cached(x, **kwargs)
 
-    def cached(x: torch.Tensor, *, mask: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+    def cached(x: torch.Tensor, *, mask: None, input_pos: torch.Tensor) -> torch.Tensor:
         b, k, _ = x.shape
         q = attn.q_proj(x).view(b, k, attn.num_heads, attn.head_dim)
         keys = attn.k_proj(x).view(b, k, attn.num_kv_heads, attn.head_dim)
@@ -212,15 +219,16 @@ def _session_attention(attn: nn.Module, session: KVSession) -> Callable[..., tor
             q = attn.q_norm(q)
         if attn.k_norm is not None:
             keys = attn.k_norm(keys)
-        start, end = session.filled, session.filled + k
-        k_cache, v_cache = attn.kv_cache.k_cache[session.rows], attn.kv_cache.v_cache[session.rows]
+        feed = session.feeding
+        start, end = feed.start, feed.start + k
+        k_cache, v_cache = attn.kv_cache.k_cache[feed.rows], attn.kv_cache.v_cache[feed.rows]
         k_cache[:, :, start:end] = keys
         v_cache[:, :, start:end] = values
         observer = getattr(attn, SESSION_ATTENTION_OBSERVER, None)
         if observer is not None:
-            observer(q, k_cache[:, :, :end], mask)
+            observer(q, k_cache[:, :, :end], feed.mask)
         out = F.scaled_dot_product_attention(
-            q, k_cache[:, :, :end], v_cache[:, :, :end], attn_mask=session.attention_bias(mask, q.dtype),
+            q, k_cache[:, :, :end], v_cache[:, :, :end], attn_mask=feed.bias,
             dropout_p=attn.attn_dropout if attn.training else 0.0, enable_gqa=grouped,
         )
         return attn.output_proj(out.transpose(1, 2).reshape(b, k, -1))
@@ -301,12 +309,12 @@ def kv_session(model: Any, batch_size: int, cache_len: int) -> Iterator[KVSessio
                 f"call needs batch {batch_size} x {cache_len}; pad the batch or set up larger caches"
             )
         model.reset_caches()
-        with _attention_over_session(model, KVSession(model, batch_size, have_len, param.device)) as session:
+        with _attention_over_session(model, KVSession(model, batch_size, have_len, param.device, param.dtype)) as session:
             yield session
         return
     with local_kv_cache(
         model, batch_size=batch_size, device=param.device, dtype=param.dtype, decoder_max_seq_len=cache_len
-    ), _attention_over_session(model, KVSession(model, batch_size, cache_len, param.device)) as session:
+    ), _attention_over_session(model, KVSession(model, batch_size, cache_len, param.device, param.dtype)) as session:
         yield session
 
 
