@@ -57,6 +57,10 @@ class KVSession:
     only, so training's right-padded layout and left-padded decoding see the same positions; under
     ``interleaving.positions: shared`` a confidence token does not advance and takes the position
     of the content token before it).
+
+    Opened by :func:`kv_session`, which runs the model's attention modules by
+    :func:`_session_attention` meanwhile: a forward of the model inside the session goes through
+    :meth:`feed` / :meth:`feed_rows` (or runs with its caches set aside).
     """
 
     def __init__(self, model: Any, batch_size: int, cache_len: int, device: torch.device, dtype: torch.dtype):
@@ -220,6 +224,12 @@ def _session_attention(attn: nn.Module, session: KVSession) -> Callable[..., tor
         if attn.k_norm is not None:
             keys = attn.k_norm(keys)
         feed = session.feeding
+        if feed is None:
+            raise RuntimeError(
+                f"{type(attn).__name__} ran outside its open KV session's feeds: inside a session, forward the "
+                "model through the session (feed / step), or set its caches aside (sessions.caches_set_aside) "
+                "for a whole-sequence forward"
+            )
         start, end = feed.start, feed.start + k
         k_cache, v_cache = attn.kv_cache.k_cache[feed.rows], attn.kv_cache.v_cache[feed.rows]
         k_cache[:, :, start:end] = keys

@@ -146,6 +146,12 @@ def test_session_attention_reads_the_filled_columns_with_grouped_heads_and_hands
             session.step(torch.tensor([11, 12]), torch.tensor([True, True]))
     finally:
         delattr(attn, SESSION_ATTENTION_OBSERVER)
+    with torch.no_grad(), kv_session(tt, 2, 8):
+        with pytest.raises(RuntimeError, match="ran outside its open KV session's feeds"):
+            # a stray forward on the session's caches (torchtune's own check wants a mask first)
+            tt(torch.tensor([[3, 4], [5, 6]]), mask=torch.ones(2, 2, 8, dtype=torch.bool).tril(), input_pos=torch.tensor([[0, 1]] * 2))
+        with caches_set_aside(tt):
+            assert tt(torch.tensor([[3, 4], [5, 6]])).shape[:2] == (2, 2)
     heads, kv_heads = attn.num_heads, attn.num_kv_heads
     assert kv_heads < heads
     assert seen == [(heads, kv_heads, 4), (heads, kv_heads, 2), (heads, kv_heads, 5)]
