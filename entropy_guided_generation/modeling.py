@@ -126,26 +126,6 @@ def hidden_states(model: Any, tokens: torch.Tensor, *, mask: Optional[torch.Tens
     return h
 
 
-def logits_at(
-    model: Any,
-    tokens: torch.Tensor,
-    index: torch.Tensor,
-    *,
-    mask: Optional[torch.Tensor] = None,
-    input_pos: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
-    """Float32 logits ``[b, v]`` at column ``index[b]`` of each row of ``tokens`` ``[b, s]``.
-
-    For torchtune decoders the output projection runs on those positions alone (a decode step
-    that feeds ``[x_t, c_t]`` needs logits at one column per row); the model's state is untouched.
-    """
-    rows = torch.arange(tokens.shape[0], device=tokens.device)
-    if is_torchtune_decoder(model) and not getattr(model, "output_hidden_states", None):
-        h = hidden_states(model, tokens, mask=mask, input_pos=input_pos)
-        return logits_of_hidden(model, h if h.shape[1] == 1 else h[rows, index].unsqueeze(1))[:, 0]
-    return logits_of(model, tokens, mask=mask, input_pos=input_pos)[rows, index]
-
-
 def logits_of_hidden(model: Any, hidden: torch.Tensor) -> torch.Tensor:
     """Float32 logits ``[b, s, v]`` of a torchtune decoder from its last layer's output ``hidden``
     ``[b, s, d]`` (the final norm, then the output projection), as one call at this shape."""
@@ -256,8 +236,8 @@ __all__ = [
     "hidden_states",
     "is_hf_model",
     "is_torchtune_decoder",
-    "logits_at",
     "logits_of",
+    "logits_of_hidden",
     "positions_from_padding",
     "project_hidden",
     "vocab_size_of",

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ast
 from pathlib import Path
+from typing import Callable
 
 PACKAGE = "entropy_guided_generation"
 PACKAGE_DIR = Path(__file__).resolve().parents[1] / PACKAGE
@@ -231,17 +232,25 @@ def test_subpackages_have_no_import_cycles():
     )
 
 
+def hits_by_module(find: Callable[[Path], list[str]]) -> dict[str, list[str]]:
+    """``{module file: find(file)}`` over the package's files, for those where ``find`` reports something."""
+    return {
+        str(path.relative_to(PACKAGE_DIR.parent)): hits
+        for path in sorted(PACKAGE_DIR.rglob("*.py"))
+        if (hits := find(path))
+    }
+
+
+def listing(hits: dict[str, list[str]]) -> str:
+    """One ``  file:hit`` line per hit."""
+    return "\n".join(f"  {path}:{hit}" for path, found in hits.items() for hit in found)
+
+
 def test_project_imports_sit_at_module_top():
     """An import of our own package inside a function hides a dependency (often a cycle): a module
     that needs its caller is in the wrong place. Third-party imports may stay lazy, with a reason."""
-    hidden = {
-        str(path.relative_to(PACKAGE_DIR.parent)): hits
-        for path in sorted(PACKAGE_DIR.rglob("*.py"))
-        if (hits := function_level_imports(path))
-    }
-    assert not hidden, "project imports inside functions:\n" + "\n".join(
-        f"  {path}:{hit}" for path, found in hidden.items() for hit in found
-    )
+    hidden = hits_by_module(function_level_imports)
+    assert not hidden, "project imports inside functions:\n" + listing(hidden)
 
 
 def private_imports(path: Path) -> list[str]:
@@ -257,11 +266,5 @@ def private_imports(path: Path) -> list[str]:
 
 def test_no_private_name_is_imported_across_modules():
     """A leading underscore means "this module's own": a name another module needs is public."""
-    found = {
-        str(path.relative_to(PACKAGE_DIR.parent)): hits
-        for path in sorted(PACKAGE_DIR.rglob("*.py"))
-        if (hits := private_imports(path))
-    }
-    assert not found, "private names imported across modules:\n" + "\n".join(
-        f"  {path}:{hit}" for path, hits in found.items() for hit in hits
-    )
+    found = hits_by_module(private_imports)
+    assert not found, "private names imported across modules:\n" + listing(found)
