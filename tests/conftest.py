@@ -71,3 +71,30 @@ def subprocess_env(tmp_path: Path) -> dict[str, str]:
     env["TMPDIR"] = str(tmp_path)
     env["PYTHONUNBUFFERED"] = "1"
     return env
+
+
+SHARED_FOLDER_NAME = "shared_by_workers"
+
+
+@pytest.fixture(scope="session")
+def shared_session_folder(tmp_path_factory) -> Path:
+    """A folder every pytest-xdist worker of this test session sees (the controller's base temp folder holds the
+    workers' own), for session fixtures that build something large once and share it (lock it while building).
+    Deleted when the session ends."""
+    base = tmp_path_factory.getbasetemp()
+    folder = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / SHARED_FOLDER_NAME
+    folder.mkdir(exist_ok=True)
+    return folder
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Delete :func:`shared_session_folder` once every worker is done (in the controller, or the only process).
+
+    It holds gigabytes (tests/test_real_model.py's SmolLM2 finetunes), and pytest keeps the base temp folders
+    of its last runs: on a machine that runs the suite often they would fill the disk."""
+    if hasattr(session.config, "workerinput"):  # an xdist worker: the others may still read the folder
+        return
+    factory = getattr(session.config, "_tmp_path_factory", None)
+    if factory is None or factory._basetemp is None:  # this session made no base temp folder
+        return
+    shutil.rmtree(factory.getbasetemp() / SHARED_FOLDER_NAME, ignore_errors=True)

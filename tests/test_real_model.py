@@ -14,6 +14,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -29,6 +30,7 @@ from entropy_guided_generation.eleuther_eval import EleutherEvalRecipeDirect
 from entropy_guided_generation.generation import get_decoder
 from entropy_guided_generation.layout import compute_bins, confidence_slots
 from entropy_guided_generation.tokenizing import hf_model_tokenizer
+from entropy_guided_generation.training import checkpointing
 from entropy_guided_generation.training.embeddings import mean_embedding_rows
 from entropy_guided_generation.training.metrics import read_disk_log
 
@@ -214,15 +216,28 @@ def finetune(command: List[str], config: str, out: Path, data: Path, env: Dict[s
         assert all(torch.isfinite(torch.tensor(v)) for v in metrics.values())
         if mode != "none" and "loss" in metrics:
             assert metrics["conf/unconverged_fraction"] == 0.0  # exact bins at every step
+    free_step_checkpoints(out)
     return out / "epoch_0"
 
 
+def free_step_checkpoints(out: Path) -> None:
+    """Check that the run left its resumable checkpoint of step 2, then delete it.
+
+    On SmolLM2 it is 1.6 GB (fp32 weights and AdamW's two moments); the tests read only ``epoch_0``, and four
+    of them at once filled a CI machine's disk. Resuming from one is tested on kit models
+    (test_preemption, test_recipes)."""
+    root = out / checkpointing.STEP_CHECKPOINTS_DIRNAME
+    saved = checkpointing.latest_step_checkpoint(root)
+    assert saved is not None and saved.name == checkpointing.step_dir_name(2), sorted(root.iterdir())
+    assert {checkpointing.MODEL_FILE, checkpointing.OPTIMIZER_FILE, checkpointing.PROGRESS_FILE} <= {p.name for p in saved.iterdir()}
+    shutil.rmtree(root)
+
+
 @pytest.fixture(scope="session")
-def finetunes(tmp_path_factory, smollm2, shared_data) -> Dict[str, Path]:
+def finetunes(shared_session_folder, smollm2, shared_data) -> Dict[str, Path]:
     """One 2-step finetune per mode, each through another user command, built once per test session:
     pytest-xdist workers share the folder (the first builds it under a lock, the others wait and reuse it)."""
-    base = tmp_path_factory.getbasetemp()
-    folder = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "smollm2_finetunes"
+    folder = shared_session_folder / "smollm2_finetunes"
     folder.mkdir(exist_ok=True)
     with open(folder / ".lock", "a+") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
