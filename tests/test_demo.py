@@ -56,6 +56,7 @@ def test_demo_writes_finite_results_and_pictures_for_every_mode(tmp_path, subpro
             assert (out / name).stat().st_size > 0, name
     for name in ("loss_curves.png", "ablation.png", "digit_bins.png"):
         assert (out / name).stat().st_size > 0, name
+    check_runs_keep_only_their_checkpoint(out, MODES)
     # Exact by default: every logged step of every interleaving finetune ended with its bins converged.
     conf_logs = [read_disk_log(d) for d in sorted({f.parent for f in out.rglob("log_*.txt")})]
     conf_logs = [log for log in conf_logs if any("conf/unconverged_fraction" in m for m in log.values())]
@@ -67,6 +68,14 @@ def test_demo_writes_finite_results_and_pictures_for_every_mode(tmp_path, subpro
     assert any("accuracy" in line and "ECE" in line and "AUROC" in line for line in table_header)
     for row in results["rows"]:
         check_headline_calibration(row, out)
+
+
+def check_runs_keep_only_their_checkpoint(out: Path, modes) -> None:
+    """Each finished finetune keeps its ``epoch_0`` and logs; its step checkpoints (resume state) are gone."""
+    run_dirs = {p.parent for p in out.glob("runs/*/*/epoch_0")}
+    assert sorted(d.name for d in run_dirs) == sorted(modes)
+    for run_dir in run_dirs:
+        assert (run_dir / "logs").is_dir() and not (run_dir / "step_checkpoints").exists(), sorted(run_dir.iterdir())
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -270,3 +279,4 @@ def test_demo_on_the_real_model_writes_every_study_column(tmp_path, subprocess_e
         (t, i, p) for t, i in (("finetune's", "mean"), ("smollm2_unused", "raw"), ("smollm2_unused", "mean")) for p in ("sequential", "shared")
     }
     assert (docs / "ablation.png").stat().st_size > 0
+    check_runs_keep_only_their_checkpoint(out, ["none", "answer"])
