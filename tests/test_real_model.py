@@ -14,7 +14,6 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -230,7 +229,7 @@ def free_step_checkpoints(out: Path) -> None:
     saved = checkpointing.latest_step_checkpoint(root)
     assert saved is not None and saved.name == checkpointing.step_dir_name(2), sorted(root.iterdir())
     assert {checkpointing.MODEL_FILE, checkpointing.OPTIMIZER_FILE, checkpointing.PROGRESS_FILE} <= {p.name for p in saved.iterdir()}
-    shutil.rmtree(root)
+    checkpointing.remove_step_checkpoints(out)
 
 
 @pytest.fixture(scope="session")

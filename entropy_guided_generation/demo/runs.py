@@ -8,7 +8,6 @@ import hashlib
 import json
 import math
 import resource
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,7 @@ from entropy_guided_generation.demo.settings import DataFiles, DemoSettings, STA
 from entropy_guided_generation.eleuther_eval import EleutherEvalRecipeDirect
 from entropy_guided_generation.eval.report import generation_confidence_by_doc
 from entropy_guided_generation.training import run_recipe
-from entropy_guided_generation.training.checkpointing import STEP_CHECKPOINTS_DIRNAME
+from entropy_guided_generation.training.checkpointing import remove_step_checkpoints
 
 
 def fingerprint_of(*parts: Any) -> str:
@@ -85,17 +84,10 @@ def finetune(mode: str, cfg: DictConfig, run_dir: Path, fingerprint: str) -> tup
     run_recipe(OmegaConf.merge(cfg, {"overwrite_output_dir": True}), mode=mode, distributed=False)
     seconds, cpu = round(time.perf_counter() - started, 1), round(cpu_seconds() - cpu_started, 1)
     write_stamp(run_dir, fingerprint, seconds=seconds, cpu_seconds=cpu)
-    drop_step_checkpoints(run_dir)
+    # The demo reuses a stamped run's epoch_N and never resumes it; on a real model the resume state
+    # (weights and AdamW's two moments) is 3x the checkpoint (1.6 GB on SmolLM2-135M).
+    remove_step_checkpoints(run_dir)
     return final_checkpoint(run_dir), seconds, cpu
-
-
-def drop_step_checkpoints(run_dir: Path) -> None:
-    """Delete a finished run's step checkpoints: the demo reuses a stamped run's ``epoch_N``, never resumes it,
-    and on a real model the resume state (weights and AdamW's two moments) is 3x the checkpoint (1.6 GB on
-    SmolLM2-135M)."""
-    step_root = run_dir / STEP_CHECKPOINTS_DIRNAME
-    if step_root.is_dir():
-        shutil.rmtree(step_root)
 
 
 def evaluate(mode: str, cfg: DictConfig, eval_dir: Path, fingerprint: str) -> dict:

@@ -187,6 +187,14 @@ def save_step_checkpoint(
     return final
 
 
+def remove_step_checkpoints(output_dir: Path) -> None:
+    """Delete ``output_dir``'s step checkpoints (complete, partial and set aside), once nothing will
+    resume from them; the run's ``epoch_*`` checkpoints stay."""
+    root = Path(output_dir) / STEP_CHECKPOINTS_DIRNAME
+    if root.is_dir():
+        shutil.rmtree(root)
+
+
 def complete_step_checkpoints(root: Path) -> list[Path]:
     """Complete step checkpoint folders under ``root``, oldest first (partial saves are ignored)."""
     if not root.is_dir():
@@ -362,6 +370,7 @@ __all__ = [
     "load_newest_readable",
     "load_step_checkpoint",
     "prune_step_checkpoints",
+    "remove_step_checkpoints",
     "rng_state",
     "save_hf_checkpoint",
     "save_step_checkpoint",
